@@ -1,0 +1,30 @@
+# q-splat: the two commands of the quick start, plus helpers.
+QSPLAT_VENV ?= $(HOME)/.cache/qsplat/venv
+export QSPLAT_VENV
+PY := $(QSPLAT_VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv ext test test-all demo bench clean
+
+venv:
+	@bash scripts/setup_venv.sh
+
+ext: venv
+	@$(PY) -m qrender_ns.cli build-ext
+
+# Exit code 5 ("no tests collected") is a failure like any other non-zero code.
+test: ext
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: ext
+	$(PY) -m pytest -q tests
+
+demo: ext
+	$(PY) -m qrender_ns.cli demo --out demo_out
+
+bench: ext
+	$(PY) benchmarks/bench_rasterize.py
+
+clean:
+	rm -rf demo_out .pytest_cache

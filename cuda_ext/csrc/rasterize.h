@@ -1,0 +1,33 @@
+// Declarations of the compiled rasterizer entry points (CPU always, CUDA with WITH_CUDA).
+// Forward returns {features [V,H,W,C], alphas [V,H,W,1], last_ids [V,H,W] (dense: last used
+// isect index, start-1 if none), sel_ids [V,H,W,K] (quantile: selected isect indices, -1
+// padded), sel_count [V,H,W]}. Backward returns {d_means2d, d_conics, d_features,
+// d_opacities, d_backgrounds (undefined without backgrounds), d_means2d_abs (if absgrad)}.
+// Inputs are validated in Python (qrender_ns/render/rasterize.py): contiguous, same dtype,
+// int32 offsets/ids, num_quantiles 0 (dense) or 1..kMaxQuantiles.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace qrender {
+
+#define QRENDER_FORWARD_ARGS                                                                 \
+  const at::Tensor &means2d, const at::Tensor &conics, const at::Tensor &features,           \
+      const at::Tensor &opacities, const c10::optional<at::Tensor> &backgrounds,              \
+      int64_t width, int64_t height, int64_t tile_size, const at::Tensor &isect_offsets,     \
+      const at::Tensor &flatten_ids, int64_t num_quantiles
+
+#define QRENDER_BACKWARD_ARGS                                                                \
+  QRENDER_FORWARD_ARGS, const at::Tensor &out_feat, const at::Tensor &out_alpha,             \
+      const at::Tensor &last_ids, const at::Tensor &sel_ids, const at::Tensor &sel_count,    \
+      const at::Tensor &grad_feat, const at::Tensor &grad_alpha, bool absgrad
+
+std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS);
+std::vector<at::Tensor> rasterize_backward_cpu(QRENDER_BACKWARD_ARGS);
+#ifdef WITH_CUDA
+std::vector<at::Tensor> rasterize_forward_cuda(QRENDER_FORWARD_ARGS);
+std::vector<at::Tensor> rasterize_backward_cuda(QRENDER_BACKWARD_ARGS);
+#endif
+
+}  // namespace qrender

@@ -1,0 +1,61 @@
+"""`qsplat` command line (tyro subcommands, like nerfstudio's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import tyro
+from typing_extensions import Annotated
+
+
+@dataclass
+class BuildExt:
+    """Compile the rasterizer kernels now (otherwise the first render compiles them)."""
+
+    cuda: bool = False
+    """Also build the CUDA kernel (needs nvcc; compiles for $TORCH_CUDA_ARCH_LIST)."""
+    verbose: bool = False
+
+    def main(self) -> None:
+        from .render import _backend
+
+        _backend.load_extension(with_cuda=False, verbose=self.verbose)
+        print(f"[q-splat] CPU kernel ready in {_backend.ext_dir()}")
+        if self.cuda:
+            _backend.load_extension(with_cuda=True, verbose=self.verbose)
+            print(f"[q-splat] CUDA kernel ready in {_backend.ext_dir()}")
+
+
+@dataclass
+class Demo:
+    """Render a generated Gaussian scene densely and with Q-Render; write PNGs, print timings."""
+
+    out: Path = Path("demo_out")
+    """Folder for the PNGs and the JSON summary."""
+    num_gaussians: int = 20000
+    channels: int = 512
+    num_quantiles: int = 8
+    width: int = 320
+    height: int = 240
+    seed: int = 0
+
+    def main(self) -> None:
+        from .demo import run_demo
+
+        run_demo(self)
+
+
+Commands = Union[
+    Annotated[BuildExt, tyro.conf.subcommand("build-ext")],
+    Annotated[Demo, tyro.conf.subcommand("demo")],
+]
+
+
+def main() -> None:
+    tyro.cli(Commands).main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Rasterization of high-dimensional Gaussian features: dense and quantile (Q-Render)."""
+
+from .rasterize import (
+    BACKENDS,
+    MAX_QUANTILES,
+    project_gaussians,
+    rasterize_features,
+    rasterize_to_pixels,
+)
+from .reference import rasterize_to_pixels_reference
+
+__all__ = [
+    "BACKENDS",
+    "MAX_QUANTILES",
+    "project_gaussians",
+    "rasterize_features",
+    "rasterize_to_pixels",
+    "rasterize_to_pixels_reference",
+]

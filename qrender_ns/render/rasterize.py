@@ -1,0 +1,284 @@
+"""Public rasterization API: gsplat-1.4-shaped, dense or quantile blending, CPU/CUDA/torch.
+
+`rasterize_to_pixels` mirrors `gsplat.rasterize_to_pixels` (+ `num_quantiles`);
+`rasterize_features` mirrors `gsplat.rasterization` for arbitrary C-channel features.
+Semantics of both modes: docs/quantile_rendering.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .binning import isect_offset_encode, isect_tiles
+from .reference import rasterize_to_pixels_reference
+
+MAX_QUANTILES = 128
+BACKENDS = ("auto", "cpu", "cuda", "torch")
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(name: str, value: Any, shape: Tuple[Optional[int], ...], floating=True) -> Tensor:
+    """Shape ([None] = any size), dtype and finiteness check with a message naming `name`."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, value.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"`{name}` must have shape {want}, got {list(value.shape)}")
+    if floating:
+        if not value.is_floating_point():
+            raise ValueError(f"`{name}` must be a floating point tensor, got {value.dtype}")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` contains NaN or Inf values")
+    return value
+
+
+def check_num_quantiles(num_quantiles: Optional[int]) -> int:
+    """None (dense) -> 0; K must be an int in 1..MAX_QUANTILES."""
+    if num_quantiles is None:
+        return 0
+    if isinstance(num_quantiles, bool) or not isinstance(num_quantiles, int):
+        raise ValueError(f"`num_quantiles` must be None (dense) or an int, got {num_quantiles!r}")
+    if not 1 <= num_quantiles <= MAX_QUANTILES:
+        raise ValueError(
+            f"`num_quantiles` must be in 1..{MAX_QUANTILES} (or None for dense), got {num_quantiles}"
+        )
+    return num_quantiles
+
+
+def _check_image(image_width: int, image_height: int, tile_size: int) -> None:
+    for name, value in (("image_width", image_width), ("image_height", image_height), ("tile_size", tile_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError("backend='cuda' needs CUDA tensors; move the inputs with .cuda() or use backend='cpu'")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError("backend='cpu' needs CPU tensors; use backend='cuda' for CUDA tensors")
+    return backend
+
+
+# ------------------------------------------------------------------------------- autograd
+class _RasterizeToPixels(torch.autograd.Function):
+    """Thin wrapper around the compiled forward/backward (CPU or CUDA)."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+                isect_offsets, flatten_ids, num_quantiles, absgrad, kind):
+        ext = _backend.load_extension(with_cuda=kind == "cuda")
+        fwd = getattr(ext, f"rasterize_forward_{kind}")
+        out_feat, out_alpha, last_ids, sel_ids, sel_count = fwd(
+            means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+            isect_offsets, flatten_ids, num_quantiles)
+        ctx.config = (width, height, tile_size, num_quantiles, absgrad, kind, backgrounds is not None)
+        ctx.save_for_backward(means2d, conics, features, opacities, backgrounds, isect_offsets,
+                              flatten_ids, out_feat, out_alpha, last_ids, sel_ids, sel_count)
+        return out_feat, out_alpha
+
+    @staticmethod
+    def backward(ctx, grad_feat, grad_alpha):
+        width, height, tile_size, num_quantiles, absgrad, kind, has_bg = ctx.config
+        (means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
+         out_feat, out_alpha, last_ids, sel_ids, sel_count) = ctx.saved_tensors
+        ext = _backend.load_extension(with_cuda=kind == "cuda")
+        bwd = getattr(ext, f"rasterize_backward_{kind}")
+        g_means, g_conics, g_feat, g_opac, g_bg, g_abs = bwd(
+            means2d, conics, features, opacities, backgrounds if has_bg else None, width, height,
+            tile_size, isect_offsets, flatten_ids, num_quantiles, out_feat, out_alpha, last_ids,
+            sel_ids, sel_count, grad_feat.contiguous(), grad_alpha.contiguous(), absgrad)
+        if absgrad:
+            ctx.saved_means2d_absgrad = g_abs  # read by the caller through the hook below
+        return (g_means, g_conics, g_feat, g_opac, g_bg if has_bg else None,
+                None, None, None, None, None, None, None, None)
+
+
+def rasterize_to_pixels(
+    means2d: Tensor,
+    conics: Tensor,
+    features: Tensor,
+    opacities: Tensor,
+    image_width: int,
+    image_height: int,
+    tile_size: int,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    backgrounds: Optional[Tensor] = None,
+    num_quantiles: Optional[int] = None,
+    backend: str = "auto",
+    absgrad: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Blend C-channel features of tile-binned projected Gaussians into images.
+
+    Args (gsplat 1.4 shapes): means2d [V,N,2], conics [V,N,3], features [N,C] (shared by the
+    cameras) or [V,N,C], opacities [V,N] or [N], isect_offsets int32 [V,th,tw], flatten_ids
+    int32 [M] into the flattened V*N Gaussians, backgrounds [V,C]. `num_quantiles=None` is
+    dense alpha blending; K selects the K quantile Gaussians per pixel (Q-Render).
+    `backend`: "auto" (compiled kernel of the tensors' device), "cpu", "cuda", "torch" (the
+    pure-torch reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
+    over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
+
+    Returns (features [V,H,W,C], alphas [V,H,W,1]).
+    """
+    _check_image(image_width, image_height, tile_size)
+    k = check_num_quantiles(num_quantiles)
+    _check_tensor("means2d", means2d, (None, None, 2))
+    num_cams, num_gs = means2d.shape[:2]
+    _check_tensor("conics", conics, (num_cams, num_gs, 3))
+    if features.dim() == 2:
+        _check_tensor("features", features, (num_gs, None))
+    else:
+        _check_tensor("features", features, (num_cams, num_gs, None))
+    if opacities.dim() == 1:
+        _check_tensor("opacities", opacities, (num_gs,))
+    else:
+        _check_tensor("opacities", opacities, (num_cams, num_gs))
+    channels = features.shape[-1]
+    if channels == 0:
+        raise ValueError("`features` must have at least one channel, got C=0")
+    tiles_h = math.ceil(image_height / tile_size)
+    tiles_w = math.ceil(image_width / tile_size)
+    _check_tensor("isect_offsets", isect_offsets, (num_cams, tiles_h, tiles_w), floating=False)
+    _check_tensor("flatten_ids", flatten_ids, (None,), floating=False)
+    if backgrounds is not None:
+        _check_tensor("backgrounds", backgrounds, (num_cams, channels))
+    if flatten_ids.numel() and (int(flatten_ids.min()) < 0 or int(flatten_ids.max()) >= num_cams * num_gs):
+        raise ValueError(f"`flatten_ids` must index the V*N = {num_cams * num_gs} projected Gaussians")
+    tensors = [means2d, conics, features, opacities] + ([backgrounds] if backgrounds is not None else [])
+    dtype, device = means2d.dtype, means2d.device
+    for name, t in zip(("conics", "features", "opacities", "backgrounds"), tensors[1:]):
+        if t.dtype != dtype or t.device != device:
+            raise ValueError(f"`{name}` must match means2d's dtype/device ({dtype}, {device}), got ({t.dtype}, {t.device})")
+    kind = _resolve_backend(backend, device)
+    if kind == "torch":
+        return rasterize_to_pixels_reference(
+            means2d, conics, features, opacities, image_width, image_height, tile_size,
+            isect_offsets, flatten_ids, backgrounds, num_quantiles)
+
+    if opacities.dim() == 1:
+        opacities = opacities.expand(num_cams, num_gs)  # cheap: features stay un-expanded
+    args = [t.contiguous() for t in (means2d, conics, features, opacities)]
+    bg = backgrounds.contiguous() if backgrounds is not None else None
+    out = _RasterizeToPixels.apply(
+        *args, bg, image_width, image_height, tile_size, isect_offsets.int().contiguous(),
+        flatten_ids.int().contiguous(), k, absgrad, kind)
+    if absgrad and means2d.requires_grad:
+        _attach_absgrad(means2d, out[0])
+    return out
+
+
+def _attach_absgrad(means2d: Tensor, output: Tensor) -> None:
+    """After backward, copy the kernel's |dL/dmeans2d| onto `means2d.absgrad` (gsplat's field)."""
+    node = output.grad_fn
+
+    def hook(*_):
+        absgrad = getattr(node, "saved_means2d_absgrad", None)
+        if absgrad is not None:
+            prev = getattr(means2d, "absgrad", None)
+            means2d.absgrad = absgrad if prev is None else prev + absgrad
+
+    node.register_hook(hook)
+
+
+# ------------------------------------------------------------------------------ high level
+def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
+    """wxyz quaternions (normalised here) and linear scales -> world covariances [N,3,3]."""
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    rot = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(-1, 3, 3)
+    m = rot * scales[:, None, :]
+    return m @ m.transpose(-1, -2)
+
+
+def project_gaussians(means, quats, scales, viewmats, Ks, width, height, near_plane=0.01,
+                      far_plane=1e10, eps2d=0.3):
+    """Perspective EWA projection -> (radii [V,N] int32, means2d [V,N,2], depths, conics [V,N,3]).
+
+    On CUDA: gsplat's fused kernel. Elsewhere: gsplat's pure-torch `_fully_fused_projection`
+    (never gsplat's CUDA wrappers on CPU: they JIT-compile all of gsplat when nvcc is present).
+    """
+    if means.is_cuda:
+        from gsplat.cuda._wrapper import fully_fused_projection
+
+        radii, means2d, depths, conics, _ = fully_fused_projection(
+            means, None, quats, scales, viewmats, Ks, width, height, eps2d=eps2d,
+            near_plane=near_plane, far_plane=far_plane)
+        return radii, means2d, depths, conics
+    from gsplat.cuda._torch_impl import _fully_fused_projection
+
+    covars = _quat_scale_to_covar(quats, scales)
+    radii, means2d, depths, conics, _ = _fully_fused_projection(
+        means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
+        far_plane=far_plane)
+    return radii.int(), means2d, depths, conics
+
+
+def rasterize_features(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    features: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    num_quantiles: Optional[int] = None,
+    backend: str = "auto",
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    absgrad: bool = False,
+) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """Render C-channel features of 3D Gaussians: projection + tile binning + blending.
+
+    means [N,3], quats [N,4] (wxyz, normalised here), scales [N,3] (linear), opacities [N] in
+    [0,1], features [N,C], viewmats [V,4,4] world-to-camera, Ks [V,3,3].
+    Returns (features [V,H,W,C], alphas [V,H,W,1], meta); meta holds "backend" (what ran),
+    "means2d" (retains grad, for densification), "radii", "depths", "conics",
+    "isect_offsets", "flatten_ids", "tile_size", "num_quantiles".
+    """
+    _check_image(width, height, tile_size)
+    check_num_quantiles(num_quantiles)
+    _check_tensor("means", means, (None, 3))
+    num_gs = means.shape[0]
+    _check_tensor("quats", quats, (num_gs, 4))
+    _check_tensor("scales", scales, (num_gs, 3))
+    _check_tensor("opacities", opacities, (num_gs,))
+    _check_tensor("features", features, (num_gs, None))
+    _check_tensor("viewmats", viewmats, (None, 4, 4))
+    _check_tensor("Ks", Ks, (viewmats.shape[0], 3, 3))
+    if num_gs and (bool((opacities < 0).any()) or bool((opacities > 1).any())):
+        raise ValueError("`opacities` must lie in [0, 1] (apply a sigmoid to logits first)")
+    if num_gs and bool((scales < 0).any()):
+        raise ValueError("`scales` must be non-negative linear scales (apply exp to log-scales first)")
+    kind = _resolve_backend(backend, means.device)
+    num_cams = viewmats.shape[0]
+    radii, means2d, depths, conics = project_gaussians(
+        means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane)
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    tiles_w, tiles_h = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    tile_keys, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tiles_w, tiles_h)
+    isect_offsets = isect_offset_encode(tile_keys, num_cams, tiles_w, tiles_h)
+    out_feat, out_alpha = rasterize_to_pixels(
+        means2d, conics, features, opacities, width, height, tile_size, isect_offsets,
+        flatten_ids, backgrounds=backgrounds, num_quantiles=num_quantiles, backend=kind,
+        absgrad=absgrad)
+    meta = dict(backend=kind, means2d=means2d, radii=radii, depths=depths, conics=conics,
+                isect_offsets=isect_offsets, flatten_ids=flatten_ids, tile_size=tile_size,
+                num_quantiles=num_quantiles, width=width, height=height, n_cameras=num_cams)
+    return out_feat, out_alpha, meta
