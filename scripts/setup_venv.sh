@@ -8,6 +8,18 @@ VENV="${QSPLAT_VENV:-$HOME/.cache/qsplat/venv}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
+# open3d (imported by nerfstudio's data parsers) needs the system libusb.
+if ! ldconfig -p 2>/dev/null | grep -q "libusb-1.0.so.0"; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  if command -v apt-get >/dev/null; then
+    echo "[setup] installing libusb-1.0-0 (needed by open3d) with apt-get"
+    $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null 2>&1 ||
+      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null; }
+  else
+    echo "[setup] WARNING: libusb-1.0 is missing and apt-get is not available; nerfstudio's parsers will fail to import open3d" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtualenv $VENV"
   "$PYTHON" -m venv "$VENV"

@@ -1,7 +1,8 @@
 // Declarations of the compiled rasterizer entry points (CPU always, CUDA with WITH_CUDA).
 // Forward returns {features [V,H,W,C], alphas [V,H,W,1], last_ids [V,H,W] (dense: last used
 // isect index, start-1 if none), sel_ids [V,H,W,K] (quantile: selected isect indices, -1
-// padded), sel_count [V,H,W]}. Backward returns {d_means2d, d_conics, d_features,
+// padded), sel_count [V,H,W] (quantile: selected count; dense: number of blended
+// Gaussians, reported by benchmarks)}. Backward returns {d_means2d, d_conics, d_features,
 // d_opacities, d_backgrounds (undefined without backgrounds), d_means2d_abs (if absgrad)}.
 // Inputs are validated in Python (qrender_ns/render/rasterize.py): contiguous, same dtype,
 // int32 offsets/ids, num_quantiles 0 (dense) or 1..kMaxQuantiles.

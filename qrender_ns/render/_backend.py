@@ -8,6 +8,7 @@ cached build from `$QSPLAT_EXT_DIR` (default `~/.cache/qsplat/ext`). `qsplat bui
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -44,12 +45,18 @@ def _headers():
 
 
 def cuda_home() -> str | None:
-    """The CUDA toolkit to build with: $CUDA_HOME, else the directory above nvcc on PATH."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home:
-        return home
+    """The CUDA toolkit to build with: $CUDA_HOME / $CUDA_PATH, the toolkit of the nvcc on PATH,
+    or /usr/local/cuda*. A toolkit needs bin/nvcc and include/cuda_runtime.h (nvcc on PATH may
+    be a wrapper script outside the toolkit, as on our CI machines)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
-    return str(Path(nvcc).resolve().parents[1]) if nvcc else None
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, candidates):
+        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
 
 
 def ext_dir() -> Path:
@@ -96,7 +103,8 @@ def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType
                     "Building the q-splat CUDA kernel needs the CUDA toolkit (nvcc): set "
                     "CUDA_HOME or put nvcc on PATH, or use backend='cpu'."
                 )
-            os.environ.setdefault("CUDA_HOME", home)
+            os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home  # torch resolved it at import time, maybe wrongly
             cflags.append("-DWITH_CUDA")
             # CUDA 13 keeps libcudart under lib/, not lib64/.
             ldflags += [f"-L{home}/lib", f"-L{home}/lib64"]

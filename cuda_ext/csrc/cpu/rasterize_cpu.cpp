@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <vector>
 
 #include "../common.h"
@@ -17,6 +19,22 @@ inline void atomic_add(scalar_t* dst, scalar_t v) {
 #pragma omp atomic
   *dst += v;
 }
+
+// Striped spin locks guarding feature-gradient rows: one lock per (pixel, Gaussian) pair and
+// a vectorised row update instead of C separate atomic adds (C = 512 made those dominate).
+class RowLocks {
+ public:
+  void lock(int64_t row) {
+    std::atomic<bool>& flag = flags_[row & (kCount - 1)];
+    while (flag.exchange(true, std::memory_order_acquire)) {
+    }
+  }
+  void unlock(int64_t row) { flags_[row & (kCount - 1)].store(false, std::memory_order_release); }
+
+ private:
+  static constexpr int64_t kCount = 4096;
+  std::array<std::atomic<bool>, kCount> flags_{};
+};
 
 struct Layout {
   int64_t num_cams, num_gs, channels, width, height, tile_size, tiles_w, tiles_h, num_isects;
@@ -54,6 +72,54 @@ inline int64_t feature_row(const Layout& l, int32_t flat_id) {
   return l.feat_per_cam ? flat_id : flat_id % l.num_gs;
 }
 
+// A tile's Gaussians copied contiguously ([x, y, a, b, c, o] each), like the CUDA kernel's
+// shared memory: every pixel of the tile walks this list, so random reads happen once per tile.
+// `reject[j]` = ln(255 o) + margin: sigma above it means alpha < 1/255 for sure, so the exp
+// is skipped; borderline cases fall through to the exact test, keeping the semantics exact.
+template <typename scalar_t>
+struct TileCache {
+  std::vector<scalar_t> packed, reject;
+  static constexpr int kStride = 6;
+
+  void fill(const scalar_t* means2d, const scalar_t* conics, const scalar_t* opacities,
+            const int32_t* flatten_ids, int64_t start, int64_t end) {
+    const int64_t n = end - start;
+    packed.resize(n * kStride);
+    reject.resize(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t g = flatten_ids[start + j];
+      scalar_t* p = packed.data() + j * kStride;
+      p[0] = means2d[2 * g];
+      p[1] = means2d[2 * g + 1];
+      p[2] = conics[3 * g];
+      p[3] = conics[3 * g + 1];
+      p[4] = conics[3 * g + 2];
+      p[5] = opacities[g];
+      reject[j] = p[5] > 0 ? std::log(scalar_t(255) * p[5]) + scalar_t(1e-3) : scalar_t(-1);
+    }
+  }
+
+  // Exact alpha of entry j at (px, py); `used` is false when the exact test would skip it.
+  PixelAlpha<scalar_t> alpha(int64_t j, scalar_t px, scalar_t py) const {
+    const scalar_t* p = packed.data() + j * kStride;
+    const scalar_t dx = p[0] - px, dy = p[1] - py;
+    const scalar_t sigma =
+        scalar_t(0.5) * (p[2] * dx * dx + p[4] * dy * dy) + p[3] * dx * dy;
+    if (sigma > reject[j]) {
+      PixelAlpha<scalar_t> r;
+      r.used = false;
+      return r;
+    }
+    return pixel_alpha(p, p + 2, p[5], px, py);
+  }
+};
+
+template <typename scalar_t>
+inline void axpy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];
+}
+
 template <typename scalar_t>
 void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
                   const scalar_t* features, const scalar_t* opacities,
@@ -69,6 +135,8 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
     int64_t start, end;
     tile_range(offsets, l, tile, &start, &end);
     const scalar_t* bg = backgrounds ? backgrounds + cam * C : nullptr;
+    TileCache<scalar_t> cache;
+    cache.fill(means2d, conics, opacities, flatten_ids, start, end);
     for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
       for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
         const int64_t pix = (cam * l.height + y) * l.width + x;
@@ -79,23 +147,22 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
         int next_level = 1, count = 0;
         int64_t last = start - 1;
         for (int64_t i = start; i < end; ++i) {
-          const int32_t g = flatten_ids[i];
-          const PixelAlpha<scalar_t> a =
-              pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], px, py);
+          const PixelAlpha<scalar_t> a = cache.alpha(i - start, px, py);
           if (!a.used) continue;
+          const int32_t g = flatten_ids[i];
           const scalar_t next_trans = trans * (1 - a.alpha);
           const scalar_t* f = features + feature_row(l, g) * C;
           if (K == 0) {
             if (next_trans <= scalar_t(kTransEps)) break;
             const scalar_t w = a.alpha * trans;
-            for (int64_t c = 0; c < C; ++c) out[c] += w * f[c];
+            axpy(out, w, f, C);
             trans = next_trans;
             last = i;
+            ++count;
             continue;
           }
           if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
-            const scalar_t w = a.alpha * trans_q;
-            for (int64_t c = 0; c < C; ++c) out[c] += w * f[c];
+            axpy(out, a.alpha * trans_q, f, C);
             trans_q *= 1 - a.alpha;
             sel_ids[pix * K + count++] = static_cast<int32_t>(i);
             while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
@@ -109,6 +176,7 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
             for (int64_t c = 0; c < C; ++c) out[c] += trans * bg[c];
           out_alpha[pix] = 1 - trans;
           last_ids[pix] = static_cast<int32_t>(last);
+          sel_count[pix] = count;  // dense: number of blended Gaussians (for benchmarks)
           continue;
         }
         sel_count[pix] = count;
@@ -129,6 +197,7 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
 template <typename scalar_t>
 struct Grads {
   scalar_t *means2d, *means2d_abs, *conics, *features, *opacities, *backgrounds;
+  RowLocks* feature_locks;
 };
 
 // Accumulate the gradients of one Gaussian at one pixel given dL/dalpha and dL/df = w * g.
@@ -137,8 +206,10 @@ inline void scatter_gaussian(const Layout& l, const Grads<scalar_t>& grads, int3
                              const PixelAlpha<scalar_t>& a, const scalar_t* conic,
                              scalar_t opacity, scalar_t v_alpha, scalar_t w,
                              const scalar_t* grad_out) {
-  scalar_t* gf = grads.features + feature_row(l, g) * l.channels;
-  for (int64_t c = 0; c < l.channels; ++c) atomic_add(gf + c, w * grad_out[c]);
+  const int64_t row = feature_row(l, g);
+  grads.feature_locks->lock(row);
+  axpy(grads.features + row * l.channels, w, grad_out, l.channels);
+  grads.feature_locks->unlock(row);
   scalar_t v_mean[2], v_conic[3], v_opac;
   alpha_backward(a, conic, opacity, v_alpha, v_mean, v_conic, &v_opac);
   atomic_add(grads.means2d + 2 * g, v_mean[0]);
@@ -154,6 +225,7 @@ inline void scatter_gaussian(const Layout& l, const Grads<scalar_t>& grads, int3
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
   return s;
 }
@@ -176,6 +248,8 @@ void backward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* con
     tile_range(offsets, l, tile, &start, &end);
     const scalar_t* bg = backgrounds ? backgrounds + cam * C : nullptr;
     scalar_t sel_alpha_buf[kMaxQuantiles], sel_trans_buf[kMaxQuantiles];
+    TileCache<scalar_t> cache;
+    if (K == 0) cache.fill(means2d, conics, opacities, flatten_ids, start, end);
     for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
       for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
         const int64_t pix = (cam * l.height + y) * l.width + x;
@@ -191,10 +265,9 @@ void backward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* con
           }
           scalar_t trans = t_final, behind = 0;  // behind = sum_{l>i} w_l (f_l . g)
           for (int64_t i = last_ids[pix]; i >= start; --i) {
-            const int32_t g = flatten_ids[i];
-            const PixelAlpha<scalar_t> a =
-                pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], px, py);
+            const PixelAlpha<scalar_t> a = cache.alpha(i - start, px, py);
             if (!a.used) continue;
+            const int32_t g = flatten_ids[i];
             const scalar_t ra = 1 / (1 - a.alpha);
             trans *= ra;
             const scalar_t w = a.alpha * trans;
@@ -288,12 +361,14 @@ std::vector<at::Tensor> rasterize_backward_cpu(
   at::Tensor g_features = at::zeros_like(features);
   at::Tensor g_opacities = at::zeros_like(opacities);
   at::Tensor g_backgrounds = backgrounds.has_value() ? at::zeros_like(*backgrounds) : at::Tensor();
+  RowLocks feature_locks;
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_backward_cpu", [&] {
     Grads<scalar_t> grads{g_means2d.data_ptr<scalar_t>(),
                           absgrad ? g_means2d_abs.data_ptr<scalar_t>() : nullptr,
                           g_conics.data_ptr<scalar_t>(), g_features.data_ptr<scalar_t>(),
                           g_opacities.data_ptr<scalar_t>(),
-                          backgrounds.has_value() ? g_backgrounds.data_ptr<scalar_t>() : nullptr};
+                          backgrounds.has_value() ? g_backgrounds.data_ptr<scalar_t>() : nullptr,
+                          &feature_locks};
     backward_impl<scalar_t>(
         l, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
         features.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(),

@@ -1,0 +1,136 @@
+"""High-level API (projection + binning), tile binning vs gsplat's oracle, input validation."""
+
+import math
+
+import pytest
+import torch
+
+from qrender_ns.render import rasterize_features, rasterize_to_pixels
+from qrender_ns.render.binning import isect_offset_encode, isect_tiles
+from scenes import make_scene
+
+
+def _random_gaussians(n, channels, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.rand(n, 3, generator=gen) * torch.tensor([2.0, 2.0, 1.0]) + torch.tensor([-1.0, -1.0, 2.0])
+    quats = torch.randn(n, 4, generator=gen)
+    scales = torch.rand(n, 3, generator=gen) * 0.08 + 0.02
+    opac = torch.rand(n, generator=gen) * 0.9 + 0.05
+    feats = torch.randn(n, channels, generator=gen)
+    return means, quats, scales, opac, feats
+
+
+def _cameras(num_cams, width, height):
+    viewmats = torch.eye(4)[None].repeat(num_cams, 1, 1)
+    viewmats[:, 0, 3] = torch.linspace(-0.2, 0.2, num_cams)  # small sideways shifts
+    f = 0.8 * width
+    Ks = torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])[None].repeat(num_cams, 1, 1)
+    return viewmats, Ks
+
+
+def test_binning_matches_gsplat_torch_oracle():
+    from gsplat.cuda._torch_impl import _isect_offset_encode, _isect_tiles
+
+    scene = make_scene(num_cams=2, num_gs=25, width=40, height=30, tile_size=8, seed=4)
+    tw, th = math.ceil(40 / 8), math.ceil(30 / 8)
+    _, isect_ids, ref_ids = _isect_tiles(scene.means2d, scene.radii, scene.depths, 8, tw, th)
+    ref_offsets = _isect_offset_encode(isect_ids, 2, tw, th)
+    keys, ids = isect_tiles(scene.means2d, scene.radii, scene.depths, 8, tw, th)
+    assert torch.equal(ids.long(), ref_ids.long())
+    assert torch.equal(isect_offset_encode(keys, 2, tw, th), ref_offsets)
+
+
+@pytest.mark.parametrize("num_quantiles", [None, 8])
+def test_rasterize_features_cpu_matches_torch(num_quantiles):
+    means, quats, scales, opac, feats = _random_gaussians(300, 32)
+    viewmats, Ks = _cameras(2, 50, 38)
+    leaves = {}
+    outputs = {}
+    for backend in ("cpu", "torch"):
+        leaves[backend] = [t.clone().requires_grad_() for t in (means, scales, opac, feats)]
+        m, s, o, f = leaves[backend]
+        out, alpha, meta = rasterize_features(m, quats, s, o, f, viewmats, Ks, 50, 38,
+                                              num_quantiles=num_quantiles, backend=backend)
+        assert meta["backend"] == backend
+        (out.square().sum() + alpha.sum()).backward()
+        outputs[backend] = (out, alpha)
+    torch.testing.assert_close(outputs["cpu"][0], outputs["torch"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outputs["cpu"][1], outputs["torch"][1], atol=1e-5, rtol=1e-5)
+    assert float(outputs["cpu"][1].mean()) > 0.3
+    for a, b in zip(leaves["cpu"], leaves["torch"]):
+        scale = b.grad.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(a.grad / scale, b.grad / scale, atol=1e-4, rtol=1e-3)
+
+
+def test_rasterize_features_auto_backend_and_meta():
+    means, quats, scales, opac, feats = _random_gaussians(50, 3)
+    viewmats, Ks = _cameras(1, 33, 20)
+    out, alpha, meta = rasterize_features(means, quats, scales, opac, feats, viewmats, Ks, 33, 20)
+    assert meta["backend"] == "cpu"
+    assert out.shape == (1, 20, 33, 3) and alpha.shape == (1, 20, 33, 1)
+    assert meta["means2d"].shape == (1, 50, 2) and meta["radii"].shape == (1, 50)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def scene():
+    return make_scene(num_cams=1, num_gs=10, channels=3, seed=0)
+
+
+@pytest.mark.parametrize("k", [0, -1, 129, 2.5, True])
+def test_bad_num_quantiles_rejected(scene, k):
+    with pytest.raises(ValueError, match="num_quantiles"):
+        rasterize_to_pixels(*scene.args(), num_quantiles=k)
+
+
+@pytest.mark.parametrize("field", ["means2d", "conics", "features", "opacities"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_rejected(scene, field, bad):
+    args = list(scene.args())
+    index = {"means2d": 0, "conics": 1, "features": 2, "opacities": 3}[field]
+    args[index] = args[index].clone()
+    args[index].view(-1)[0] = bad
+    with pytest.raises(ValueError, match=f"`{field}` contains NaN or Inf"):
+        rasterize_to_pixels(*args)
+
+
+def test_wrong_shapes_rejected(scene):
+    args = list(scene.args())
+    bad_conics = list(args)
+    bad_conics[1] = args[1][..., :2]
+    with pytest.raises(ValueError, match="`conics` must have shape"):
+        rasterize_to_pixels(*bad_conics)
+    bad_features = list(args)
+    bad_features[2] = args[2][:-1]
+    with pytest.raises(ValueError, match="`features` must have shape"):
+        rasterize_to_pixels(*bad_features)
+    bad_offsets = list(args)
+    bad_offsets[7] = args[7][:, :1]
+    with pytest.raises(ValueError, match="`isect_offsets` must have shape"):
+        rasterize_to_pixels(*bad_offsets)
+    with pytest.raises(ValueError, match="`backgrounds` must have shape"):
+        rasterize_to_pixels(*args, backgrounds=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="`image_width`"):
+        rasterize_to_pixels(args[0], args[1], args[2], args[3], 0, *args[5:])
+    bad_ids = list(args)
+    bad_ids[8] = args[8].clone()
+    bad_ids[8][0] = 10_000
+    with pytest.raises(ValueError, match="`flatten_ids`"):
+        rasterize_to_pixels(*bad_ids)
+    with pytest.raises(ValueError, match="backend"):
+        rasterize_to_pixels(*args, backend="metal")
+
+
+def test_high_level_validation():
+    means, quats, scales, opac, feats = _random_gaussians(5, 3)
+    viewmats, Ks = _cameras(1, 10, 10)
+    with pytest.raises(ValueError, match="`opacities` must lie in"):
+        rasterize_features(means, quats, scales, opac * 3, feats, viewmats, Ks, 10, 10)
+    with pytest.raises(ValueError, match="`scales`"):
+        rasterize_features(means, quats, -scales, opac, feats, viewmats, Ks, 10, 10)
+    with pytest.raises(ValueError, match="`Ks` must have shape"):
+        rasterize_features(means, quats, scales, opac, feats, viewmats, Ks[:, :2], 10, 10)
+    with pytest.raises(ValueError, match="`quats`"):
+        rasterize_features(means, quats[:3], scales, opac, feats, viewmats, Ks, 10, 10)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        rasterize_features(means, quats, scales, opac, feats, viewmats, Ks, 10, 10, backend="cuda")
