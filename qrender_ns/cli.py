@@ -47,9 +47,12 @@ class Demo:
         run_demo(self)
 
 
+from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 only)
+
 Commands = Union[
     Annotated[BuildExt, tyro.conf.subcommand("build-ext")],
     Annotated[Demo, tyro.conf.subcommand("demo")],
+    Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
 ]
 
 

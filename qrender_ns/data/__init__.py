@@ -1,0 +1,1 @@
+"""Datasets for q-splat: a deterministic procedural indoor scene generator (see `scene_generator`)."""
