@@ -48,11 +48,13 @@ class Demo:
 
 
 from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 only)
+from .teachers.extract import ExtractFeatures  # noqa: E402
 
 Commands = Union[
     Annotated[BuildExt, tyro.conf.subcommand("build-ext")],
     Annotated[Demo, tyro.conf.subcommand("demo")],
     Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
+    Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
 ]
 
 

@@ -1,0 +1,152 @@
+"""A teacher made from a generated scene's ground truth: exact masks, fixed class vectors, no model.
+
+It stands in for Grounded-SAM2 + CLIP in tests and pipeline checks, and writes the same cache.
+
+Masks: the instances visible in an image (walls, floor and ceiling included), their ids remapped to 0..M-1
+in increasing instance-id order; -1 where the instance map is 0 (no surface).
+
+Embeddings: normalise(class_embedding(class name) + noise * u), u a random unit direction seeded by
+(image key, instance id). `noise` is thus the perturbation's norm relative to the unit class vector: two
+masks of one class agree to cosine ~ 1 / (1 + noise^2) (0.9975 at 0.05), while different classes are
+nearly orthogonal (cosine ~ N(0, 1/dim), std 0.044 at 512-D).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+
+from ..data.scene_generator import BACKGROUND_ID
+from .cache import FillStats, TeacherCache, default_cache_root, fill_cache, image_sha256
+
+NAME = "synthetic"
+VERSION = 1  # bump when the masks or embeddings it computes change: the cache then redoes everything
+
+
+def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
+    """Gaussian direction [dim] seeded by sha256(token). A CPU generator drawing float64 gives the same
+    vector in every process and on every machine (for the pinned torch version)."""
+    seed = int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little") >> 1  # 63-bit seed
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return (v / v.norm()).to(torch.float32)
+
+
+def class_embedding(name: str, dim: int = 512) -> torch.Tensor:
+    """The fixed random unit vector [dim] of a class name (the exact, case-sensitive string)."""
+    return _seeded_unit_vector(name, dim)
+
+
+def _noise_direction(image_key: str, instance_id: int, dim: int) -> torch.Tensor:
+    # The "\0" separators keep these tokens apart from any class name.
+    return _seeded_unit_vector(f"\0noise\0{image_key}\0{instance_id}", dim)
+
+
+def require_generated_scene(scene_dir: Union[str, Path]) -> Path:
+    """Path of the scene's gt/scene.json; a clear error when the folder is not a generated scene."""
+    meta = Path(scene_dir) / "gt" / "scene.json"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{scene_dir} has no gt/scene.json: the synthetic teacher needs a scene made by `qsplat make-scene` "
+            "(its ground-truth masks are the teacher). Real scenes need the Grounded-SAM2 + CLIP teacher, "
+            "which is not implemented yet (a later issue).")
+    return meta
+
+
+class SyntheticTeacher:
+    """Masks and embeddings of a generated scene's images from its ground truth (see the module docstring)."""
+
+    name = NAME
+
+    def __init__(self, scene_dir: Union[str, Path], noise: float = 0.05, dim: int = 512,
+                 cache_root: Optional[Union[str, Path]] = None):
+        self.scene_dir = Path(scene_dir)
+        meta_path = require_generated_scene(self.scene_dir)
+        meta = json.loads(meta_path.read_text())
+        self.noise, self.dim = float(noise), int(dim)
+        self.class_names: List[str] = [c["name"] for c in sorted(meta["classes"], key=lambda c: c["id"])]
+        self.instance_class: Dict[int, str] = {int(i["id"]): i["class_name"] for i in meta["instances"]}
+        self._instance_maps: Dict[str, Path] = {c["image"]: self.scene_dir / c["instance_map"]
+                                                for c in meta["cameras"]}
+        self.image_keys: List[str] = list(self._instance_maps)  # camera order
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root(self.scene_dir, NAME)
+        self._ground_truth_sha256 = image_sha256(meta_path)
+
+    @property
+    def teacher_info(self) -> dict:
+        """What the cache records; any change invalidates all entries (a regenerated scene included)."""
+        return {"name": NAME, "version": VERSION, "noise": self.noise,
+                "embedding": "normalise(class_embedding(class) + noise * unit gaussian seeded by (image, instance))",
+                "ground_truth_sha256": self._ground_truth_sha256}
+
+    def masks(self, image_key: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(mask_ids int32 [H, W] with -1 = no surface, instance id of each mask [M] in increasing order)."""
+        path = self._instance_map_path(image_key)
+        instance_map = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if instance_map is None or instance_map.ndim != 2:
+            raise FileNotFoundError(f"{path}: missing or not a single-channel instance map")
+        instance_ids = np.unique(instance_map)
+        instance_ids = instance_ids[instance_ids != BACKGROUND_ID]
+        remap = np.full(int(instance_map.max()) + 1, -1, dtype=np.int32)
+        remap[instance_ids] = np.arange(len(instance_ids), dtype=np.int32)
+        return remap[instance_map], instance_ids.astype(np.int64)
+
+    def embeddings(self, image_key: str, instance_ids: Iterable[int]) -> torch.Tensor:
+        """Unit embeddings [M, dim], one per instance id."""
+        rows = [class_embedding(self._class_of(i), self.dim)
+                + self.noise * _noise_direction(image_key, int(i), self.dim) for i in instance_ids]
+        if not rows:
+            return torch.zeros(0, self.dim)
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+    def compute(self, image_key: str) -> Tuple[np.ndarray, torch.Tensor]:
+        mask_ids, instance_ids = self.masks(image_key)
+        return mask_ids, self.embeddings(image_key, instance_ids)
+
+    def run(self, image_keys: Optional[Iterable[str]] = None, overwrite: bool = False,
+            progress: bool = True) -> FillStats:
+        """Fill the cache for image_keys (default: all the scene's images), skipping current entries."""
+        keys = self.image_keys if image_keys is None else list(image_keys)
+        unknown = [k for k in keys if k not in self._instance_maps]
+        if unknown:
+            raise ValueError(f"not images of {self.scene_dir}: {unknown} (known: {self.image_keys})")
+        cache = TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names)
+        return fill_cache(cache, self.scene_dir, keys, self.compute, overwrite=overwrite, progress=progress,
+                          description=f"{NAME} teacher")
+
+    def _instance_map_path(self, image_key: str) -> Path:
+        if image_key not in self._instance_maps:
+            raise KeyError(f"{image_key!r} is not an image of {self.scene_dir}")
+        return self._instance_maps[image_key]
+
+    def _class_of(self, instance_id: int) -> str:
+        if int(instance_id) not in self.instance_class:
+            raise KeyError(f"instance {instance_id} is not listed in {self.scene_dir}/gt/scene.json")
+        return self.instance_class[int(instance_id)]
+
+
+class SyntheticTextEncoder:
+    """The text side of SyntheticTeacher: encode(texts)[i] = class_embedding(texts[i]).
+
+    A class name maps to exactly the vector the teacher's embeddings of that class scatter around. Any
+    other text (matched as the exact, case-sensitive string) still gets its own deterministic random unit
+    vector, nearly orthogonal to every class: an unknown query scores low everywhere instead of failing."""
+
+    name = NAME
+
+    def __init__(self, dim: int = 512):
+        self.dim = int(dim)
+
+    def encode(self, texts: List[str]) -> torch.Tensor:
+        """L2-normalised embeddings [T, dim]."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not a single string")
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([class_embedding(t, self.dim) for t in texts])

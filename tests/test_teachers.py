@@ -1,0 +1,317 @@
+"""Teacher cache (format, atomic writes, resume, invalidation, validation) and the synthetic teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from qrender_ns.data import scene_generator as sg
+from qrender_ns.teachers.cache import (CorruptCacheError, TeacherCache, TeacherCacheError, default_cache_root,
+                                       image_key, image_sha256)
+from qrender_ns.teachers.extract import ExtractFeatures
+from qrender_ns.teachers.synthetic import SyntheticTeacher, SyntheticTextEncoder, class_embedding
+from qrender_ns.teachers.text import load_text_encoder
+
+SMALL = dict(num_images=6, width=64, height=48, num_eval=2, num_points=2000)
+INFO = {"name": "toy", "model": "none"}
+DIM = 16
+
+
+def _scene(tmp_path, layout="scannet", seed=0) -> sg.SceneInfo:
+    return sg.generate_scene(tmp_path / "scene", layout=layout, seed=seed, **SMALL)
+
+
+def _taught(tmp_path, **kwargs):
+    info = _scene(tmp_path)
+    teacher = SyntheticTeacher(info.root, **kwargs)
+    stats = teacher.run(progress=False)
+    return info, teacher, stats
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """A scene with a filled synthetic cache; read-only for the tests that use it."""
+    info, teacher, _ = _taught(tmp_path_factory.mktemp("taught"))
+    return info, teacher, TeacherCache(teacher.cache_root)
+
+
+def _random_entry(seed=0, h=5, w=7, m=3, dim=DIM):
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1, m, size=(h, w)), rng.normal(size=(m, dim)) * 3
+
+
+def _npz_files(root: Path):
+    return sorted(p.name for p in root.glob("*.npz"))
+
+
+# --- cache format -------------------------------------------------------------------------------------
+
+
+def test_cache_round_trip(tmp_path):
+    root = tmp_path / "cache"
+    cache = TeacherCache.create(root, INFO, feature_dim=DIM, class_names=["a", "b"], lru_size=2)
+    ids, emb = _random_entry()
+    cache.write("color/0.jpg", ids, emb, "abc")
+    cache.write("images/frame_00001.png", torch.full((2, 2), -1), torch.zeros(0, DIM), "def")  # no masks
+
+    reopened = TeacherCache(root)
+    assert reopened.keys() == ["color/0.jpg", "images/frame_00001.png"]
+    assert reopened.teacher_info == INFO and reopened.class_names == ["a", "b"] and reopened.feature_dim == DIM
+    mask_ids, embeddings = reopened.read("color/0.jpg")
+    assert mask_ids.dtype == torch.int64 and embeddings.dtype == torch.float32
+    assert mask_ids.shape == (5, 7) and embeddings.shape == (3, DIM)
+    assert torch.equal(mask_ids, torch.from_numpy(ids))
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(3), atol=1e-6)
+    expected = torch.nn.functional.normalize(torch.from_numpy(emb).float(), dim=1)
+    assert torch.allclose(embeddings, expected, atol=2e-3)  # float16 storage
+    empty_ids, empty_emb = reopened.read("images/frame_00001.png")
+    assert (empty_ids == -1).all() and empty_emb.shape == (0, DIM)
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["feature_dim"] == DIM
+    entry = manifest["entries"]["color/0.jpg"]
+    assert {k: entry[k] for k in ("image_sha256", "height", "width", "num_masks")} == \
+        {"image_sha256": "abc", "height": 5, "width": 7, "num_masks": 3}
+    with np.load(root / entry["file"]) as z:
+        assert z["mask_ids"].dtype == np.int32 and z["embeddings"].dtype == np.float16
+    assert cache.read("color/0.jpg") is cache.read("color/0.jpg")  # LRU
+
+
+def test_write_rejects_malformed_input(tmp_path):
+    cache = TeacherCache.create(tmp_path / "cache", INFO, feature_dim=DIM)
+    ids, emb = _random_entry()
+    bad = {
+        "embeddings must be": (ids, emb[:, :-1]),
+        "mask ids span": (ids + 1, emb),
+        "NaN or Inf": (ids, np.where(np.eye(3, DIM) > 0, np.nan, emb)),
+        "zero norm": (ids, np.zeros_like(emb)),
+    }
+    for message, (bad_ids, bad_emb) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            cache.write("color/0.jpg", bad_ids, bad_emb, "abc")
+    with pytest.raises(ValueError, match="relative POSIX path"):
+        cache.write("../outside.jpg", ids, emb, "abc")
+    assert len(cache) == 0 and _npz_files(cache.root) == []
+
+
+def test_crash_between_npz_and_manifest_leaves_valid_cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    cache = TeacherCache.create(root, INFO, feature_dim=DIM)
+    ids, emb = _random_entry(0)
+    cache.write("color/0.jpg", ids, emb, "v1")
+    before = cache.read("color/0.jpg")
+
+    real_replace = os.replace
+
+    def crash_on_manifest(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_manifest)
+    new_ids, new_emb = _random_entry(1)
+    with pytest.raises(OSError, match="simulated crash"):
+        cache.write("color/1.jpg", new_ids, new_emb, "v1")
+    with pytest.raises(OSError, match="simulated crash"):
+        cache.write("color/0.jpg", new_ids, new_emb, "v2")  # rewriting an entry: the old one must survive
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    for view in (cache, TeacherCache(root)):
+        assert view.keys() == ["color/0.jpg"]
+        assert not view.is_current("color/1.jpg", "v1") and "color/1.jpg" not in view
+        assert view.is_current("color/0.jpg", "v1")
+        assert all(torch.equal(a, b) for a, b in zip(view.read("color/0.jpg"), before))
+
+    # A kill (no cleanup runs) can leave an unreferenced npz or temporary: the next writer removes them.
+    (root / "color_1.jpg-deadbeef0000.npz").write_bytes(b"partial")
+    (root / ".manifest.json.x1.tmp").write_bytes(b"{")
+    TeacherCache.create(root, INFO, feature_dim=DIM)
+    assert _npz_files(root) == [TeacherCache(root).entry("color/0.jpg")["file"]]
+    assert sorted(p.name for p in root.iterdir()) == sorted(["manifest.json", *_npz_files(root)])
+
+
+def test_corrupt_files_raise_errors_naming_the_file(tmp_path):
+    cache = TeacherCache.create(tmp_path / "cache", INFO, feature_dim=DIM)
+    ids, emb = _random_entry()
+    cache.write("color/0.jpg", ids, emb, "abc")
+    path = cache.root / cache.entry("color/0.jpg")["file"]
+    unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    corruptions = {
+        "manifest says": dict(mask_ids=ids[:, :-1].astype(np.int32), embeddings=unit),
+        "embeddings must be": dict(mask_ids=ids.astype(np.int32), embeddings=unit[:, :-1]),
+        "mask ids span": dict(mask_ids=ids.astype(np.int32) + 5, embeddings=unit),
+        "NaN": dict(mask_ids=ids.astype(np.int32), embeddings=np.full_like(unit, np.nan)),
+        "not L2-normalised": dict(mask_ids=ids.astype(np.int32), embeddings=unit * 2),
+    }
+    for message, arrays in corruptions.items():
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        with pytest.raises(CorruptCacheError, match=message) as err:
+            cache.read("color/0.jpg")
+        assert str(path) in str(err.value)
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(CorruptCacheError, match="unreadable") as err:
+        cache.read("color/0.jpg")
+    assert str(path) in str(err.value) and "--overwrite" in str(err.value)
+
+
+def test_validate_names_missing_images_and_command(tmp_path):
+    info = _scene(tmp_path)
+    keys = [image_key(p, info.root) for p in info.image_paths]
+    teacher = SyntheticTeacher(info.root)
+    teacher.run(image_keys=keys[:2], progress=False)
+    cache = TeacherCache(default_cache_root(info.root, "synthetic"))
+    cache.validate(keys[:2], sizes=[(48, 64)] * 2)
+    with pytest.raises(TeacherCacheError) as err:
+        cache.validate(keys, sizes=[(48, 64)] * len(keys))
+    message = str(err.value)
+    assert all(k in message for k in keys[2:]) and keys[0] not in message and "4 of 6" in message
+    assert f"qsplat extract-features --data {info.root} --teacher synthetic" in message
+    with pytest.raises(TeacherCacheError, match=r"color/0.jpg \(cache 48x64, image 24x32\)"):
+        cache.validate(keys[:1], sizes=[(24, 32)])
+    with pytest.raises(TeacherCacheError, match="Run: qsplat extract-features"):
+        TeacherCache(tmp_path / "nowhere" / "qsplat_teacher" / "synthetic")
+
+
+# --- synthetic teacher ----------------------------------------------------------------------------------
+
+
+def test_resume_skips_current_entries_and_redoes_changed_images(tmp_path):
+    info, teacher, stats = _taught(tmp_path)
+    assert (stats.written, stats.skipped) == (6, 0)
+    files = _npz_files(teacher.cache_root)
+    again = teacher.run(progress=False)
+    assert (again.written, again.skipped) == (0, 6) and _npz_files(teacher.cache_root) == files
+
+    with open(info.image_paths[3], "ab") as f:  # new bytes, same picture
+        f.write(b"\0")
+    redo = teacher.run(progress=False)
+    assert (redo.written, redo.skipped) == (1, 5)
+    cache = TeacherCache(teacher.cache_root)
+    key = image_key(info.image_paths[3], info.root)
+    assert cache.is_current(key, image_sha256(info.image_paths[3]))
+    changed = set(_npz_files(teacher.cache_root)) ^ set(files)
+    assert changed == {cache.entry(key)["file"], next(f for f in files if f.startswith("color_3.jpg"))}
+
+    assert teacher.run(overwrite=True, progress=False).written == 6
+
+
+def test_changed_teacher_info_invalidates_all_entries(tmp_path):
+    info, teacher, _ = _taught(tmp_path)
+    assert SyntheticTeacher(info.root, noise=0.05).run(progress=False).written == 0
+    stats = SyntheticTeacher(info.root, noise=0.1).run(progress=False)
+    assert (stats.written, stats.skipped) == (6, 0)
+    cache = TeacherCache(teacher.cache_root)
+    assert cache.teacher_info["noise"] == 0.1 and len(_npz_files(cache.root)) == 6  # old files deleted
+
+
+def test_class_embedding_is_deterministic_across_calls_and_processes():
+    a = class_embedding("chair")
+    assert a.shape == (512,) and a.dtype == torch.float32
+    assert torch.equal(a, class_embedding("chair")) and abs(float(a.norm()) - 1) < 1e-6
+    assert not torch.allclose(a, class_embedding("Chair"))
+    assert class_embedding("chair", dim=8).shape == (8,)
+    code = ("from qrender_ns.teachers.synthetic import class_embedding; "
+            "print(class_embedding('chair').double().tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert torch.equal(torch.tensor(json.loads(out.stdout)).float(), a)
+
+
+def test_synthetic_masks_are_the_ground_truth_instances(taught):
+    info, teacher, cache = taught
+    assert cache.keys() == sorted(image_key(p, info.root) for p in info.image_paths)
+    for image_path, gt_path in zip(info.image_paths, info.instance_map_paths):
+        gt = cv2.imread(str(gt_path), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        mask_ids, embeddings = cache.read(image_key(image_path, info.root))
+        mask_ids = mask_ids.numpy()
+        instances = [i for i in np.unique(gt) if i != 0]
+        assert embeddings.shape == (len(instances), 512) and mask_ids.shape == gt.shape
+        assert np.array_equal(mask_ids == -1, gt == 0)
+        for m, instance in enumerate(instances):  # remap = rank among the visible instance ids
+            assert np.array_equal(mask_ids == m, gt == instance)
+        assert {info.classes[info.instance_classes[i]] for i in instances} >= {"wall", "floor"}
+
+
+def _embeddings_by_class(info, teacher, cache):
+    rows = []  # (class name, image key, embedding)
+    for key in cache.keys():
+        _, instance_ids = teacher.masks(key)
+        _, embeddings = cache.read(key)
+        rows += [(teacher.instance_class[int(i)], key, e) for i, e in zip(instance_ids, embeddings)]
+    return rows
+
+
+def test_embeddings_cluster_by_class(taught):
+    rows = _embeddings_by_class(*taught)
+    same, different = [], []
+    for (c1, k1, e1), (c2, k2, e2) in combinations(rows, 2):
+        cosine = float(e1 @ e2)
+        if c1 == c2 and k1 != k2:
+            same.append(cosine)
+        elif c1 != c2:
+            different.append(cosine)
+    assert same and different
+    assert min(same) > 0.95 and max(different) < 0.3
+
+
+def test_text_encoder_returns_the_class_vectors(taught):
+    info, teacher, cache = taught
+    for source in (cache.root, cache.root / "manifest.json", cache):
+        encoder = load_text_encoder(source)
+        assert isinstance(encoder, SyntheticTextEncoder) and encoder.dim == 512 and encoder.name == "synthetic"
+    names = cache.class_names
+    vectors = encoder.encode(names)
+    assert vectors.shape == (len(names), 512)
+    assert torch.equal(vectors, torch.stack([class_embedding(n) for n in names]))
+    for class_name, _, embedding in _embeddings_by_class(*taught):
+        scores = vectors @ embedding
+        assert names[int(scores.argmax())] == class_name and float(scores.max()) > 0.95
+    unknown = encoder.encode(["zebra"])
+    assert torch.equal(unknown, encoder.encode(["zebra"])) and float((vectors @ unknown[0]).abs().max()) < 0.3
+    assert encoder.encode([]).shape == (0, 512)
+
+
+def test_unknown_teacher_has_no_text_encoder(tmp_path):
+    root = tmp_path / "cache"
+    TeacherCache.create(root, {"name": "clip-gsam2"}, feature_dim=512)
+    with pytest.raises(NotImplementedError, match="clip-gsam2.*CLIP teacher .*not installed"):
+        load_text_encoder(root)
+
+
+def test_nerfstudio_dataparser_filenames_map_to_cache_keys(tmp_path):
+    info = _scene(tmp_path, layout="nerfstudio", seed=1)
+    SyntheticTeacher(info.root).run(progress=False)
+    cache = TeacherCache(default_cache_root(info.root, "synthetic"))
+    outputs = sg.nerfstudio_parser_config(info.root).setup().get_dataparser_outputs("train")
+    keys = [image_key(f, info.root) for f in outputs.image_filenames]
+    assert keys and all(k.startswith("images/frame_") for k in keys)
+    cache.validate(keys, sizes=[(48, 64)] * len(keys))
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def test_extract_features_command(tmp_path, capsys):
+    import tyro
+
+    info = _scene(tmp_path)
+    command = tyro.cli(ExtractFeatures, args=["--data", str(info.root)])
+    assert command.teacher == "synthetic" and command.noise == 0.05 and not command.overwrite
+    command.main()
+    out = capsys.readouterr().out
+    assert str(default_cache_root(info.root, "synthetic")) in out and "6 images written" in out
+    command.main()
+    assert "0 images written" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="make-scene.*CLIP teacher"):
+        ExtractFeatures(data=tmp_path).main()
