@@ -1,0 +1,372 @@
+"""QSplatModel: nerfstudio's splatfacto + per-Gaussian 512-D features rendered with Q-Render.
+
+RGB, densification, optimisers and RGB losses are splatfacto's. Added: a feature head
+(per-Gaussian table now; GS-Net later), the quantile feature map, the contrastive loss of
+the paper against cached teacher masks, a viewer text query, and feature metrics for ns-eval.
+On CPU (`--machine.device-type cpu`) RGB is rendered with our compiled dense kernel instead of
+gsplat's CUDA rasterizer; the splatfacto code paths that call `.cuda()` are bypassed here, not
+patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch.nn import Parameter
+
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from .losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
+from .query import relevancy
+from .render import rasterize_to_pixels
+from .render.binning import isect_offset_encode, isect_tiles
+from .render.rasterize import check_num_quantiles, project_gaussians
+
+FEATURE_PARAM = "clip_features"
+TILE_SIZE = 16
+
+
+@dataclass
+class QSplatModelConfig(SplatfactoModelConfig):
+    """q-splat: splatfacto geometry + 512-D features rendered with quantile rendering."""
+
+    _target: Type = field(default_factory=lambda: QSplatModel)
+    num_quantiles: Optional[int] = 10
+    """K quantile Gaussians blended per pixel for feature maps (paper default 10); None = dense."""
+    feature_dim: int = 512
+    """Feature channels (512 = CLIP ViT-B-16)."""
+    feature_head: Literal["table", "gsnet"] = "table"
+    """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net issue)."""
+    feature_loss: Literal["paper", "infonce"] = "paper"
+    """paper: Eq. 2 (cosine, no temperature, positive excluded from the denominator);
+    infonce: cross-entropy over cosine / learnable temperature."""
+    feature_loss_weight: float = 1.0
+    feature_warmup_steps: int = 500
+    """Steps of RGB-only training before the feature loss starts (geometry settles first)."""
+    pixels_per_mask: int = 256
+    """Rendered pixels sampled per teacher mask for the contrastive loss."""
+    infonce_init_temperature: float = 0.07
+    detach_geometry_for_features: bool = True
+    """The feature loss updates features only, never the Gaussians' geometry/opacity."""
+    rasterizer_backend: Literal["auto", "cpu", "cuda", "torch"] = "auto"
+    """Feature rasterizer implementation (auto: the compiled kernel of the device)."""
+    relevancy_negatives: Tuple[str, ...] = ("object", "things", "stuff", "texture")
+    """Canonical negatives for relevancy maps (as LERF)."""
+
+
+class QSplatModel(SplatfactoModel):
+    config: QSplatModelConfig
+
+    # ------------------------------------------------------------------ setup
+    def populate_modules(self):
+        check_num_quantiles(self.config.num_quantiles)
+        if self.config.feature_head == "gsnet":
+            raise NotImplementedError(
+                "feature_head=gsnet is not available yet (GS-Net issue); use --pipeline.model.feature-head table"
+            )
+        seed = self.seed_points
+        has_colors = seed is not None and not self.config.random_init and seed[1].shape[0] > 0
+        if has_colors:  # splatfacto would build the SH tensor with .cuda(): hide the colours
+            self.seed_points = (seed[0], seed[1][:0])
+        with _lpips_when_available() as lpips_state:
+            super().populate_modules()
+        self.lpips_available = lpips_state["available"]
+        self.seed_points = seed
+        if has_colors:
+            self._init_colors_from_seed(seed[1])
+        num_points = self.gauss_params["means"].shape[0]
+        self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
+        self.log_temperature = Parameter(torch.tensor(math.log(self.config.infonce_init_temperature)))
+        metadata = self.kwargs.get("metadata") or {}
+        self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
+        self.teacher_cache_root: Optional[str] = metadata.get("qsplat_teacher_cache")
+        self._text_encoder = None
+        self.query_text = ""
+        self._add_viewer_controls()
+
+    def _init_colors_from_seed(self, rgb: torch.Tensor) -> None:
+        """Splatfacto's SH initialisation from the seed colours, on the CPU."""
+        dim_sh = self.gauss_params["features_rest"].shape[1] + 1
+        shs = torch.zeros((rgb.shape[0], dim_sh, 3))
+        if self.config.sh_degree > 0:
+            shs[:, 0, :3] = RGB2SH(rgb / 255)
+        else:
+            shs[:, 0, :3] = torch.logit(rgb / 255, eps=1e-10)
+        self.gauss_params["features_dc"] = Parameter(shs[:, 0, :])
+        self.gauss_params["features_rest"] = Parameter(shs[:, 1:, :])
+
+    def _add_viewer_controls(self) -> None:
+        from nerfstudio.viewer.viewer_elements import ViewerText
+
+        self.viewer_query = ViewerText(
+            "Query (relevancy)", default_value="", cb_hook=lambda element: self.set_query(element.value),
+            hint="Text to localise, e.g. 'chair': the 'relevancy' output shows where it matches")
+
+    def set_query(self, text: str) -> None:
+        self.query_text = text.strip()
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from .teachers.text import load_text_encoder
+
+            if not self.teacher_cache_root:
+                raise RuntimeError("No teacher cache is known for this model, so no text encoder either")
+            self._text_encoder = load_text_encoder(self.teacher_cache_root)
+        return self._text_encoder
+
+    @property
+    def gaussian_features(self) -> torch.Tensor:
+        return self.gauss_params[FEATURE_PARAM]
+
+    def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_gaussian_param_groups()
+        groups[FEATURE_PARAM] = [self.gauss_params[FEATURE_PARAM]]
+        return groups
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_param_groups()
+        if self.config.feature_loss == "infonce":
+            groups["feature_head"] = [self.log_temperature]
+        return groups
+
+    # ------------------------------------------------------------------ rendering
+    def _crop_ids(self) -> Optional[torch.Tensor]:
+        if self.crop_box is None or self.training:
+            return None
+        return self.crop_box.within(self.means).squeeze()
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
+        if not isinstance(camera, Cameras):
+            return {}
+        crop_ids = self._crop_ids()
+        if crop_ids is not None and crop_ids.sum() == 0:
+            return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+        if self.device.type == "cuda":
+            outputs = super().get_outputs(camera)
+        else:
+            outputs = self._get_outputs_cpu(camera, crop_ids)
+        if self._wants_features():
+            outputs.update(self.render_features(crop_ids, self.config.num_quantiles))
+            if not self.training and self.query_text:
+                outputs["relevancy"] = self.relevancy_map(outputs["features"], self.query_text)
+        return outputs
+
+    def _wants_features(self) -> bool:
+        return not self.training or self.step >= self.config.feature_warmup_steps
+
+    def _get_outputs_cpu(self, camera: Cameras, crop_ids) -> Dict[str, Union[torch.Tensor, List]]:
+        """splatfacto's get_outputs with the CPU projection and our compiled dense kernel."""
+        if self.training:
+            assert camera.shape[0] == 1, "Only one camera at a time"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+        params = {name: (p if crop_ids is None else p[crop_ids]) for name, p in self.gauss_params.items()}
+        scale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / scale)
+        viewmat = get_viewmat(camera_to_world)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        self.last_size = (H, W)
+        camera.rescale_output_resolution(scale)
+
+        means, quats = params["means"], params["quats"]
+        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)
+        radii, means2d, depths, conics = project_gaussians(means, quats, torch.exp(params["scales"]), viewmat, K, W, H)
+        colors = self._colors(params, means, viewmat)  # [1, N, 3]
+        with_depth = self.config.output_depth_during_training or not self.training
+        if with_depth:
+            colors = torch.cat([colors, depths[..., None]], dim=-1)
+        tiles_w, tiles_h = math.ceil(W / TILE_SIZE), math.ceil(H / TILE_SIZE)
+        keys, flatten_ids = isect_tiles(means2d, radii, depths, TILE_SIZE, tiles_w, tiles_h)
+        isect_offsets = isect_offset_encode(keys, 1, tiles_w, tiles_h)
+        if means2d.requires_grad:
+            means2d.retain_grad()
+        render, alpha = rasterize_to_pixels(
+            means2d, conics, colors, opacities[None], W, H, TILE_SIZE, isect_offsets, flatten_ids,
+            absgrad=self.strategy.absgrad and self.training, backend="cpu")
+        self.info = dict(means2d=means2d, radii=radii, depths=depths, conics=conics, opacities=opacities[None],
+                         isect_offsets=isect_offsets, flatten_ids=flatten_ids, tile_size=TILE_SIZE,
+                         width=W, height=H, n_cameras=1, camera_ids=None, gaussian_ids=None)
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        depth = None
+        if with_depth:  # expected depth, as gsplat's "RGB+ED"
+            depth = render[..., 3:4] / alpha.clamp(min=1e-10)
+            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(H, W, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    def _colors(self, params, means, viewmat) -> torch.Tensor:
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree == 0:
+            return torch.sigmoid(colors).squeeze(1)[None]
+        from gsplat.cuda._torch_impl import _spherical_harmonics
+
+        degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        campos = torch.linalg.inv(viewmat)[:, :3, 3]
+        dirs = means[None] - campos[:, None]
+        return torch.clamp_min(_spherical_harmonics(degree, dirs, colors[None].expand(dirs.shape[0], -1, -1, -1)) + 0.5, 0.0)
+
+    def render_features(self, crop_ids, num_quantiles: Optional[int]) -> Dict[str, torch.Tensor]:
+        """Feature map of the last projected view (same projection and tiles as its RGB)."""
+        info = self.info
+        feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
+        geometry = [info["means2d"], info["conics"], info["opacities"]]
+        if self.config.detach_geometry_for_features:
+            geometry = [t.detach() for t in geometry]
+        out, alpha = rasterize_to_pixels(
+            geometry[0], geometry[1], feats, geometry[2], int(info["width"]), int(info["height"]),
+            int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"], num_quantiles=num_quantiles,
+            backend=self.config.rasterizer_backend)
+        return {"features": out[0], "feature_alpha": alpha[0]}
+
+    def relevancy_map(self, features: torch.Tensor, text: str) -> torch.Tensor:
+        embeddings = self.text_encoder.encode([text, *self.config.relevancy_negatives]).to(features)
+        return relevancy(features, embeddings[0], embeddings[1:])[..., None]
+
+    # ------------------------------------------------------------------ losses
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if "features" in outputs and "mask_ids" in batch and self.training:
+            loss = self.feature_loss(outputs["features"], batch["mask_ids"], batch["mask_embeddings"])
+            if loss is not None:
+                loss_dict["feature_loss"] = self.config.feature_loss_weight * loss
+        return loss_dict
+
+    def feature_loss(self, features: torch.Tensor, mask_ids: torch.Tensor, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
+        """Contrastive loss at sampled pixels of every teacher mask (None if < 2 masks)."""
+        H, W = features.shape[:2]
+        if mask_ids.shape != (H, W):  # training at a downscaled resolution: nearest neighbour
+            rows = (torch.arange(H, device=mask_ids.device) * mask_ids.shape[0]) // H
+            cols = (torch.arange(W, device=mask_ids.device) * mask_ids.shape[1]) // W
+            mask_ids = mask_ids[rows][:, cols]
+        pixels, targets = sample_mask_pixels(mask_ids, self.config.pixels_per_mask)
+        present = torch.unique(targets)
+        if present.numel() < 2:
+            return None
+        pixel_feats = features.reshape(-1, features.shape[-1])[pixels]
+        if self.config.feature_loss == "paper":
+            loss = paper_contrastive_loss(pixel_feats, targets, embeddings)
+        else:
+            loss = infonce_loss(pixel_feats, targets, embeddings, self.log_temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                "q-splat feature loss is NaN/Inf: check the teacher cache for corrupt embeddings "
+                "(`qsplat extract-features --overwrite`) or lower the feature learning rate."
+            )
+        return loss
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        metrics = super().get_metrics_dict(outputs, batch)
+        if not torch.isfinite(outputs["rgb"]).all():
+            raise FloatingPointError("q-splat rendered NaN colours; the last checkpoint is still usable (--load-dir)")
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        if not self.lpips_available:
+            metrics.pop("lpips", None)
+        if "features" not in outputs:
+            return metrics, images
+        metrics.update(self._feature_speed_metrics(outputs))
+        if "gt_classes" in batch and self.class_names and self.teacher_cache_root:
+            miou, prediction = self.class_miou(outputs["features"], outputs["feature_alpha"], batch["gt_classes"])
+            metrics["feature_miou"] = miou
+            images["classes"] = _colorize_classes(prediction, len(self.class_names))
+        return metrics, images
+
+    def _feature_speed_metrics(self, outputs) -> Dict[str, float]:
+        """ms per 512-D map, dense vs quantile, and their agreement, on this eval view."""
+        timings, maps = {}, {}
+        for mode, k in (("dense", None), ("quantile", self.config.num_quantiles or None)):
+            self.render_features(self._crop_ids(), k)  # warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            maps[mode] = self.render_features(self._crop_ids(), k)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[mode] = 1000 * (time.perf_counter() - t0)
+        dense, alpha = maps["dense"]["features"], maps["dense"]["feature_alpha"]
+        quant, quant_alpha = maps["quantile"]["features"], maps["quantile"]["feature_alpha"]
+        valid = (alpha[..., 0] > 0) & (quant_alpha[..., 0] > 0)
+        cos = F.cosine_similarity(quant[valid], (dense / alpha.clamp(min=1e-8))[valid], dim=-1)
+        return {"feature_ms_dense": timings["dense"], "feature_ms_quantile": timings["quantile"],
+                "feature_speedup_quantile_vs_dense": timings["dense"] / max(timings["quantile"], 1e-9),
+                "feature_cosine_quantile_vs_dense": float(cos.mean()) if cos.numel() else float("nan")}
+
+    def class_miou(self, features, feature_alpha, gt_classes) -> Tuple[float, torch.Tensor]:
+        """2D mIoU of the class argmax of rendered features (class id = index + 1, 0 = none)."""
+        text = self.text_encoder.encode(self.class_names).to(features)
+        logits = F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
+        prediction = logits.argmax(-1) + 1
+        prediction = torch.where(feature_alpha[..., 0] > 0, prediction, torch.zeros_like(prediction))
+        if gt_classes.shape != prediction.shape:
+            raise ValueError(f"ground-truth class map {tuple(gt_classes.shape)} != render {tuple(prediction.shape)}")
+        ious = []
+        for cls in torch.unique(gt_classes):
+            if int(cls) == 0:
+                continue
+            pred_c, gt_c = prediction == cls, gt_classes == cls
+            ious.append(float((pred_c & gt_c).sum()) / float((pred_c | gt_c).sum()))
+        return (sum(ious) / len(ious) if ious else float("nan")), prediction
+
+
+def _colorize_classes(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.cat([torch.zeros(1, 3), torch.rand(num_classes, 3, generator=gen)]).to(prediction.device)
+    return palette[prediction]
+
+
+_LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"
+_lpips_warned = False
+
+
+@contextlib.contextmanager
+def _lpips_when_available():
+    """splatfacto builds an LPIPS metric whose AlexNet weights download on construction; offline
+    that raises URLError. Without the weights in the torch hub cache, build a NaN-returning
+    stand-in instead (for the duration of this call only) and report LPIPS as unavailable."""
+    import os
+
+    import torchmetrics.image.lpip as lpip_module
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", _LPIPS_WEIGHTS)
+    state = {"available": os.path.exists(path)}
+    if state["available"]:
+        yield state
+        return
+    global _lpips_warned
+    if not _lpips_warned:
+        CONSOLE.print(f"[yellow]LPIPS disabled: AlexNet weights not found at {path} (no download offline). "
+                      f"Copy {_LPIPS_WEIGHTS} there to report LPIPS.[/yellow]")
+        _lpips_warned = True
+    original = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = _UnavailableLPIPS
+    try:
+        yield state
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = original
+
+
+class _UnavailableLPIPS(torch.nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, *args, **kwargs):
+        return torch.tensor(float("nan"))
