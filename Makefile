@@ -21,6 +21,7 @@ test-all: ext
 	$(PY) -m pytest -q tests
 
 demo: ext
+	$(PY) -m qrender_ns.cli demo-render --out demo_out/render
 	$(PY) -m qrender_ns.cli demo --out demo_out
 
 bench: ext

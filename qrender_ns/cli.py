@@ -29,10 +29,10 @@ class BuildExt:
 
 
 @dataclass
-class Demo:
-    """Render a generated Gaussian scene densely and with Q-Render; write PNGs, print timings."""
+class RenderDemo:
+    """Render generated Gaussians densely and with Q-Render; write PNGs, print the time ratio."""
 
-    out: Path = Path("demo_out")
+    out: Path = Path("demo_out/render")
     """Folder for the PNGs and the JSON summary."""
     num_gaussians: int = 20000
     channels: int = 512
@@ -47,14 +47,35 @@ class Demo:
         run_demo(self)
 
 
+@dataclass
+class Demo:
+    """The whole workflow on CPU: make a scene, extract teacher features, ns-train, ns-eval, query."""
+
+    out: Path = Path("demo_out")
+    seed: int = 2
+    """Scene seed (2 has a chair, which the demo queries)."""
+    num_images: int = 24
+    steps: int = 500
+    feature_warmup_steps: int = 150
+    num_quantiles: int = 10
+
+    def main(self) -> None:
+        from .demo_pipeline import run_pipeline_demo
+
+        run_pipeline_demo(self)
+
+
 from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 only)
+from .query_cli import Query  # noqa: E402
 from .teachers.extract import ExtractFeatures  # noqa: E402
 
 Commands = Union[
     Annotated[BuildExt, tyro.conf.subcommand("build-ext")],
+    Annotated[RenderDemo, tyro.conf.subcommand("demo-render")],
     Annotated[Demo, tyro.conf.subcommand("demo")],
     Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
     Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
+    Annotated[Query, tyro.conf.subcommand("query")],
 ]
 
 

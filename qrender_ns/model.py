@@ -230,7 +230,7 @@ class QSplatModel(SplatfactoModel):
         out, alpha = rasterize_to_pixels(
             geometry[0], geometry[1], feats, geometry[2], int(info["width"]), int(info["height"]),
             int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"], num_quantiles=num_quantiles,
-            backend=self.config.rasterizer_backend)
+            backend=self.config.rasterizer_backend, validate_values=False)  # NaNs surface in the losses
         return {"features": out[0], "feature_alpha": alpha[0]}
 
     def relevancy_map(self, features: torch.Tensor, text: str) -> torch.Tensor:

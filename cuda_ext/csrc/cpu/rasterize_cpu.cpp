@@ -120,6 +120,15 @@ inline void axpy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restric
   for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];
 }
 
+// One quantile Gaussian picked by one pixel, blended in the tile's second pass.
+template <typename scalar_t>
+struct Pick {
+  int64_t entry;  // index into the tile's Gaussian list
+  int64_t pixel;  // flat output pixel
+  scalar_t weight;  // T_Q alpha / (1 - T_Q)
+  bool operator<(const Pick& o) const { return entry < o.entry || (entry == o.entry && pixel < o.pixel); }
+};
+
 template <typename scalar_t>
 void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
                   const scalar_t* features, const scalar_t* opacities,
@@ -137,6 +146,7 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
     const scalar_t* bg = backgrounds ? backgrounds + cam * C : nullptr;
     TileCache<scalar_t> cache;
     cache.fill(means2d, conics, opacities, flatten_ids, start, end);
+    std::vector<Pick<scalar_t>> picks;
     for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
       for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
         const int64_t pix = (cam * l.height + y) * l.width + x;
@@ -149,20 +159,18 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
         for (int64_t i = start; i < end; ++i) {
           const PixelAlpha<scalar_t> a = cache.alpha(i - start, px, py);
           if (!a.used) continue;
-          const int32_t g = flatten_ids[i];
           const scalar_t next_trans = trans * (1 - a.alpha);
-          const scalar_t* f = features + feature_row(l, g) * C;
           if (K == 0) {
             if (next_trans <= scalar_t(kTransEps)) break;
-            const scalar_t w = a.alpha * trans;
-            axpy(out, w, f, C);
+            axpy(out, a.alpha * trans, features + feature_row(l, flatten_ids[i]) * C, C);
             trans = next_trans;
             last = i;
             ++count;
             continue;
           }
+          // Quantile mode: only the scalar walk here; feature rows are blended per tile below.
           if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
-            axpy(out, a.alpha * trans_q, f, C);
+            picks.push_back({i - start, pix, a.alpha * trans_q});
             trans_q *= 1 - a.alpha;
             sel_ids[pix * K + count++] = static_cast<int32_t>(i);
             while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
@@ -171,25 +179,28 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
           }
           trans = next_trans;
         }
+        sel_count[pix] = count;  // dense: number of blended Gaussians (for benchmarks)
         if (K == 0) {
           if (bg)
             for (int64_t c = 0; c < C; ++c) out[c] += trans * bg[c];
           out_alpha[pix] = 1 - trans;
           last_ids[pix] = static_cast<int32_t>(last);
-          sel_count[pix] = count;  // dense: number of blended Gaussians (for benchmarks)
           continue;
         }
-        sel_count[pix] = count;
         for (int j = count; j < K; ++j) sel_ids[pix * K + j] = -1;
-        if (count > 0) {
-          const scalar_t norm = 1 - trans_q;
-          for (int64_t c = 0; c < C; ++c) out[c] /= norm;
-          out_alpha[pix] = norm;
-        } else {
-          if (bg) std::copy(bg, bg + C, out);
-          out_alpha[pix] = 0;
-        }
+        const scalar_t norm = 1 - trans_q;
+        for (int j = 0; j < count; ++j) picks[picks.size() - 1 - j].weight /= norm;
+        out_alpha[pix] = count > 0 ? norm : scalar_t(0);
+        if (count == 0 && bg) std::copy(bg, bg + C, out);
       }
+    }
+    // Gaussian-major blending: each picked feature row is read once per tile and added to
+    // every pixel that picked it (rows of a tile's pixels stay in cache). Per pixel the
+    // order is still front to back, since list entries are depth-sorted.
+    std::sort(picks.begin(), picks.end());
+    for (size_t p = 0; p < picks.size(); ++p) {
+      const scalar_t* f = features + feature_row(l, flatten_ids[start + picks[p].entry]) * C;
+      axpy(out_feat + picks[p].pixel * C, picks[p].weight, f, C);
     }
   }
 }

@@ -1,0 +1,122 @@
+"""`qsplat query`: select the Gaussians matching a text query, export a PLY, render relevancy PNGs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .query import relevancy
+
+
+@dataclass
+class Query:
+    """Score every Gaussian of a trained q-splat scene against a text query."""
+
+    load_config: Path
+    """config.yml of a q-splat run (as for ns-eval)."""
+    text: str
+    """The query, e.g. "chair"."""
+    output: Optional[Path] = None
+    """PLY of the selected Gaussians (default: <run dir>/query/<text>.ply)."""
+    threshold: float = 0.55
+    """Relevancy above which a Gaussian is selected (0.5 = no better than a generic word)."""
+    min_opacity: float = 0.1
+    """Ignore nearly transparent Gaussians."""
+    cameras: List[int] = field(default_factory=lambda: [0])
+    """Eval cameras for which relevancy PNGs are rendered (indices into the eval split)."""
+
+    def main(self) -> None:
+        run_query(self)
+
+
+def _load_pipeline(config_path: Path):
+    if not Path(config_path).is_file():
+        raise SystemExit(f"--load-config {config_path} does not exist: pass the config.yml written by ns-train q-splat")
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from . import checkpoint  # noqa: F401  (torch>=2.6 checkpoint loading)
+
+    _, pipeline, checkpoint_path, _ = eval_setup(Path(config_path), test_mode="test")
+    return pipeline, checkpoint_path
+
+
+def _check_vocabulary(model, text: str) -> None:
+    encoder = model.text_encoder
+    if getattr(encoder, "name", "") == "synthetic" and text not in model.class_names:
+        raise SystemExit(
+            f"'{text}' is not a class of this scene, and the synthetic teacher is closed-vocabulary: "
+            f"it only knows {', '.join(model.class_names)}. Train with the CLIP teacher for open vocabulary."
+        )
+
+
+def gaussian_relevancy(model, text: str) -> torch.Tensor:
+    embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(model.gaussian_features)
+    return relevancy(model.gaussian_features.detach(), embeddings[0], embeddings[1:])
+
+
+def write_selection_ply(path: Path, means: np.ndarray, colors: np.ndarray, scores: np.ndarray) -> None:
+    from plyfile import PlyData, PlyElement
+
+    vertex = np.empty(len(means), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"),
+                                         ("blue", "u1"), ("relevancy", "f4")])
+    vertex["x"], vertex["y"], vertex["z"] = means.T
+    rgb = np.clip(colors * 255, 0, 255).astype(np.uint8)
+    vertex["red"], vertex["green"], vertex["blue"] = rgb.T
+    vertex["relevancy"] = scores
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.ply")
+    PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp))
+    tmp.replace(path)
+
+
+def _heat_overlay(rgb: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+    from nerfstudio.utils import colormaps
+
+    heat = colormaps.apply_float_colormap(rel.clamp(0, 1), colormap="turbo")
+    weight = ((rel - 0.5).clamp(min=0) * 2).clamp(max=1) * 0.8
+    return ((1 - weight) * rgb + weight * heat).clamp(0, 1).cpu().numpy()
+
+
+def run_query(cfg: Query) -> dict:
+    from PIL import Image
+
+    from nerfstudio.models.splatfacto import SH2RGB
+
+    pipeline, checkpoint_path = _load_pipeline(cfg.load_config)
+    model = pipeline.model
+    _check_vocabulary(model, cfg.text)
+    with torch.no_grad():
+        scores = gaussian_relevancy(model, cfg.text)
+        opacity = torch.sigmoid(model.opacities).squeeze(-1)
+        selected = (scores > cfg.threshold) & (opacity > cfg.min_opacity)
+        colors = SH2RGB(model.features_dc).clamp(0, 1) if model.config.sh_degree > 0 else torch.sigmoid(model.features_dc)
+    run_dir = Path(cfg.load_config).parent
+    safe = "".join(c if c.isalnum() else "_" for c in cfg.text)
+    ply_path = cfg.output or run_dir / "query" / f"{safe}.ply"
+    write_selection_ply(ply_path, model.means[selected].detach().cpu().numpy(),
+                        colors[selected].cpu().numpy(), scores[selected].cpu().numpy())
+
+    png_paths = []
+    eval_data = pipeline.datamanager.fixed_indices_eval_dataloader
+    model.set_query(cfg.text)
+    for index in cfg.cameras:
+        if not 0 <= index < len(eval_data):
+            raise SystemExit(f"--cameras {index}: the eval split has {len(eval_data)} cameras (0..{len(eval_data) - 1})")
+        camera, _ = eval_data[index]
+        outputs = model.get_outputs_for_camera(camera)
+        png = ply_path.parent / f"{safe}_relevancy_eval{index}.png"
+        image = (_heat_overlay(outputs["rgb"], outputs["relevancy"]) * 255).astype(np.uint8)
+        tmp = png.with_suffix(".tmp.png")
+        Image.fromarray(image).save(tmp)
+        tmp.replace(png)
+        png_paths.append(str(png))
+    summary = dict(text=cfg.text, checkpoint=str(checkpoint_path), num_gaussians=int(scores.numel()),
+                   num_selected=int(selected.sum()), threshold=cfg.threshold, ply=str(ply_path),
+                   relevancy_pngs=png_paths)
+    print(json.dumps(summary, indent=2))
+    return summary

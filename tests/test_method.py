@@ -1,0 +1,196 @@
+"""`ns-train q-splat` end to end on CPU: registration, training, ns-eval, query, viewer, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrender_ns.data.scene_generator import generate_scene
+from qrender_ns.teachers.synthetic import SyntheticTeacher
+
+BIN = Path(sys.executable).parent
+EVAL_KEYS = {"psnr", "ssim", "feature_miou", "feature_ms_dense", "feature_ms_quantile",
+             "feature_speedup_quantile_vs_dense", "feature_cosine_quantile_vs_dense"}
+
+
+def make_config(data: Path, out: Path, steps: int, **model):
+    from qrender_ns.method import qsplat_trainer_config
+
+    config = qsplat_trainer_config()
+    config.machine.device_type = "cpu"
+    config.vis = "tensorboard"
+    config.output_dir = out
+    config.timestamp = "test"
+    config.max_num_iterations = steps
+    config.steps_per_save = steps
+    config.pipeline.datamanager.data = data
+    config.logging.local_writer.enable = False
+    for key, value in dict(num_downscales=0, feature_warmup_steps=10, refine_every=20, warmup_length=20,
+                           **model).items():
+        setattr(config.pipeline.model, key, value)
+    config.set_timestamp()
+    return config
+
+
+def train(config, steps: int):
+    """Nerfstudio's own Trainer, iterated by hand so the test sees every loss."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    history = []
+    start = trainer._start_step
+    for step in range(start, start + steps):
+        for cb in trainer.callbacks:
+            cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        _, loss_dict, _ = trainer.train_iteration(step)
+        for cb in trainer.callbacks:
+            cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        history.append({k: float(v) for k, v in loss_dict.items()})
+    trainer.save_checkpoint(start + steps - 1)
+    return trainer, history
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scene") / "room"
+    generate_scene(root, layout="scannet", seed=2, num_images=12, width=64, height=48, num_eval=2)
+    SyntheticTeacher(root).run(progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    config = make_config(scene, out, steps=120)
+    trainer, history = train(config, 120)
+    return dict(config=config, trainer=trainer, history=history,
+                config_path=config.get_base_dir() / "config.yml")
+
+
+def test_method_is_registered():
+    from nerfstudio.plugins.registry import discover_methods
+
+    methods, _ = discover_methods()
+    assert "q-splat" in methods
+    assert methods["q-splat"].method_name == "q-splat"
+    result = subprocess.run([str(BIN / "ns-train"), "q-splat", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in ("--pipeline.model.num-quantiles", "--pipeline.model.feature-dim",
+                   "--pipeline.model.feature-head", "--pipeline.model.feature-loss-weight"):
+        assert option in result.stdout
+
+
+def test_training_lowers_rgb_and_feature_losses(trained):
+    history = trained["history"]
+    rgb = [h["main_loss"] for h in history]
+    feat = [h["feature_loss"] for h in history if "feature_loss" in h]
+    assert len(feat) >= 100  # starts after the 10-step warm-up
+    assert sum(rgb[-10:]) / 10 < 0.8 * sum(rgb[:10]) / 10, (rgb[:10], rgb[-10:])
+    assert sum(feat[-10:]) / 10 < sum(feat[:10]) / 10 - 0.1, (feat[:10], feat[-10:])
+    model = trained["trainer"].pipeline.model
+    assert model.gaussian_features.shape == (model.num_points, 512)  # in sync after densification
+
+
+def test_ns_eval_writes_metrics(trained, tmp_path):
+    out = tmp_path / "metrics.json"
+    result = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(trained["config_path"]),
+                             "--output-path", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(out.read_text())["results"]
+    assert EVAL_KEYS <= set(metrics), metrics.keys()
+    assert metrics["feature_miou"] > 0.3  # 120 steps on 64x48 images; the demo trains longer
+    assert 0.5 < metrics["feature_cosine_quantile_vs_dense"] <= 1.0 + 1e-6
+    assert all(math.isfinite(metrics[k]) for k in EVAL_KEYS)
+
+
+def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
+    from plyfile import PlyData
+
+    ply = tmp_path / "chair.ply"
+    result = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
+                             "--text", "chair", "--output", str(ply), "--cameras", "0", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    vertices = PlyData.read(str(ply))["vertex"]
+    assert len(vertices) == summary["num_selected"] > 0
+    assert min(vertices["relevancy"]) > 0.55
+    assert len(summary["relevancy_pngs"]) == 2 and all(Path(p).is_file() for p in summary["relevancy_pngs"])
+
+    unknown = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
+                              "--text", "spaceship"], capture_output=True, text=True, timeout=600)
+    assert unknown.returncode != 0 and "closed-vocabulary" in unknown.stderr
+
+
+def test_viewer_query_renders_relevancy_without_browser(trained):
+    pipeline = trained["trainer"].pipeline
+    model = pipeline.model
+    model.eval()
+    camera, _ = pipeline.datamanager.fixed_indices_eval_dataloader[0]
+    model.viewer_query.cb_hook(type("Element", (), {"value": "chair"})())
+    outputs = model.get_outputs_for_camera(camera)
+    assert outputs["relevancy"].shape == (*outputs["rgb"].shape[:2], 1)
+    assert 0 <= float(outputs["relevancy"].min()) and float(outputs["relevancy"].max()) <= 1
+    model.viewer_query.cb_hook(type("Element", (), {"value": ""})())
+    assert "relevancy" not in model.get_outputs_for_camera(camera)
+    model.train()
+
+
+def test_resume_from_checkpoint(trained, tmp_path):
+    config = trained["config"]
+    config.load_dir = config.get_checkpoint_dir()
+    trainer, history = train(config, 5)
+    assert trainer._start_step == 120
+    assert all(math.isfinite(h["main_loss"]) for h in history)
+
+
+def test_nerfstudio_layout_trains(tmp_path):
+    root = tmp_path / "ns_room"
+    generate_scene(root, layout="nerfstudio", seed=5, num_images=8, width=48, height=32, num_eval=2)
+    SyntheticTeacher(root).run(progress=False)
+    _, history = train(make_config(root, tmp_path / "runs", steps=15), 15)
+    assert any("feature_loss" in h for h in history)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_data_folders(tmp_path, scene):
+    from qrender_ns.data.dataparser import SceneLayoutError, detect_layout
+
+    with pytest.raises(SceneLayoutError, match="does not exist"):
+        detect_layout(tmp_path / "missing")
+    (tmp_path / "color").mkdir()
+    with pytest.raises(SceneLayoutError, match="neither a nerfstudio scene"):
+        detect_layout(tmp_path)
+
+
+def test_images_without_poses_rejected(tmp_path):
+    from qrender_ns.data.dataparser import QSplatDataParserConfig, SceneLayoutError
+
+    root = tmp_path / "room"
+    generate_scene(root, layout="scannet", seed=1, num_images=6, width=32, height=24, num_eval=1)
+    (root / "pose" / "3.txt").unlink()
+    with pytest.raises(SceneLayoutError, match="one pose and one depth per colour image"):
+        QSplatDataParserConfig(data=root).setup().get_dataparser_outputs("train")
+
+
+def test_missing_teacher_cache_message(tmp_path):
+    root = tmp_path / "room"
+    generate_scene(root, layout="scannet", seed=1, num_images=6, width=32, height=24, num_eval=1)
+    config = make_config(root, tmp_path / "runs", steps=1)
+    with pytest.raises(FileNotFoundError, match="qsplat extract-features --data"):
+        config.pipeline.datamanager.setup(device="cpu")
+
+
+def test_nan_feature_loss_is_a_clear_error(trained):
+    model = trained["trainer"].pipeline.model
+    ids = torch.tensor([[0, 1], [1, 0]])
+    emb = torch.full((2, 512), float("nan"))
+    with pytest.raises(FloatingPointError, match="feature loss is NaN"):
+        model.feature_loss(torch.randn(2, 2, 512), ids, emb)
