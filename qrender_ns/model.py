@@ -132,6 +132,26 @@ class QSplatModel(SplatfactoModel):
         groups[FEATURE_PARAM] = [self.gauss_params[FEATURE_PARAM]]
         return groups
 
+    def step_cb(self, optimizers, step):
+        super().step_cb(optimizers, step)
+        self._rebind_optimizers()
+
+    def _rebind_optimizers(self) -> None:
+        """After `--load-dir`, splatfacto's load_state_dict swaps in new Parameter objects (resized
+        to the checkpoint's Gaussian count) while the optimisers still hold the old ones, so the
+        first densification indexes stale tensors. Point each optimiser at the live parameter and
+        carry its (checkpoint-loaded) state over."""
+        for name, param in self.gauss_params.items():
+            optimizer = self.optimizers.get(name)
+            if optimizer is None:
+                continue
+            group = optimizer.param_groups[0]
+            old = group["params"][0]
+            if old is not param:
+                group["params"][0] = param
+                if old in optimizer.state:
+                    optimizer.state[param] = optimizer.state.pop(old)
+
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_param_groups()
         if self.config.feature_loss == "infonce":
