@@ -27,10 +27,15 @@ def _bin(name: str) -> str:
 
 
 def _run(cmd: List[str], log: Path) -> float:
+    """Run one step, showing its output (nerfstudio's progress table included) and logging it."""
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as handle:
-        process = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            handle.write(line)
+        process.wait()
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise SystemExit(f"step failed (exit {process.returncode}): {shlex.join(cmd)}\n--- last lines of {log} ---\n{tail}")

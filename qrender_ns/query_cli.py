@@ -74,12 +74,14 @@ def write_selection_ply(path: Path, means: np.ndarray, colors: np.ndarray, score
     tmp.replace(path)
 
 
-def _heat_overlay(rgb: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+def _relevancy_panel(rgb: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+    """[render | render greyed where relevancy <= 0.5, heat map (turbo, 0.5..1) where above]."""
     from nerfstudio.utils import colormaps
 
-    heat = colormaps.apply_float_colormap(rel.clamp(0, 1), colormap="turbo")
-    weight = ((rel - 0.5).clamp(min=0) * 2).clamp(max=1) * 0.8
-    return ((1 - weight) * rgb + weight * heat).clamp(0, 1).cpu().numpy()
+    heat = colormaps.apply_float_colormap(((rel - 0.5) * 2).clamp(0, 1), colormap="turbo")
+    grey = rgb.mean(-1, keepdim=True).expand_as(rgb) * 0.5
+    overlay = torch.where(rel > 0.5, 0.3 * rgb + 0.7 * heat, grey)
+    return torch.cat([rgb, overlay], dim=1).clamp(0, 1).cpu().numpy()
 
 
 def run_query(cfg: Query) -> dict:
@@ -110,7 +112,7 @@ def run_query(cfg: Query) -> dict:
         camera, _ = eval_data[index]
         outputs = model.get_outputs_for_camera(camera)
         png = ply_path.parent / f"{safe}_relevancy_eval{index}.png"
-        image = (_heat_overlay(outputs["rgb"], outputs["relevancy"]) * 255).astype(np.uint8)
+        image = (_relevancy_panel(outputs["rgb"], outputs["relevancy"]) * 255).astype(np.uint8)
         tmp = png.with_suffix(".tmp.png")
         Image.fromarray(image).save(tmp)
         tmp.replace(png)

@@ -977,14 +977,9 @@ def nerfstudio_parser_config(scene_dir: Path, **overrides):
 
 
 def ns_train_hint(info: SceneInfo) -> str:
-    """An ns-train command line equivalent to the parser configs above."""
-    meta = _read_meta(info.root)
-    common = f"--center-method none --auto-scale-poses False --scene-scale {meta['scene_extent']}"
-    if info.layout == "scannet":
-        return (f"ns-train splatfacto scannet-data --data {info.root} --ply-file-path {info.point_cloud_path} "
-                f"--train-split-fraction {meta['scannet_train_split_fraction']!r} {common}")
-    return (f"ns-train splatfacto nerfstudio-data --data {info.root} --load-3D-points True "
-            f"--orientation-method none {common}")
+    """The q-splat commands for this scene (`qsplat-data` applies the parser settings above)."""
+    return (f"qsplat extract-features --data {info.root} && "
+            f"ns-train q-splat --data {info.root} --machine.device-type cpu")
 
 
 @dataclass

@@ -74,13 +74,28 @@ def _build_name(with_cuda: bool) -> str:
     return f"qrender_{kind}_{digest.hexdigest()[:12]}"
 
 
+def _import_cpp_extension():
+    """torch.utils.cpp_extension, without its import-time "No CUDA runtime is found" warning
+    (expected on CPU machines that have nvcc)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType:
     """Build (first time) and import the kernel module; thread-safe and cached per process."""
     key = "cuda" if with_cuda else "cpu"
     with _LOCK:
         if key in _MODULES:
             return _MODULES[key]
-        from torch.utils import cpp_extension
+        cpp_extension = _import_cpp_extension()
 
         name = _build_name(with_cuda)
         build_dir = ext_dir() / name
