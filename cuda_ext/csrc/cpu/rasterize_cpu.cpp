@@ -137,6 +137,9 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
                   int32_t* last_ids, int32_t* sel_ids, int32_t* sel_count) {
   const int64_t C = l.channels, K = l.num_quantiles;
   const int64_t total_tiles = l.num_cams * l.tiles_h * l.tiles_w;
+  // Quantile mode with wide features blends Gaussian-major per tile (below); with a few
+  // channels the sort costs more than it saves, so pixels blend as they walk.
+  const bool gaussian_major = K > 0 && C > 32;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t tile = 0; tile < total_tiles; ++tile) {
     const int64_t cam = tile / (l.tiles_h * l.tiles_w);
@@ -170,7 +173,10 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
           }
           // Quantile mode: only the scalar walk here; feature rows are blended per tile below.
           if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
-            picks.push_back({i - start, pix, a.alpha * trans_q});
+            if (gaussian_major)
+              picks.push_back({i - start, pix, a.alpha * trans_q});
+            else
+              axpy(out, a.alpha * trans_q, features + feature_row(l, flatten_ids[i]) * C, C);
             trans_q *= 1 - a.alpha;
             sel_ids[pix * K + count++] = static_cast<int32_t>(i);
             while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
@@ -189,7 +195,10 @@ void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* coni
         }
         for (int j = count; j < K; ++j) sel_ids[pix * K + j] = -1;
         const scalar_t norm = 1 - trans_q;
-        for (int j = 0; j < count; ++j) picks[picks.size() - 1 - j].weight /= norm;
+        if (gaussian_major)
+          for (int j = 0; j < count; ++j) picks[picks.size() - 1 - j].weight /= norm;
+        else if (count > 0)
+          for (int64_t c = 0; c < C; ++c) out[c] /= norm;
         out_alpha[pix] = count > 0 ? norm : scalar_t(0);
         if (count == 0 && bg) std::copy(bg, bg + C, out);
       }
