@@ -119,6 +119,15 @@ def test_wrong_shapes_rejected(scene):
         rasterize_to_pixels(*bad_ids)
     with pytest.raises(ValueError, match="backend"):
         rasterize_to_pixels(*args, backend="metal")
+    bad_offsets = list(args)
+    bad_offsets[7] = args[7].clone()
+    bad_offsets[7].view(-1)[-1] = args[8].numel() + 5  # would read past flatten_ids in C++
+    with pytest.raises(ValueError, match="`isect_offsets` must be non-decreasing"):
+        rasterize_to_pixels(*bad_offsets)
+    float_ids = list(args)
+    float_ids[8] = args[8].float()
+    with pytest.raises(ValueError, match="`flatten_ids` must be an integer tensor"):
+        rasterize_to_pixels(*float_ids)
 
 
 def test_high_level_validation():

@@ -157,8 +157,16 @@ def rasterize_to_pixels(
     _check_tensor("flatten_ids", flatten_ids, (None,), floating=False)
     if backgrounds is not None:
         _check_tensor("backgrounds", backgrounds, (num_cams, channels), finite=fin)
+    for name, t in (("isect_offsets", isect_offsets), ("flatten_ids", flatten_ids)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"`{name}` must be an integer tensor (int32), got {t.dtype}")
     if flatten_ids.numel() and (int(flatten_ids.min()) < 0 or int(flatten_ids.max()) >= num_cams * num_gs):
         raise ValueError(f"`flatten_ids` must index the V*N = {num_cams * num_gs} projected Gaussians")
+    offsets = isect_offsets.reshape(-1)
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) > flatten_ids.numel()
+                            or bool((offsets[1:] < offsets[:-1]).any())):
+        raise ValueError("`isect_offsets` must be non-decreasing start offsets into `flatten_ids` "
+                         "(as gsplat's isect_offset_encode returns)")
     tensors = [means2d, conics, features, opacities] + ([backgrounds] if backgrounds is not None else [])
     dtype, device = means2d.dtype, means2d.device
     for name, t in zip(("conics", "features", "opacities", "backgrounds"), tensors[1:]):
