@@ -66,6 +66,11 @@ class Demo:
 
 
 from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 only)
+from .eval.lerf_ovs import EvalLerfOvs  # noqa: E402
+from .eval.report import Report  # noqa: E402
+from .eval.scannet3d import EvalScannet  # noqa: E402
+from .gsnet.predict import PredictFeatures  # noqa: E402
+from .gsnet.train import TrainGSNet  # noqa: E402
 from .query_cli import Query  # noqa: E402
 from .teachers.extract import ExtractFeatures  # noqa: E402
 
@@ -76,6 +81,11 @@ Commands = Union[
     Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
     Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
     Annotated[Query, tyro.conf.subcommand("query")],
+    Annotated[EvalScannet, tyro.conf.subcommand("eval-scannet")],
+    Annotated[EvalLerfOvs, tyro.conf.subcommand("eval-lerf-ovs")],
+    Annotated[Report, tyro.conf.subcommand("report")],
+    Annotated[TrainGSNet, tyro.conf.subcommand("train-gsnet")],
+    Annotated[PredictFeatures, tyro.conf.subcommand("predict-features")],
 ]
 
 

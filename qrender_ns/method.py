@@ -47,6 +47,7 @@ def qsplat_trainer_config() -> TrainerConfig:
             "quats": _adam(0.001),
             FEATURE_PARAM: _adam(0.01),
             "feature_head": _adam(1e-3),
+            "gsnet": _adam(1e-3),  # feature_head=gsnet: the GS-Net weights
             "camera_opt": _adam(1e-4, final=5e-7, warmup=1000),
             "bilateral_grid": _adam(2e-3, final=1e-4, warmup=1000),
         },

@@ -1,8 +1,9 @@
 """QSplatModel: nerfstudio's splatfacto + per-Gaussian 512-D features rendered with Q-Render.
 
 RGB, densification, optimisers and RGB losses are splatfacto's. Added: a feature head
-(per-Gaussian table now; GS-Net later), the quantile feature map, the contrastive loss of
-the paper against cached teacher masks, a viewer text query, and feature metrics for ns-eval.
+(a per-Gaussian table, or GS-Net: a sparse 3D U-Net over the Gaussians), the quantile feature
+map, the contrastive loss of the paper against cached teacher masks, a viewer text query, and
+feature metrics for ns-eval.
 On CPU (`--machine.device-type cpu`) RGB is rendered with our compiled dense kernel instead of
 gsplat's CUDA rasterizer; the splatfacto code paths that call `.cuda()` are bypassed here, not
 patched.
@@ -14,6 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
@@ -24,6 +26,7 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from .gsnet.gsnet import GSNetConfig
 from .losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
 from .query import relevancy
 from .render import rasterize_to_pixels
@@ -44,7 +47,13 @@ class QSplatModelConfig(SplatfactoModelConfig):
     feature_dim: int = 512
     """Feature channels (512 = CLIP ViT-B-16)."""
     feature_head: Literal["table", "gsnet"] = "table"
-    """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net issue)."""
+    """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md)."""
+    gsnet: GSNetConfig = field(default_factory=GSNetConfig)
+    """GS-Net architecture for feature_head=gsnet (voxel size, widths, sparse-conv backend)."""
+    gsnet_checkpoint: Optional[Path] = None
+    """Pretrained GS-Net (`qsplat train-gsnet`) for feature_head=gsnet; its architecture replaces `gsnet`."""
+    freeze_gsnet: bool = False
+    """feature_head=gsnet: keep the GS-Net weights fixed (feed-forward features, no fine-tuning)."""
     feature_loss: Literal["paper", "infonce"] = "paper"
     """paper: Eq. 2 (cosine, no temperature, positive excluded from the denominator);
     infonce: cross-entropy over cosine / learnable temperature."""
@@ -68,10 +77,9 @@ class QSplatModel(SplatfactoModel):
     # ------------------------------------------------------------------ setup
     def populate_modules(self):
         check_num_quantiles(self.config.num_quantiles)
-        if self.config.feature_head == "gsnet":
-            raise NotImplementedError(
-                "feature_head=gsnet is not available yet (GS-Net issue); use --pipeline.model.feature-head table"
-            )
+        if self.config.gsnet_checkpoint is not None and self.config.feature_head != "gsnet":
+            raise ValueError("--pipeline.model.gsnet-checkpoint needs --pipeline.model.feature-head gsnet "
+                             "(for a trained table model, `qsplat predict-features` fills its features)")
         seed = self.seed_points
         has_colors = seed is not None and not self.config.random_init and seed[1].shape[0] > 0
         if has_colors:  # splatfacto would build the SH tensor with .cuda(): hide the colours
@@ -83,11 +91,19 @@ class QSplatModel(SplatfactoModel):
         if has_colors:
             self._init_colors_from_seed(seed[1])
         num_points = self.gauss_params["means"].shape[0]
-        self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
+        if self.config.feature_head == "gsnet":
+            from .gsnet.integration import GSNetFeatures, build_gsnet
+
+            self.gsnet = build_gsnet(self.config.gsnet, self.config.feature_dim, self.config.gsnet_checkpoint,
+                                     self.config.freeze_gsnet)
+            self._gsnet_features = GSNetFeatures(self.gsnet, self.config.freeze_gsnet)
+        else:
+            self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
         self.log_temperature = Parameter(torch.tensor(math.log(self.config.infonce_init_temperature)))
         metadata = self.kwargs.get("metadata") or {}
         self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
         self.teacher_cache_root: Optional[str] = metadata.get("qsplat_teacher_cache")
+        self.units_per_metre = float(metadata.get("qsplat_units_per_metre") or 1.0)  # GS-Net voxels are in metres
         self._text_encoder = None
         self.query_text = ""
         self._add_viewer_controls()
@@ -125,11 +141,14 @@ class QSplatModel(SplatfactoModel):
 
     @property
     def gaussian_features(self) -> torch.Tensor:
+        if self.config.feature_head == "gsnet":
+            return self._gsnet_features(self.gauss_params, self.config.sh_degree, self.units_per_metre)
         return self.gauss_params[FEATURE_PARAM]
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_gaussian_param_groups()
-        groups[FEATURE_PARAM] = [self.gauss_params[FEATURE_PARAM]]
+        if FEATURE_PARAM in self.gauss_params:
+            groups[FEATURE_PARAM] = [self.gauss_params[FEATURE_PARAM]]
         return groups
 
     def step_cb(self, optimizers, step):
@@ -156,6 +175,8 @@ class QSplatModel(SplatfactoModel):
         groups = super().get_param_groups()
         if self.config.feature_loss == "infonce":
             groups["feature_head"] = [self.log_temperature]
+        if self.config.feature_head == "gsnet" and not self.config.freeze_gsnet:
+            groups["gsnet"] = list(self.gsnet.parameters())
         return groups
 
     # ------------------------------------------------------------------ rendering

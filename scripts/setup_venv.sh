@@ -26,14 +26,58 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-want=$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)
+# pip install "$@", hiding only pip's after-the-fact notes about the timm pins (see below); fails loudly.
+pip_install() {
+  local log; log=$(mktemp)
+  if ! "${PIP[@]}" install -q "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  grep -v -E "dependency resolver does not currently|requires timm(==|>=)" "$log" || true
+  rm -f "$log"
+}
+
+# QSPLAT_TEACHERS=1 (default) also installs the real 2D teachers (open_clip, transformers, sam2: the
+# `teachers` extra of pyproject.toml); QSPLAT_TEACHERS=0 gives the lean venv (synthetic teacher only).
+TEACHERS="${QSPLAT_TEACHERS:-1}"
+want=$( (cat pyproject.toml scripts/setup_venv.sh; echo "teachers=$TEACHERS") | sha256sum | cut -c1-16)
 have=$(cat "$VENV/.qsplat-deps" 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
   echo "[setup] installing pinned dependencies into $VENV (first run: a few minutes)"
   "${PIP[@]}" install -q --upgrade pip setuptools wheel
+  mapfile -t teacher_reqs < <("$VENV/bin/python" -c 'import sys
+try: import tomllib
+except ImportError: from pip._vendor import tomli as tomllib  # Python 3.10
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["teachers"]))')
   # torch first, from the pins, so nothing below resolves a second torch.
   "${PIP[@]}" install -q "torch==2.14.1" "torchvision==0.29.1"
-  "${PIP[@]}" install -q -e ".[test]"
+  # (With the teachers already installed this moves timm back to 0.6.7 for a moment; they re-raise it below.)
+  pip_install -e ".[test]"
+  if [ "$TEACHERS" = "1" ]; then
+    # The `teachers` extra cannot join the resolve above: nerfstudio 1.1.5 pins timm==0.6.7 (it never imports
+    # timm) and open_clip 3.x needs timm>=1.0.17. So it goes on top, with every package resolved above held at
+    # its version (a constraints file from `pip freeze`) except timm: a teacher that wanted to move anything
+    # else fails here instead of silently changing the venv everyone tests with.
+    lock=$(mktemp); trap 'rm -f "$lock"' EXIT
+    # (Direct-URL lines, e.g. a locally built wheel, cannot be constraints and are not on an index anyway.)
+    "${PIP[@]}" freeze --exclude-editable | grep -v -i -E "^timm==| @ " > "$lock"
+    plain=(); sdists=()
+    for r in "${teacher_reqs[@]}"; do
+      case "$r" in sam2*) sdists+=("$r") ;; *) plain+=("$r") ;; esac
+    done
+    pip_install -c "$lock" "${plain[@]}"
+    # sam2 is an sdist: build it against the installed torch, without its optional CUDA op.
+    SAM2_BUILD_CUDA=0 pip_install --no-build-isolation -c "$lock" "${sdists[@]}"
+  else  # a lean venv: drop teachers a previous run installed (timm is nerfstudio's 0.6.7 again)
+    for r in "${teacher_reqs[@]}"; do
+      name=$(echo "$r" | sed -E 's/[<>=!~;[ ].*//')
+      if [ "$name" != timm ] && "${PIP[@]}" show -q "$name" >/dev/null 2>&1; then "${PIP[@]}" uninstall -y -q "$name"; fi
+    done
+  fi
+  # Only nerfstudio's unused timm pin may be unmet; anything else is a real conflict.
+  problems=$("${PIP[@]}" check 2>&1 | grep -v -E "^nerfstudio [^ ]+ has requirement timm==|^No broken requirements found" || true)
+  if [ -n "$problems" ]; then
+    echo "[setup] ERROR: pip check found conflicting requirements:" >&2
+    echo "$problems" >&2
+    exit 1
+  fi
   echo "$want" > "$VENV/.qsplat-deps"
 else
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e .

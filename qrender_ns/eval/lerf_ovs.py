@@ -1,0 +1,445 @@
+"""LeRF-OVS 2D open-vocabulary segmentation (LangSplat's protocol, eval/evaluate_iou_loc.py).
+
+For every labelled frame (label JSON `info.name` = an image file name of the run), render the view,
+and for every category of the frame (one query per distinct category; its GT mask is the union of the
+category's polygons, its boxes all the category's boxes):
+- relevancy r = LERF's relevancy against the canonical negatives (QSplatModel.relevancy_map);
+- IoU: v = (mean_filter_k(r) + r) / 2 with a k x k mean filter (k = 30 in LangSplat); v is min-max
+  normalised over the image, mapped to [-1, 1] and clipped to [0, 1]; the mask is that > 0.4 (i.e.
+  normalised v > 0.7), then a 7 x 7 majority filter; IoU against the GT mask;
+- localization: hit when a maximum of mean_filter_k(r) lies inside one of the category's boxes.
+Scene mIoU = mean IoU over all (frame, query) pairs; localization accuracy = hits / queries.
+Details, deviations and what is comparable with what: docs/evaluation.md.
+
+This is NOT the paper's own LeRF-OVS protocol (it uses OpenGaussian's 3D one); numbers from the two
+protocols are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from . import fmt, load_pipeline, scene_root_of, write_json, write_text
+
+PROTOCOL = "lerf_ovs_2d"
+
+
+class LabelError(ValueError):
+    """A LeRF-OVS label file that cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------- labels
+@dataclass
+class QueryGT:
+    mask: np.ndarray  # [H, W] uint8, union of the category's polygons
+    bboxes: np.ndarray  # [B, 4] x1, y1, x2, y2 (inclusive pixel coordinates)
+
+
+@dataclass
+class FrameLabels:
+    path: Path
+    image_name: str
+    height: int
+    width: int
+    queries: "OrderedDict[str, QueryGT]"
+    counts: Dict[str, int] = field(default_factory=dict)
+
+
+def polygon_mask(height: int, width: int, polygon) -> Tuple[np.ndarray, bool]:
+    """(mask, clipped): the filled polygon (vertices truncated to int as LangSplat's polygon_to_mask);
+    `clipped` says a vertex lies outside the image (cv2.fillPoly then draws only the inside part)."""
+    points = np.asarray(polygon, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+        raise LabelError(f"a polygon needs >= 3 finite [x, y] vertices, got shape {points.shape}")
+    points = points.astype(np.int32)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    cv2.fillPoly(mask, [points], 1)
+    clipped = bool((points[:, 0] < 0).any() or (points[:, 0] > width - 1).any()
+                   or (points[:, 1] < 0).any() or (points[:, 1] > height - 1).any())
+    return mask, clipped
+
+
+def read_frame_labels(path: Path) -> FrameLabels:
+    """One LeRF-OVS label JSON ({"info": {name, width, height}, "objects": [{category, segmentation,
+    bbox}]}). Objects whose polygon is malformed or covers no pixel are skipped and counted."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        info = data["info"]
+        name, height, width = str(info["name"]), int(info["height"]), int(info["width"])
+        objects = list(data["objects"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LabelError(f"{path}: not a LeRF-OVS label file (needs info.name/width/height and objects): {err}") from err
+    if height <= 0 or width <= 0:
+        raise LabelError(f"{path}: info.width/height must be positive, got {width}x{height}")
+    counts = dict(objects=0, polygons_clipped=0, empty_masks=0, invalid_polygons=0, bboxes_from_mask=0)
+    queries: "OrderedDict[str, QueryGT]" = OrderedDict()
+    for obj in objects:
+        counts["objects"] += 1
+        category = str(obj.get("category", "")).strip()
+        try:
+            if not category:
+                raise LabelError("empty category")
+            mask, clipped = polygon_mask(height, width, obj.get("segmentation"))
+        except LabelError:
+            counts["invalid_polygons"] += 1
+            continue
+        counts["polygons_clipped"] += int(clipped)
+        if not mask.any():
+            counts["empty_masks"] += 1
+            continue
+        box = obj.get("bbox")
+        if box is None or len(np.asarray(box).reshape(-1)) != 4:
+            ys, xs = np.nonzero(mask)
+            box = [xs.min(), ys.min(), xs.max(), ys.max()]
+            counts["bboxes_from_mask"] += 1
+        box = np.asarray(box, dtype=np.float64).reshape(1, 4)
+        if category in queries:
+            queries[category].mask |= mask
+            queries[category].bboxes = np.concatenate([queries[category].bboxes, box])
+        else:
+            queries[category] = QueryGT(mask, box)
+    return FrameLabels(path, name, height, width, queries, counts)
+
+
+def read_label_dir(label_dir: Path) -> List[FrameLabels]:
+    label_dir = Path(label_dir)
+    if not label_dir.is_dir():
+        raise LabelError(f"--labels {label_dir} is not a folder of LeRF-OVS label JSONs")
+    files = sorted(label_dir.glob("*.json"))
+    if not files:
+        raise LabelError(f"{label_dir} holds no *.json label files")
+    return [read_frame_labels(f) for f in files]
+
+
+# ---------------------------------------------------------------------------------------------- maps
+def mean_filter(relevancy: np.ndarray, kernel: int) -> np.ndarray:
+    """LangSplat's cv2.filter2D with a kernel x kernel box of 1/kernel^2 (default border)."""
+    relevancy = np.asarray(relevancy, dtype=np.float32)
+    if kernel <= 1:
+        return relevancy.copy()
+    return cv2.filter2D(relevancy, -1, np.ones((kernel, kernel), np.float32) / float(kernel * kernel))
+
+
+def majority_smooth(mask: np.ndarray, radius: int = 3) -> np.ndarray:
+    """LangSplat's `smooth`: each pixel takes the majority value of the window rows
+    [max(0, i - r), min(i + r + 1, h - 1)) x cols likewise (its upper bound h - 1 / w - 1 is kept
+    as is); ties go to 0. Vectorised with an integral image."""
+    mask = (np.asarray(mask) != 0).astype(np.int64)
+    h, w = mask.shape
+    if radius <= 0:
+        return mask.astype(np.uint8)
+    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    r0, r1 = np.maximum(0, np.arange(h) - radius), np.minimum(np.arange(h) + radius + 1, h - 1)
+    c0, c1 = np.maximum(0, np.arange(w) - radius), np.minimum(np.arange(w) + radius + 1, w - 1)
+    r1, c1 = np.maximum(r1, r0), np.maximum(c1, c0)
+    ones = integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0]
+    count = (r1 - r0)[:, None] * (c1 - c0)[None]
+    return (2 * ones > count).astype(np.uint8)
+
+
+def prediction_mask(relevancy: np.ndarray, kernel: int = 30, threshold: float = 0.4,
+                    radius: int = 3) -> Tuple[np.ndarray, np.ndarray]:
+    """(mask [H, W] uint8, smoothed relevancy v) as LangSplat's activate_stream."""
+    valid = 0.5 * (mean_filter(relevancy, kernel) + np.asarray(relevancy, dtype=np.float32))
+    out = valid - valid.min()
+    out = out / (out.max() + 1e-9)
+    out = np.clip(out * 2.0 - 1.0, 0.0, 1.0)
+    return majority_smooth((out > threshold).astype(np.uint8), radius), valid
+
+
+def localize(relevancy: np.ndarray, bboxes: np.ndarray, kernel: int = 30) -> Tuple[bool, np.ndarray]:
+    """(hit, maxima [M, 2] as x, y): LangSplat's lerf_localization for one query."""
+    filtered = mean_filter(relevancy, kernel)
+    coords = np.argwhere(filtered == filtered.max())[:, ::-1]
+    for x1, y1, x2, y2 in np.asarray(bboxes).reshape(-1, 4):
+        x_min, x_max, y_min, y_max = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+        inside = (coords[:, 0] >= x_min) & (coords[:, 0] <= x_max) & (coords[:, 1] >= y_min) & (coords[:, 1] <= y_max)
+        if inside.any():
+            return True, coords
+    return False, coords
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- matching
+def image_index(pipeline) -> Dict[str, Tuple[str, int]]:
+    """file name -> (split, index) over the run's eval and train images (eval wins duplicates)."""
+    index: Dict[str, Tuple[str, int]] = {}
+    dm = pipeline.datamanager
+    for split, dataset in (("train", dm.train_dataset), ("eval", dm.eval_dataset)):
+        for i, filename in enumerate(dataset.image_filenames):
+            index[Path(filename).name] = (split, i)
+    return index
+
+
+def match_frame(name: str, index: Dict[str, Tuple[str, int]]) -> Optional[Tuple[str, int, str]]:
+    """(split, index, how) of the image a label's info.name refers to: the same file name, else the
+    same stem (e.g. a label naming frame_00041.jpg and images converted to .png); None if neither."""
+    base = Path(name).name
+    if base in index:
+        return (*index[base], "name")
+    stem = Path(base).stem
+    same_stem = [k for k in index if Path(k).stem == stem]
+    if len(same_stem) == 1:
+        return (*index[same_stem[0]], "stem")
+    return None
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "_"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@dataclass
+class EvalLerfOvs:
+    """LeRF-OVS 2D segmentation (LangSplat's protocol): relevancy maps vs label polygons, mIoU + localization."""
+
+    load_config: Path
+    """config.yml of a q-splat run (as for ns-eval)."""
+    labels: Optional[Path] = None
+    """Folder of LeRF-OVS label JSONs for this scene (default: <scene>/label)."""
+    output: Optional[Path] = None
+    """Folder for lerf_ovs_2d.json / .md and the PNG overlays (default: <run dir>/eval)."""
+    mask_threshold: float = 0.4
+    """LangSplat's --mask_thresh, applied after its [-1, 1] rescale (= 0.7 of the min-max range)."""
+    smooth_kernel: int = 30
+    """Mean-filter size in pixels (LangSplat: 30, at LeRF-OVS image resolution)."""
+    majority_radius: int = 3
+    """Radius of LangSplat's majority filter on the thresholded mask (7 x 7 window)."""
+    prompt_template: str = "{}"
+    """Query text = template.format(category) (LangSplat: the bare category)."""
+    skip_unmatched: bool = False
+    """Skip (and count) label files whose info.name is no image of the run, instead of failing."""
+    unknown_categories: Literal["skip", "error"] = "skip"
+    """Categories a closed-vocabulary teacher (synthetic) cannot embed: skip and count, or fail."""
+    save_png: bool = True
+    """Write one overlay PNG per (frame, query)."""
+    method_name: str = "q-splat (ours)"
+
+    def main(self) -> None:
+        try:
+            result = run_eval_lerf_ovs(self)
+        except LabelError as err:  # bad input: the message, not a traceback
+            raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
+        print(json.dumps({k: result[k] for k in ("scene", "miou", "localization_accuracy", "num_queries",
+                                                  "counts", "json", "markdown")}, indent=2))
+
+
+def _closed_vocabulary(model) -> Optional[set]:
+    if getattr(model.text_encoder, "name", "") == "synthetic":
+        return set(model.class_names)
+    return None
+
+
+def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> Dict:
+    """Evaluate; writes <output>/lerf_ovs_2d.json, .md and PNGs and returns the JSON's content.
+    `pipeline` may be passed to evaluate an already-loaded run (tests)."""
+    import torch
+
+    start = time.perf_counter()
+    if "{}" not in cfg.prompt_template:
+        raise ValueError(f"--prompt-template {cfg.prompt_template!r} must contain '{{}}'")
+    if pipeline is None:
+        pipeline, checkpoint_path = load_pipeline(cfg.load_config)
+    model = pipeline.model
+    scene_root = scene_root_of(pipeline)
+    label_dir = Path(cfg.labels) if cfg.labels is not None else scene_root / "label"
+    if cfg.labels is None and not label_dir.is_dir():
+        raise LabelError(f"no label folder at {label_dir}: pass --labels DIR (LeRF-OVS: data/lerf_ovs/label/<scene>)")
+    frames = read_label_dir(label_dir)
+    index = image_index(pipeline)
+    vocabulary = _closed_vocabulary(model)
+    if vocabulary is not None and cfg.prompt_template != "{}":
+        raise ValueError("the synthetic teacher's text encoder is exact-string: use --prompt-template '{}'")
+    run_dir = Path(cfg.load_config).parent
+    out_dir = Path(cfg.output) if cfg.output is not None else run_dir / "eval"
+    png_dir = out_dir / PROTOCOL
+
+    counts = dict(label_files=len(frames), frames_evaluated=0, frames_unmatched=0, frames_matched_by_stem=0,
+                  frames_resized=0, frames_without_queries=0, objects=0, polygons_clipped=0, empty_masks=0,
+                  invalid_polygons=0, bboxes_from_mask=0, queries_unknown_category=0)
+    unmatched, unknown = [], []
+    for frame in frames:
+        for key, value in frame.counts.items():
+            counts[key] += value
+    matches = []
+    for frame in frames:
+        match = match_frame(frame.image_name, index)
+        if match is None:
+            if not cfg.skip_unmatched:
+                examples = ", ".join(sorted(index)[:4])
+                raise LabelError(
+                    f"{frame.path}: info.name '{frame.image_name}' is not an image of this run ({len(index)} "
+                    f"train/eval images, e.g. {examples}). Check --labels belongs to this scene, or pass "
+                    "--skip-unmatched to skip such files (they are counted in the report).")
+            counts["frames_unmatched"] += 1
+            unmatched.append(str(frame.path))
+            continue
+        counts["frames_matched_by_stem"] += int(match[2] == "stem")
+        matches.append((frame, match))
+
+    rows: List[Dict] = []
+    pngs: List[str] = []
+    for frame, (split, i, _) in matches:
+        queries = OrderedDict()
+        for category, gt in frame.queries.items():
+            if vocabulary is not None and category not in vocabulary:
+                if cfg.unknown_categories == "error":
+                    raise LabelError(
+                        f"{frame.path}: category '{category}' is unknown to the synthetic teacher (closed vocabulary: "
+                        f"{', '.join(sorted(vocabulary))}); pass --unknown-categories skip to skip it")
+                counts["queries_unknown_category"] += 1
+                unknown.append(f"{frame.path.name}:{category}")
+                continue
+            queries[category] = gt
+        if not queries:
+            counts["frames_without_queries"] += 1
+            continue
+        dataset = pipeline.datamanager.train_dataset if split == "train" else pipeline.datamanager.eval_dataset
+        camera = dataset.cameras[i: i + 1].to(model.device)
+        with torch.no_grad():
+            outputs = model.get_outputs_for_camera(camera)
+            features = outputs["features"]
+            rgb = outputs["rgb"].clamp(0, 1).cpu().numpy()
+            relevancies = {c: model.relevancy_map(features, cfg.prompt_template.format(c))[..., 0].float().cpu().numpy()
+                           for c in queries}
+        resized = rgb.shape[:2] != (frame.height, frame.width)
+        if resized:
+            counts["frames_resized"] += 1
+            rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+        counts["frames_evaluated"] += 1
+        for category, gt in queries.items():
+            rel = relevancies[category]
+            if resized:
+                rel = cv2.resize(rel, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+            pred, valid = prediction_mask(rel, cfg.smooth_kernel, cfg.mask_threshold, cfg.majority_radius)
+            hit, maxima = localize(rel, gt.bboxes, cfg.smooth_kernel)
+            row = {"frame": frame.image_name, "label_file": frame.path.name, "category": category,
+                   "iou": mask_iou(pred, gt.mask), "localized": bool(hit),
+                   "argmax_xy": [int(v) for v in maxima[0]], "gt_pixels": int(gt.mask.sum()),
+                   "pred_pixels": int(pred.sum()), "max_relevancy": float(rel.max())}
+            if cfg.save_png:
+                path = png_dir / _safe(Path(frame.image_name).stem) / f"{_safe(category)}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), overlay(rgb, valid, pred, gt, maxima[0], hit))
+                row["png"] = str(path)
+                pngs.append(str(path))
+            rows.append(row)
+
+    ious = [r["iou"] for r in rows]
+    per_category: Dict[str, Dict] = {}
+    for r in rows:
+        entry = per_category.setdefault(r["category"], {"ious": [], "hits": 0})
+        entry["ious"].append(r["iou"])
+        entry["hits"] += int(r["localized"])
+    per_category = {c: {"miou": float(np.mean(v["ious"])), "localization_accuracy": v["hits"] / len(v["ious"]),
+                        "queries": len(v["ious"])} for c, v in per_category.items()}
+    result = {
+        "protocol": PROTOCOL,
+        "method": cfg.method_name,
+        "scene": scene_root.name,
+        "scene_root": str(scene_root),
+        "label_dir": str(label_dir),
+        "miou": float(np.mean(ious)) if ious else float("nan"),
+        "localization_accuracy": float(np.mean([r["localized"] for r in rows])) if rows else float("nan"),
+        "num_queries": len(rows),
+        "per_category": per_category,
+        "per_query": rows,
+        "counts": counts,
+        "skipped": {"unmatched_label_files": unmatched, "unknown_categories": unknown},
+        "params": {"mask_threshold": cfg.mask_threshold, "smooth_kernel": cfg.smooth_kernel,
+                   "majority_radius": cfg.majority_radius, "prompt_template": cfg.prompt_template,
+                   "negatives": list(model.config.relevancy_negatives),
+                   "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
+                   "num_quantiles": model.config.num_quantiles},
+        "pngs": len(pngs),
+        "png_dir": str(png_dir) if pngs else None,
+        "load_config": str(cfg.load_config),
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "seconds": time.perf_counter() - start,
+    }
+    if not rows:
+        raise LabelError(f"no query could be evaluated (counts: {counts}); see the skipped label files/categories")
+    result["json"] = str(out_dir / f"{PROTOCOL}.json")
+    result["markdown"] = str(out_dir / f"{PROTOCOL}.md")
+    write_json(Path(result["json"]), result)
+    write_text(Path(result["markdown"]), lerf_markdown(result))
+    return result
+
+
+def overlay(rgb: np.ndarray, relevancy: np.ndarray, pred: np.ndarray, gt: QueryGT, argmax_xy, hit: bool) -> np.ndarray:
+    """BGR uint8 panel [render | relevancy heat map | prediction (tinted) with GT outline (green),
+    GT boxes (yellow) and the localization argmax (green dot: hit, red: miss)], upscaled to >= 256 px wide."""
+    h, w = pred.shape
+    scale = max(1, math.ceil(256 / w))
+    up = lambda img: cv2.resize(img, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)  # noqa: E731
+    base = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)[..., ::-1].copy()
+    norm = relevancy - relevancy.min()
+    norm = (norm / (norm.max() + 1e-9) * 255).astype(np.uint8)
+    heat = cv2.applyColorMap(norm, cv2.COLORMAP_TURBO)
+    pred_panel = (base * 0.4).astype(np.uint8)
+    orange = np.array([0, 140, 255])  # BGR
+    pred_panel[pred != 0] = (0.5 * base[pred != 0] + 0.5 * orange).astype(np.uint8)
+    base, heat, pred_panel = up(base), up(heat), up(pred_panel)
+    contours, _ = cv2.findContours(gt.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours = [c * scale + scale // 2 for c in contours]
+    cv2.drawContours(pred_panel, contours, -1, (0, 255, 0), 1)
+    for x1, y1, x2, y2 in gt.bboxes.reshape(-1, 4):
+        cv2.rectangle(pred_panel, (int(x1 * scale), int(y1 * scale)), (int((x2 + 1) * scale) - 1, int((y2 + 1) * scale) - 1),
+                      (0, 255, 255), 1)
+    centre = (int(argmax_xy[0] * scale + scale // 2), int(argmax_xy[1] * scale + scale // 2))
+    cv2.circle(pred_panel, centre, max(3, scale), (0, 200, 0) if hit else (0, 0, 255), -1)
+    return np.concatenate([base, heat, pred_panel], axis=1)
+
+
+def lerf_markdown(result: Dict) -> str:
+    c = result["counts"]
+    p = result["params"]
+    lines = [
+        f"# LeRF-OVS 2D segmentation (LangSplat's protocol) — {result['scene']}",
+        "",
+        "| Method | scene | mIoU | localization acc. | queries |",
+        "|---|---|---|---|---|",
+        f"| {result['method']} | {result['scene']} | {fmt(result['miou'])} | {fmt(result['localization_accuracy'])} | "
+        f"{result['num_queries']} |",
+        "",
+        "| category | mIoU | localization acc. | queries |",
+        "|---|---|---|---|",
+    ]
+    for name, v in result["per_category"].items():
+        lines.append(f"| {name} | {fmt(v['miou'])} | {fmt(v['localization_accuracy'])} | {v['queries']} |")
+    lines += [
+        "",
+        "| frame | category | IoU | localized |",
+        "|---|---|---|---|",
+    ]
+    for r in result["per_query"]:
+        lines.append(f"| {r['frame']} | {r['category']} | {fmt(r['iou'])} | {'yes' if r['localized'] else 'no'} |")
+    lines += [
+        "",
+        f"Label files: {c['label_files']} ({c['frames_evaluated']} frames evaluated, {c['frames_unmatched']} skipped: "
+        f"no matching image, {c['frames_matched_by_stem']} matched by stem, {c['frames_resized']} rendered at another "
+        f"resolution and resized, {c['frames_without_queries']} without a usable query). Objects: {c['objects']} "
+        f"({c['polygons_clipped']} polygons clipped to the image, {c['empty_masks']} empty masks skipped, "
+        f"{c['invalid_polygons']} invalid polygons skipped, {c['bboxes_from_mask']} boxes taken from the mask); "
+        f"{c['queries_unknown_category']} queries skipped: unknown category.",
+        f"Parameters: mean filter {p['smooth_kernel']} px, threshold {p['mask_threshold']} after LangSplat's [-1, 1] "
+        f"rescale, majority radius {p['majority_radius']}, negatives {', '.join(p['negatives'])}, prompt "
+        f"`{p['prompt_template']}`, text encoder {p['text_encoder']}, K = {p['num_quantiles']}.",
+        "Not comparable with the paper's LeRF-OVS numbers (OpenGaussian's 3D protocol).",
+    ]
+    return "\n".join(lines) + "\n"

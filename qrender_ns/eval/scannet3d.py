@@ -1,0 +1,519 @@
+"""ScanNet 3D semantic segmentation of the Gaussians (the paper's protocol, from OpenGaussian).
+
+Per Gaussian: predicted class = argmax over the class names of cos(feature, text embedding);
+ground truth = majority vote of its k nearest labelled points (scipy cKDTree), where only
+neighbours within `max_distance` vote; a Gaussian with no voting neighbour, whose vote is
+"unlabelled" (0), or whose opacity is below `min_opacity` is not evaluated. mIoU and mAcc are
+means over the classes present in the ground truth (as OpenGaussian's `calculate_metrics`).
+Exact choices and their sources: docs/evaluation.md.
+
+Class subsets: OpenGaussian's scripts/eval_scannet.py (NYU40 ids, 19 / 15 / 10 classes; the query
+strings are OpenGaussian's NYU40 names, e.g. "showercurtain").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import dataparser_frame, feature_timing, fmt, load_pipeline, scene_root_of, to_world, write_json, write_text
+
+PROTOCOL = "scannet3d"
+
+# NYU40 names as in OpenGaussian's scripts/eval_scannet.py (`nyu40_dict`).
+NYU40_NAMES: Dict[int, str] = {
+    0: "unlabeled", 1: "wall", 2: "floor", 3: "cabinet", 4: "bed", 5: "chair",
+    6: "sofa", 7: "table", 8: "door", 9: "window", 10: "bookshelf",
+    11: "picture", 12: "counter", 13: "blinds", 14: "desk", 15: "shelves",
+    16: "curtain", 17: "dresser", 18: "pillow", 19: "mirror", 20: "floormat",
+    21: "clothes", 22: "ceiling", 23: "books", 24: "refrigerator", 25: "television",
+    26: "paper", 27: "towel", 28: "showercurtain", 29: "box", 30: "whiteboard",
+    31: "person", 32: "nightstand", 33: "toilet", 34: "sink", 35: "lamp",
+    36: "bathtub", 37: "bag", 38: "otherstructure", 39: "otherfurniture", 40: "otherprop",
+}
+
+# OpenGaussian's `target_id` lists (scripts/eval_scannet.py): 19 = the ScanNet-20 benchmark classes
+# without otherfurniture (39); 15 drops picture, refrigerator, shower curtain, bathtub; 10 further
+# drops cabinet, counter, desk, curtain, sink.
+SUBSET_IDS: Dict[str, Tuple[int, ...]] = {
+    "19": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36),
+    "15": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 33, 34),
+    "10": (1, 2, 4, 5, 6, 7, 8, 9, 10, 33),
+}
+
+# OpenGaussian's 10 validation scenes (the paper evaluates on these).
+OPENGAUSSIAN_SCENES = ("scene0000_00", "scene0062_00", "scene0070_00", "scene0097_00", "scene0140_00",
+                       "scene0200_00", "scene0347_00", "scene0400_00", "scene0590_00", "scene0645_00")
+
+ClassChoice = Literal["19", "15", "10", "scene"]
+
+
+def subset_classes(classes: str) -> Tuple[Tuple[int, ...], List[str]]:
+    """(NYU40 ids, query names) of a ScanNet class subset."""
+    if classes not in SUBSET_IDS:
+        raise ValueError(f"unknown class subset {classes!r}: choose 19, 15 or 10 (or 'scene' for a generated scene)")
+    ids = SUBSET_IDS[classes]
+    return ids, [NYU40_NAMES[i] for i in ids]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+@dataclass
+class LabelledPoints:
+    xyz: np.ndarray  # [P, 3] float64, the scene's world frame
+    labels: np.ndarray  # [P] int64: 0 = not one of the classes, i + 1 = class_names[i]
+    class_names: List[str]
+    source: str  # the PLY read
+    label_space: str  # "nyu40" or "scene"
+
+
+def read_label_ply(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """xyz [P, 3] and the integer vertex property `label` of a labelled PLY."""
+    from plyfile import PlyData
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label point cloud {path} does not exist")
+    vertex = PlyData.read(str(path))["vertex"].data
+    names = vertex.dtype.names or ()
+    if "label" not in names:
+        raise ValueError(f"{path} has no vertex property 'label' (properties: {', '.join(names)}); ScanNet's "
+                         "labels are in <scene>_vh_clean_2.labels.ply, generated scenes' in gt/points.ply")
+    xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1).astype(np.float64)
+    return xyz, np.asarray(vertex["label"]).astype(np.int64)
+
+
+def remap(raw: np.ndarray, source_ids: Sequence[int]) -> np.ndarray:
+    """raw label == source_ids[i] -> i + 1; every other value -> 0."""
+    lut = np.zeros(max(int(raw.max(initial=0)), max(source_ids, default=0)) + 1, dtype=np.int64)
+    for index, source in enumerate(source_ids):
+        if source >= 0:  # a negative id stands for "this class has no source id"
+            lut[source] = index + 1
+    out = np.zeros_like(raw)
+    ok = (raw >= 0) & (raw < len(lut))
+    out[ok] = lut[raw[ok]]
+    return out
+
+
+def _scene_classes(scene_root: Path) -> Dict[int, str]:
+    meta = json.loads((scene_root / "gt" / "scene.json").read_text())
+    return {int(c["id"]): c["name"] for c in meta["classes"]}
+
+
+def default_label_file(scene_root: Path) -> Path:
+    generated = scene_root / "gt" / "points.ply"
+    if generated.is_file():
+        return generated
+    found = sorted(scene_root.glob("*_vh_clean_2.labels.ply"))
+    if found:
+        return found[0]
+    raise FileNotFoundError(
+        f"no labelled point cloud in {scene_root}: expected gt/points.ply (generated scene) or "
+        "<scene>_vh_clean_2.labels.ply (ScanNet); pass --scene-labels PATH")
+
+
+def load_labels(path: Path, classes: str, scene_root: Optional[Path],
+                label_space: Literal["auto", "nyu40", "scene"] = "auto") -> LabelledPoints:
+    """Labelled points mapped to the chosen class list (see the module docstring)."""
+    path = Path(path)
+    xyz, raw = read_label_ply(path)
+    scene_json = scene_root / "gt" / "scene.json" if scene_root is not None else None
+    if label_space == "auto":
+        if path.name.endswith(".labels.ply"):
+            label_space = "nyu40"
+        elif scene_json is not None and scene_json.is_file():
+            label_space = "scene"
+        else:
+            raise ValueError(f"cannot tell the label ids of {path}: pass --label-space nyu40 (ScanNet *.labels.ply) "
+                             "or scene (a generated scene's gt/points.ply)")
+    if label_space == "scene" and (scene_json is None or not scene_json.is_file()):
+        raise ValueError(f"--label-space scene needs the generated scene's gt/scene.json (not found under {scene_root})")
+    if classes == "scene":
+        if label_space != "scene":
+            raise ValueError("--classes scene uses a generated scene's own class list; for ScanNet labels choose "
+                             "--classes 19, 15 or 10")
+        id_to_name = _scene_classes(scene_root)
+        ids = sorted(id_to_name)
+        return LabelledPoints(xyz, remap(raw, ids), [id_to_name[i] for i in ids], str(path), label_space)
+    nyu_ids, names = subset_classes(classes)
+    if label_space == "nyu40":
+        return LabelledPoints(xyz, remap(raw, nyu_ids), names, str(path), label_space)
+    # a generated scene evaluated with a ScanNet subset: its classes are matched to the subset by name
+    id_to_name = _scene_classes(scene_root)
+    source_ids = [next((i for i, n in id_to_name.items() if n == name), -1) for name in names]
+    return LabelledPoints(xyz, remap(raw, source_ids), names, str(path), label_space)
+
+
+# ---------------------------------------------------------------------------------------------- kNN transfer
+def _quat_to_rotmat(quats: np.ndarray) -> np.ndarray:
+    q = quats / np.linalg.norm(quats, axis=-1, keepdims=True)
+    w, x, y, z = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+@dataclass
+class Transfer:
+    labels: np.ndarray  # [G] ground-truth class per Gaussian, 0 = not evaluated
+    nearest_distance: np.ndarray  # [G] metric distance to the nearest labelled point
+    has_neighbour: np.ndarray  # [G] bool: at least one neighbour within the threshold
+
+
+def transfer_labels(gaussian_xyz: np.ndarray, point_xyz: np.ndarray, point_labels: np.ndarray, k: int = 5,
+                    max_distance: float = 0.1, distance: Literal["metric", "mahalanobis"] = "metric",
+                    rotations: Optional[np.ndarray] = None, stds: Optional[np.ndarray] = None,
+                    chunk: int = 500_000) -> Transfer:
+    """Majority vote of the k nearest labelled points of every Gaussian.
+
+    Only neighbours within `max_distance` vote: metres for distance="metric"; for "mahalanobis" the
+    distance sqrt((p - mu)^T Sigma^-1 (p - mu)) under the Gaussian's covariance (rotations [G,3,3],
+    stds [G,3] in the points' frame), evaluated on the k Euclidean-nearest points. A Gaussian with no
+    voting neighbour gets 0. Label 0 ("not one of the classes") votes like any other label. Ties go
+    to the label whose neighbours rank nearer (each vote weighs 1 + (k - rank) * 1e-6).
+    """
+    from scipy.spatial import cKDTree
+
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if len(point_xyz) == 0:
+        raise ValueError("the label point cloud is empty")
+    if distance == "mahalanobis" and (rotations is None or stds is None):
+        raise ValueError("distance='mahalanobis' needs the Gaussians' rotations and standard deviations")
+    k = min(k, len(point_xyz))
+    gaussian_xyz = np.asarray(gaussian_xyz, dtype=np.float64)
+    point_labels = np.asarray(point_labels, dtype=np.int64)
+    num_labels = int(point_labels.max(initial=0)) + 1
+    tree = cKDTree(np.asarray(point_xyz, dtype=np.float64))
+    rank_weight = (1.0 + (k - np.arange(k)) * 1e-6)[None]
+    out = np.zeros(len(gaussian_xyz), dtype=np.int64)
+    nearest = np.zeros(len(gaussian_xyz))
+    any_within = np.zeros(len(gaussian_xyz), dtype=bool)
+    for start in range(0, len(gaussian_xyz), chunk):
+        sl = slice(start, start + chunk)
+        dist, idx = tree.query(gaussian_xyz[sl], k=k, workers=-1)
+        dist, idx = dist.reshape(len(dist), k), idx.reshape(len(idx), k)
+        if distance == "metric":
+            within = dist <= max_distance
+        else:
+            offset = point_xyz[idx] - gaussian_xyz[sl][:, None]  # [g, k, 3]
+            local = np.einsum("gkd,gde->gke", offset, rotations[sl]) / np.maximum(stds[sl][:, None], 1e-12)
+            within = np.linalg.norm(local, axis=-1) <= max_distance
+        labels = point_labels[idx]
+        votes = np.zeros((len(idx), num_labels))
+        rows = np.arange(len(idx))
+        weights = within * rank_weight
+        for r in range(k):
+            np.add.at(votes, (rows, labels[:, r]), weights[:, r])
+        winner = votes.argmax(1)
+        has = within.any(1)
+        out[sl] = np.where(has, winner, 0)
+        nearest[sl] = dist[:, 0]
+        any_within[sl] = has
+    return Transfer(out, nearest, any_within)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def segmentation_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> Dict:
+    """OpenGaussian's calculate_metrics: labels 1..num_classes, gt 0 = ignored. IoU_c = |gt=c & pred=c| /
+    |gt=c | pred=c| over the evaluated items; acc_c = |gt=c & pred=c| / |gt=c|; mIoU / mAcc = means over
+    the classes present in gt; overall accuracy over all evaluated items."""
+    gt, pred = np.asarray(gt, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt {gt.shape} and pred {pred.shape} differ")
+    if pred.size and (pred.min() < 0 or pred.max() > num_classes) or gt.size and (gt.min() < 0 or gt.max() > num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes}")
+    valid = gt > 0
+    n = num_classes + 1
+    conf = np.bincount(gt[valid] * n + pred[valid], minlength=n * n).reshape(n, n)
+    inter = np.diag(conf).astype(np.float64)
+    gt_count = conf.sum(1).astype(np.float64)
+    pred_count = conf.sum(0).astype(np.float64)
+    union = gt_count + pred_count - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, np.nan)
+        acc = np.where(gt_count > 0, inter / gt_count, np.nan)
+    present = [c for c in range(1, n) if gt_count[c] > 0]
+    total = int(valid.sum())
+    return {
+        "miou": float(np.mean(iou[present])) if present else float("nan"),
+        "macc": float(np.mean(acc[present])) if present else float("nan"),
+        "overall_acc": float(inter[1:].sum() / total) if total else float("nan"),
+        "iou": iou[1:].tolist(), "acc": acc[1:].tolist(), "gt_count": gt_count[1:].astype(int).tolist(),
+        "present": present, "num_evaluated": total,
+    }
+
+
+def predict_classes(features, text_embeddings) -> np.ndarray:
+    """1 + argmax_c cos(f, t_c) per row (torch tensors in, numpy out)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        text = F.normalize(text_embeddings.to(features), dim=-1)
+        out = []
+        for start in range(0, features.shape[0], 262_144):
+            sims = F.normalize(features[start:start + 262_144], dim=-1) @ text.T
+            out.append(sims.argmax(-1).cpu())
+        pred = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return pred.numpy().astype(np.int64) + 1
+
+
+def supervision_weights(pipeline, max_views: int = 0):
+    """[G] summed Q-Render weight of every Gaussian over the training views, in pixels: the feature each
+    Gaussian contributes to the rendered maps the contrastive loss sees (with the model's own K, at the
+    training resolution). A Gaussian with ~0 never shaped a rendered feature: its table entry is still
+    its random initialisation. Computed as the gradient of sum(render of a constant 1-channel feature).
+    `max_views` > 0 uses that many views spread evenly over the training split."""
+    import torch
+
+    from ..render import rasterize_to_pixels
+
+    model = pipeline.model
+    dataset = pipeline.datamanager.train_dataset
+    views = list(range(len(dataset)))
+    if 0 < max_views < len(views):
+        views = [views[int(round(i))] for i in np.linspace(0, len(views) - 1, max_views)]
+    total = torch.zeros(model.num_points, device=model.device)
+    for i in views:
+        camera = dataset.cameras[i: i + 1].to(model.device)
+        info = _project_only(model, camera)
+        ones = torch.ones(model.num_points, 1, device=model.device, requires_grad=True)
+        with torch.enable_grad():
+            out, _ = rasterize_to_pixels(
+                info["means2d"].detach(), info["conics"].detach(), ones, info["opacities"].detach(),
+                int(info["width"]), int(info["height"]), int(info["tile_size"]), info["isect_offsets"],
+                info["flatten_ids"], num_quantiles=model.config.num_quantiles, backend=model.config.rasterizer_backend)
+            out.sum().backward()
+        total += ones.grad[:, 0]
+    return total.cpu().numpy(), len(views)
+
+
+def _project_only(model, camera):
+    """Project and tile-bin the Gaussians for `camera` (sets model.info) without rendering features."""
+    import torch
+    from nerfstudio.models.splatfacto import SplatfactoModel
+
+    with torch.no_grad():
+        if model.device.type == "cuda":
+            SplatfactoModel.get_outputs(model, camera)
+        else:
+            model._get_outputs_cpu(camera, None)
+    return model.info
+
+
+def apply_template(template: str, names: Sequence[str], encoder_name: str) -> List[str]:
+    if "{}" not in template:
+        raise ValueError(f"--prompt-template {template!r} must contain '{{}}' where the class name goes")
+    if encoder_name == "synthetic" and template != "{}":
+        raise ValueError("the synthetic teacher's text encoder is exact-string (one vector per class name): use "
+                         "--prompt-template '{}' (the bare class name)")
+    return [template.format(n) for n in names]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@dataclass
+class EvalScannet:
+    """ScanNet 3D semantic segmentation of a trained q-splat scene (mIoU / mAcc per Gaussian)."""
+
+    load_config: Path
+    """config.yml of a q-splat run (as for ns-eval)."""
+    classes: ClassChoice = "19"
+    """19 / 15 / 10: OpenGaussian's ScanNet subsets; scene: a generated scene's own class list."""
+    scene_labels: Optional[Path] = None
+    """Labelled points (default: the scene's gt/points.ply, else its *_vh_clean_2.labels.ply)."""
+    output: Optional[Path] = None
+    """Folder for scannet3d_<classes>.json / .md (default: <run dir>/eval)."""
+    label_space: Literal["auto", "nyu40", "scene"] = "auto"
+    """Ids in the label PLY: nyu40 (ScanNet), scene (generated); auto: *.labels.ply -> nyu40."""
+    prompt_template: str = "{}"
+    """Text for class c = template.format(c); '{}' = the bare name (required by the synthetic teacher)."""
+    knn: int = 5
+    """Labelled points voting for each Gaussian's ground truth."""
+    distance: Literal["metric", "mahalanobis"] = "metric"
+    """How far a neighbour may be to vote: metric (metres) or Mahalanobis under the Gaussian's covariance."""
+    max_distance: float = 0.1
+    """Neighbours farther than this do not vote (metres, or sigmas for mahalanobis)."""
+    min_opacity: float = 0.1
+    """Gaussians with sigmoid(opacity) below this are not evaluated."""
+    timing: bool = True
+    """Also time dense vs quantile 512-D feature maps on one eval view (as ns-eval)."""
+    timing_view: int = 0
+    """Eval view used for the timing."""
+    method_name: str = "q-splat (ours)"
+    """Name of this run in the tables."""
+    supervision_diagnostic: bool = True
+    """Also report the metrics over the Gaussians the feature loss could reach (see --supervised-min-weight);
+    a diagnostic beside the protocol's numbers, never instead of them."""
+    supervised_min_weight: float = 0.5
+    """Diagnostic subset: summed Q-Render weight over the training views >= this many pixels."""
+    supervision_max_views: int = 0
+    """Training views used for the diagnostic (0 = all)."""
+
+    def main(self) -> None:
+        try:
+            result = run_eval_scannet(self)
+        except (FileNotFoundError, ValueError) as err:  # bad input: the message, not a traceback
+            raise SystemExit(f"qsplat eval-scannet: {err}") from err
+        summary = {k: result[k] for k in ("miou", "macc", "overall_acc", "num_present_classes", "num_skipped_classes")}
+        if result["supervised_diagnostic"]:
+            summary["supervised_diagnostic_miou"] = result["supervised_diagnostic"]["miou"]
+        summary.update(json=result["json"], markdown=result["markdown"])
+        print(json.dumps(summary, indent=2))
+
+
+def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> Dict:
+    """Evaluate; writes <output>/scannet3d_<classes>.json and .md and returns the JSON's content.
+    `pipeline` may be passed to evaluate an already-loaded run (tests)."""
+    import torch
+
+    start = time.perf_counter()
+    if pipeline is None:
+        pipeline, checkpoint_path = load_pipeline(cfg.load_config)
+    model = pipeline.model
+    scene_root = scene_root_of(pipeline)
+    label_path = Path(cfg.scene_labels) if cfg.scene_labels is not None else default_label_file(scene_root)
+    points = load_labels(label_path, cfg.classes, scene_root, cfg.label_space)
+    encoder = model.text_encoder
+    prompts = apply_template(cfg.prompt_template, points.class_names, getattr(encoder, "name", ""))
+
+    transform, scale = dataparser_frame(pipeline)
+    with torch.no_grad():
+        means_world = to_world(model.means.detach().cpu().numpy(), transform, scale)
+        opacity = torch.sigmoid(model.opacities.detach()).reshape(-1).cpu().numpy()
+        rotations = stds = None
+        if cfg.distance == "mahalanobis":
+            rotations = np.einsum("ij,gjk->gik", transform[:3, :3].T,
+                                  _quat_to_rotmat(model.quats.detach().cpu().numpy().astype(np.float64)))
+            stds = np.exp(model.scales.detach().cpu().numpy().astype(np.float64)) / scale
+        text = encoder.encode(prompts)
+        pred = predict_classes(model.gaussian_features.detach(), text)
+
+    transfer = transfer_labels(means_world, points.xyz, points.labels, k=cfg.knn, max_distance=cfg.max_distance,
+                               distance=cfg.distance, rotations=rotations, stds=stds)
+    low_opacity = opacity < cfg.min_opacity
+    gt = np.where(low_opacity, 0, transfer.labels)
+    metrics = segmentation_metrics(gt, pred, len(points.class_names))
+    in_labels = np.bincount(points.labels, minlength=len(points.class_names) + 1)[1:]
+
+    predicted = np.bincount(pred[gt > 0], minlength=len(points.class_names) + 1)[1:]
+    per_class = {}
+    for c, name in enumerate(points.class_names):
+        present = (c + 1) in metrics["present"]
+        per_class[name] = {"iou": metrics["iou"][c] if present else None, "acc": metrics["acc"][c] if present else None,
+                           "num_gt_gaussians": metrics["gt_count"][c], "num_predicted_gaussians": int(predicted[c]),
+                           "num_label_points": int(in_labels[c]), "present": present}
+    skipped = [n for n, v in per_class.items() if not v["present"]]
+    supervised = None
+    if cfg.supervision_diagnostic:
+        weights, num_views = supervision_weights(pipeline, cfg.supervision_max_views)
+        keep = weights >= cfg.supervised_min_weight
+        sub = segmentation_metrics(np.where(keep, gt, 0), pred, len(points.class_names))
+        supervised = {"min_weight_pixels": cfg.supervised_min_weight, "views": num_views,
+                      "gaussians": int(keep.sum()), "evaluated": sub["num_evaluated"],
+                      "evaluated_never_rendered": int(((weights <= 0) & (gt > 0)).sum()),
+                      "miou": sub["miou"], "macc": sub["macc"], "overall_acc": sub["overall_acc"],
+                      "present_classes": [points.class_names[c - 1] for c in sub["present"]],
+                      "per_class_iou": {n: sub["iou"][c] for c, n in enumerate(points.class_names)
+                                        if (c + 1) in sub["present"]}}
+    timing = feature_timing(pipeline, cfg.timing_view) if cfg.timing else None
+    run_dir = Path(cfg.load_config).parent
+    out_dir = Path(cfg.output) if cfg.output is not None else run_dir / "eval"
+    result = {
+        "protocol": PROTOCOL,
+        "method": cfg.method_name,
+        "classes": cfg.classes,
+        "num_classes": len(points.class_names),
+        "class_names": points.class_names,
+        "prompts": prompts,
+        "miou": metrics["miou"],
+        "macc": metrics["macc"],
+        "overall_acc": metrics["overall_acc"],
+        "num_present_classes": len(metrics["present"]),
+        "num_skipped_classes": len(skipped),
+        "skipped_classes": skipped,
+        "per_class": per_class,
+        "counts": {
+            "gaussians": int(len(pred)),
+            "evaluated": metrics["num_evaluated"],
+            "ignored_low_opacity": int(low_opacity.sum()),
+            "ignored_no_neighbour_within_threshold": int((~transfer.has_neighbour & ~low_opacity).sum()),
+            "ignored_unlabelled_vote": int(((transfer.labels == 0) & transfer.has_neighbour & ~low_opacity).sum()),
+            "label_points": int(len(points.xyz)),
+            "label_points_in_classes": int((points.labels > 0).sum()),
+        },
+        "params": {"knn": cfg.knn, "distance": cfg.distance, "max_distance": cfg.max_distance,
+                   "min_opacity": cfg.min_opacity, "prompt_template": cfg.prompt_template,
+                   "label_file": points.source, "label_space": points.label_space,
+                   "text_encoder": getattr(encoder, "name", type(encoder).__name__),
+                   "num_quantiles": model.config.num_quantiles},
+        "supervised_diagnostic": supervised,
+        "timing": timing,
+        "scene": scene_root.name,
+        "scene_root": str(scene_root),
+        "load_config": str(cfg.load_config),
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "seconds": time.perf_counter() - start,
+    }
+    stem = f"{PROTOCOL}_{cfg.classes}"
+    result["json"] = str(out_dir / f"{stem}.json")
+    result["markdown"] = str(out_dir / f"{stem}.md")
+    write_json(Path(result["json"]), result)
+    write_text(Path(result["markdown"]), scannet_markdown(result))
+    return result
+
+
+def scannet_markdown(result: Dict) -> str:
+    timing = result.get("timing") or {}
+    fps = fmt(timing.get("fps_quantile"), 1, 1.0)
+    lines = [
+        f"# ScanNet 3D semantic segmentation — {result['scene']} ({result['num_classes']} classes: {result['classes']})",
+        "",
+        "| Method | #classes | mIoU | mAcc | overall acc | FPS (512-D map) |",
+        "|---|---|---|---|---|---|",
+        f"| {result['method']} | {result['num_classes']} | {fmt(result['miou'])} | {fmt(result['macc'])} | "
+        f"{fmt(result['overall_acc'])} | {fps} |",
+    ]
+    sup = result.get("supervised_diagnostic")
+    if sup:
+        lines.append(f"| {result['method']}, supervised Gaussians only (diagnostic) | {len(sup['present_classes'])} | "
+                     f"{fmt(sup['miou'])} | {fmt(sup['macc'])} | {fmt(sup['overall_acc'])} | |")
+    lines += [
+        "",
+        f"mIoU / mAcc over the {result['num_present_classes']} classes present in the ground truth; "
+        f"{result['num_skipped_classes']} skipped (absent): {', '.join(result['skipped_classes']) or 'none'}.",
+        "",
+        "| class | IoU | Acc | GT Gaussians | predicted | label points |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in result["per_class"].items():
+        label = name if v["present"] else f"{name} (skipped: absent)"
+        lines.append(f"| {label} | {fmt(v['iou'])} | {fmt(v['acc'])} | {v['num_gt_gaussians']} | "
+                     f"{v['num_predicted_gaussians']} | {v['num_label_points']} |")
+    c, p = result["counts"], result["params"]
+    lines += [
+        "",
+        f"Gaussians: {c['gaussians']}, evaluated {c['evaluated']}; not evaluated: opacity < {p['min_opacity']}: "
+        f"{c['ignored_low_opacity']}, no labelled point within {p['max_distance']} ({p['distance']}): "
+        f"{c['ignored_no_neighbour_within_threshold']}, majority vote 'not one of the classes': "
+        f"{c['ignored_unlabelled_vote']}.",
+        f"Ground truth: {p['knn']}-NN majority vote over {p['label_file']} ({p['label_space']} ids). "
+        f"Prompt template: `{p['prompt_template']}`; text encoder: {p['text_encoder']}; K = {p['num_quantiles']}.",
+    ]
+    if sup:
+        lines.append(f"Diagnostic: {sup['gaussians']} Gaussians have a summed Q-Render weight >= "
+                     f"{sup['min_weight_pixels']} px over {sup['views']} training views ({sup['evaluated']} of them "
+                     f"evaluated); {sup['evaluated_never_rendered']} evaluated Gaussians were never rendered in a "
+                     "training view (their features are untrained). The protocol's numbers are the first row.")
+    if timing:
+        lines.append(f"Timing ({timing['device']}, {timing['width']}x{timing['height']}x{timing['channels']}, "
+                     f"{timing['view']}): dense {timing['feature_ms_dense']:.1f} ms, quantile "
+                     f"{timing['feature_ms_quantile']:.1f} ms per feature map "
+                     f"(x{timing['feature_speedup_quantile_vs_dense']:.2f}).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,26 @@
+"""GS-Net: sparse 3D U-Net predicting a 512-D feature per Gaussian (docs/gsnet.md).
+
+`voxelize` (Gaussians <-> sparse voxels), `backbone` (MinkUNet behind the `SparseConvBackend`
+interface: torch / spconv / minkowski), `gsnet` (the network, its config and checkpoints),
+`scenes` (Gaussians + cameras + teacher of a scene), `train` (`qsplat train-gsnet`, DDP via
+torchrun), `predict` (`qsplat predict-features`).
+"""
+
+from .backbone import BACKEND_NAMES, MinkUNet, SparseConvBackend, available_backends, get_backend
+from .gsnet import GSNet, GSNetConfig, read_checkpoint
+from .voxelize import Voxelization, devoxelize, pool_to_voxels, voxelize
+
+__all__ = [
+    "BACKEND_NAMES",
+    "GSNet",
+    "GSNetConfig",
+    "MinkUNet",
+    "SparseConvBackend",
+    "Voxelization",
+    "available_backends",
+    "devoxelize",
+    "get_backend",
+    "pool_to_voxels",
+    "read_checkpoint",
+    "voxelize",
+]

@@ -1,0 +1,429 @@
+"""`qsplat train-gsnet`: train GS-Net across scenes with the rendered-feature contrastive loss.
+
+Per step and process, `scenes_per_step` scenes are drawn (a `DistributedSampler` over the scene list,
+reshuffled every epoch); for each, GS-Net predicts every Gaussian's feature, `views_per_scene` random
+training views are rendered with Q-Render (`rasterize_features(..., num_quantiles=K)`), and the
+contrastive loss (the paper's Eq. 2, or InfoNCE) is taken at sampled pixels of every teacher mask.
+Adam with reduce-on-plateau on the epoch loss, as the paper.
+
+    qsplat train-gsnet --scenes data/s0 data/s1 outputs/s2/q-splat/run/config.yml --out gsnet.ckpt
+    torchrun --nproc-per-node 2 -m qrender_ns.gsnet.train --scenes ... --out gsnet.ckpt   # DDP
+
+DDP: gloo on CPU, nccl on GPUs; gradients are averaged across processes; rank 0 writes the
+checkpoint (atomically, every `save_every` steps and at the end) and the TensorBoard log
+(`<out stem>_tb/` next to the checkpoint). Re-running the same command resumes from `--out`
+(weights, optimiser, scheduler, step) unless `--no-resume`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gsnet import GSNet, GSNetConfig, read_checkpoint
+from .scenes import TrainingScene, load_scene
+
+
+@dataclass
+class TrainGSNet:
+    """Train GS-Net across scenes (contrastive loss on Q-Rendered features vs the teacher's masks)."""
+
+    scenes: Tuple[Path, ...]
+    """Scenes: run configs (config.yml of q-splat / splatfacto runs) or scene folders (docs/gsnet.md)."""
+    out: Path = Path("outputs/gsnet/gsnet.ckpt")
+    """Checkpoint to write (and to resume from when it exists)."""
+    gsnet: GSNetConfig = field(default_factory=GSNetConfig)
+    steps: int = 1000
+    """Optimiser steps (total, including resumed ones)."""
+    scenes_per_step: int = 4
+    """Scenes per optimiser step and process (paper: batch 4)."""
+    views_per_scene: int = 4
+    """Random training views rendered per scene (paper: 4)."""
+    num_quantiles: Optional[int] = 10
+    """K of Q-Render for the training renders (None = dense)."""
+    render_scale: float = 1.0
+    """Render at this fraction of the image resolution (teacher masks are resampled nearest)."""
+    pixels_per_mask: int = 256
+    loss: Literal["paper", "infonce"] = "paper"
+    lr: float = 1e-3
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    """Epochs without improvement of the epoch loss before the learning rate is multiplied by plateau_factor."""
+    teacher: str = "synthetic"
+    """Teacher cache of scene folders (<scene>/qsplat_teacher/<teacher>)."""
+    units_per_metre: Optional[float] = None
+    """Scene units per metre (default: the dataparser's scale; 1 for generated scenes)."""
+    point_scale: Optional[float] = None
+    """Size of the Gaussians made from point clouds (default: mean 3-NN distance)."""
+    resume: bool = True
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_cached_scenes: int = 16
+    """Scenes kept in memory per process (others are re-read from disk when drawn)."""
+    rasterizer_backend: Literal["auto", "cpu", "cuda", "torch"] = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+
+    def main(self) -> None:
+        train_gsnet(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss on one scene
+# ---------------------------------------------------------------------------------------------------
+
+
+def _resize_nearest(mask_ids: Tensor, height: int, width: int) -> Tensor:
+    if tuple(mask_ids.shape) == (height, width):
+        return mask_ids
+    rows = (torch.arange(height, device=mask_ids.device) * mask_ids.shape[0]) // height
+    cols = (torch.arange(width, device=mask_ids.device) * mask_ids.shape[1]) // width
+    return mask_ids[rows][:, cols]
+
+
+def render_features(scene: TrainingScene, features: Tensor, views, view_ids: List[int], scale: float,
+                    num_quantiles: Optional[int], backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Q-Render the per-Gaussian features [N, C] into views[view_ids] at `scale` x resolution:
+    (features [V, H, W, C], alphas [V, H, W, 1])."""
+    from ..render import rasterize_features
+
+    g = scene.gaussians
+    width, height = max(1, round(views.width * scale)), max(1, round(views.height * scale))
+    ids = torch.as_tensor(view_ids, dtype=torch.long)
+    Ks = views.Ks[ids].clone()
+    Ks[:, :2] *= torch.tensor([width / views.width, height / views.height])[:, None]
+    out, alpha, _ = rasterize_features(g.means, g.quats, g.scales, g.opacities, features,
+                                       views.viewmats[ids].to(features), Ks.to(features), width, height,
+                                       num_quantiles=num_quantiles, backend=backend)
+    return out, alpha
+
+
+def scene_loss(net: nn.Module, scene: TrainingScene, cfg: TrainGSNet, generator: torch.Generator,
+               log_temperature: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
+    """Mean contrastive loss over `views_per_scene` random training views of one scene. Always
+    connected to the network's output (a zero loss when no view has >= 2 masks), as DDP requires."""
+    from ..losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
+
+    g = scene.gaussians
+    features = net(**g.gsnet_inputs(), units_per_metre=scene.units_per_metre)
+    views = scene.train
+    num_views = len(views.image_keys)
+    view_ids = torch.randperm(num_views, generator=generator)[:min(cfg.views_per_scene, num_views)].tolist()
+    rendered, _ = render_features(scene, features, views, view_ids, cfg.render_scale, cfg.num_quantiles,
+                                  cfg.rasterizer_backend)
+    losses = []
+    for rendered_view, v in zip(rendered, view_ids):
+        mask_ids, embeddings = scene.teacher.read(views.image_keys[v])
+        mask_ids = _resize_nearest(mask_ids, rendered_view.shape[0], rendered_view.shape[1]).to(features.device)
+        pixels, targets = sample_mask_pixels(mask_ids, cfg.pixels_per_mask, generator=generator)
+        if torch.unique(targets).numel() < 2:
+            continue
+        pixel_features = rendered_view.reshape(-1, rendered_view.shape[-1])[pixels]
+        embeddings = embeddings.to(features.device)
+        if cfg.loss == "paper":
+            losses.append(paper_contrastive_loss(pixel_features, targets, embeddings))
+        else:
+            losses.append(infonce_loss(pixel_features, targets, embeddings, log_temperature))
+    if not losses:
+        return features.sum() * 0.0, {"views": 0.0}
+    loss = torch.stack(losses).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"GS-Net loss is NaN/Inf on scene {scene.name}: check its teacher cache and "
+                                 "Gaussians, or lower --lr")
+    return loss, {"views": float(len(losses))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (2D and 3D mIoU of the class argmax)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _miou(prediction: Tensor, truth: Tensor) -> float:
+    ious = []
+    for cls in torch.unique(truth):
+        if int(cls) == 0:
+            continue
+        p, t = prediction == cls, truth == cls
+        ious.append(float((p & t).sum()) / float((p | t).sum()))
+    return sum(ious) / len(ious) if ious else float("nan")
+
+
+@torch.no_grad()
+def evaluate_features(scene: TrainingScene, features: Tensor, num_quantiles: Optional[int] = 10,
+                      scale: float = 1.0, backend: str = "auto") -> Dict[str, float]:
+    """mIoU of the class argmax (cosine to the teacher's class text embeddings): `miou_3d` over the
+    Gaussians when they carry labels (generated scenes' point clouds), `miou_2d` over the eval views
+    when ground-truth class maps exist (prediction 0 where nothing is rendered)."""
+    from PIL import Image
+
+    from ..teachers.text import load_text_encoder
+
+    if not scene.class_names:
+        return {}
+    text = load_text_encoder(scene.teacher_root).encode(scene.class_names).to(features)
+    ids = torch.tensor(scene.class_ids, device=features.device)
+    result: Dict[str, float] = {}
+    logits = F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
+    if scene.gaussians.labels is not None:
+        result["miou_3d"] = _miou(ids[logits.argmax(-1)], scene.gaussians.labels.to(features.device))
+    views = scene.eval
+    if views is not None and views.class_maps and all(p is not None and Path(p).is_file() for p in views.class_maps):
+        scores = []
+        for v in range(len(views.image_keys)):
+            rendered, alpha = render_features(scene, features, views, [v], scale, num_quantiles, backend)
+            pred = ids[(F.normalize(rendered[0], dim=-1) @ F.normalize(text, dim=-1).T).argmax(-1)]
+            pred = torch.where(alpha[0, ..., 0] > 0, pred, torch.zeros_like(pred))
+            truth = torch.from_numpy(__import__("numpy").asarray(Image.open(views.class_maps[v])).astype("int64"))
+            truth = _resize_nearest(truth, pred.shape[0], pred.shape[1]).to(pred.device)
+            scores.append(_miou(pred, truth))
+        result["miou_2d"] = sum(scores) / len(scores) if scores else float("nan")
+    return result
+
+
+@torch.no_grad()
+def evaluate_net(net: GSNet, scene: TrainingScene, num_quantiles: Optional[int] = 10, scale: float = 1.0,
+                 backend: str = "auto") -> Dict[str, float]:
+    """Feed-forward GS-Net on a scene, then `evaluate_features` (+ `predict_s`, the forward time)."""
+    was_training = net.training
+    net.eval()
+    t0 = time.perf_counter()
+    features = net(**scene.gaussians.gsnet_inputs(), units_per_metre=scene.units_per_metre)
+    seconds = time.perf_counter() - t0
+    net.train(was_training)
+    return {**evaluate_features(scene, features, num_quantiles, scale, backend), "predict_s": seconds}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------
+
+
+class _SceneStore:
+    """Scenes loaded on first use, at most `capacity` kept (LRU)."""
+
+    def __init__(self, specs, cfg: TrainGSNet, device: torch.device):
+        self.specs, self.cfg, self.device = list(specs), cfg, device
+        self.cache: "OrderedDict[int, TrainingScene]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index: int) -> TrainingScene:
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        cfg = self.cfg
+        scene = load_scene(self.specs[index], teacher=cfg.teacher, units_per_metre=cfg.units_per_metre,
+                           point_scale=cfg.point_scale, with_eval=False)
+        scene.gaussians = scene.gaussians.to(self.device)
+        self.cache[index] = scene
+        while len(self.cache) > max(1, cfg.max_cached_scenes):
+            self.cache.popitem(last=False)
+        return scene
+
+
+def _distributed(cfg: TrainGSNet) -> Tuple[int, int, torch.device]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return rank, world, device
+
+
+def _all_mean(values: List[float], world: int, device) -> List[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def _scene_stream(num_scenes: int, rank: int, world: int, seed: int, start_epoch: int, skip: int
+                  ) -> Iterator[Tuple[int, int]]:
+    """(scene index, epoch) forever: this rank's share of every epoch's shuffled scene order."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(range(num_scenes), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        for i, index in enumerate(sampler):
+            if skip:
+                skip -= 1
+                continue
+            yield index, epoch
+        epoch += 1
+
+
+def _train_state(cfg: TrainGSNet) -> dict:
+    d = asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "scenes" else v)
+            for k, v in d.items() if k != "gsnet"}
+
+
+def train_gsnet(cfg: TrainGSNet) -> dict:
+    """Run training; returns a summary (steps, last loss, seconds, checkpoint path)."""
+    if not cfg.scenes:
+        raise SystemExit("--scenes: give at least one scene folder or run config.yml")
+    rank, world, device = _distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    net = GSNet(cfg.gsnet).to(device)
+    log_temperature = nn.Parameter(torch.tensor(math.log(0.07), device=device)) if cfg.loss == "infonce" else None
+    params = list(net.parameters()) + ([log_temperature] if log_temperature is not None else [])
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor,
+                                                           patience=cfg.plateau_patience)
+    step, epoch, consumed = 0, 0, 0
+    if cfg.resume and cfg.out.is_file():
+        payload = read_checkpoint(cfg.out, map_location=device)
+        if payload["config"] != cfg.gsnet.to_dict():
+            raise SystemExit(f"{cfg.out} holds a GS-Net with another architecture; pass --no-resume to start over "
+                             f"(it will be overwritten) or choose another --out")
+        net.load_weights(payload["state_dict"], str(cfg.out))
+        state = payload["extra"].get("training") or {}
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed_in_epoch"])
+            if log_temperature is not None and "log_temperature" in state:
+                log_temperature.data.fill_(float(state["log_temperature"]))
+        if rank == 0:
+            print(f"[q-splat] GS-Net: resuming {cfg.out} at step {step}")
+    model: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    store = _SceneStore(cfg.scenes, cfg, device)
+    stream = _scene_stream(len(store), rank, world, cfg.seed, epoch, consumed)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
+    writer = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(cfg.out.parent / f"{cfg.out.stem}_tb"))
+    progress = _progress(cfg, rank, step)
+    if rank == 0:
+        print(f"[q-splat] GS-Net training: {len(store)} scenes, {world} process(es) on {device}, "
+              f"steps {step}..{cfg.steps}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
+
+    def save():
+        if rank != 0:
+            return
+        training = {"step": step, "epoch": epoch, "consumed_in_epoch": consumed,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "config": _train_state(cfg)}
+        if log_temperature is not None:
+            training["log_temperature"] = float(log_temperature)
+        net.save_checkpoint(cfg.out, extra={"training": training})
+
+    epoch_losses: List[float] = []
+    last_loss, start = float("nan"), time.perf_counter()
+    net.train()
+    with progress:
+        while step < cfg.steps:
+            optimizer.zero_grad(set_to_none=True)
+            step_losses = []
+            for i in range(cfg.scenes_per_step):
+                index, scene_epoch = next(stream)
+                if scene_epoch != epoch:  # all ranks cross epochs at the same draw (equal sampler lengths)
+                    if epoch_losses:  # empty only right after resuming at an epoch's end (on every rank)
+                        scheduler.step(_all_mean([sum(epoch_losses) / len(epoch_losses)], world, device)[0])
+                    epoch, consumed, epoch_losses = scene_epoch, 0, []
+                consumed += 1
+                sync = contextlib.nullcontext() if (world == 1 or i == cfg.scenes_per_step - 1) else model.no_sync()
+                with sync:
+                    loss, _ = scene_loss(model, store[index], cfg, generator, log_temperature)
+                    (loss / cfg.scenes_per_step).backward()
+                step_losses.append(float(loss.detach()))
+                epoch_losses.append(step_losses[-1])
+            optimizer.step()
+            step += 1
+            local = sum(step_losses) / len(step_losses)
+            last_loss = _all_mean([local], world, device)[0]
+            if rank == 0:
+                progress.update_loss(step, last_loss, optimizer.param_groups[0]["lr"])
+                if writer is not None and (step % cfg.log_every == 0 or step == cfg.steps):
+                    writer.add_scalar("gsnet/loss", last_loss, step)
+                    writer.add_scalar("gsnet/lr", optimizer.param_groups[0]["lr"], step)
+                    writer.add_scalar("gsnet/num_voxels", net.last_stats.get("num_voxels", 0), step)
+                if step % cfg.save_every == 0 and step < cfg.steps:
+                    save()
+    save()
+    seconds = time.perf_counter() - start
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    summary = {"checkpoint": str(cfg.out), "steps": step, "loss": last_loss, "seconds": seconds,
+               "world_size": world, "backend": net.backend_name, "device": str(device)}
+    if rank == 0:
+        print(f"[q-splat] GS-Net checkpoint {cfg.out} (step {step}, loss {last_loss:.4f}, {seconds:.1f} s, "
+              f"sparse-conv backend {net.backend_name})")
+    return summary
+
+
+class _progress:
+    """A rich progress bar on rank 0 (silent elsewhere or with --no-progress)."""
+
+    def __init__(self, cfg: TrainGSNet, rank: int, step: int):
+        self.enabled = cfg.progress and rank == 0
+        self.total, self.start = cfg.steps, step
+        self.bar = None
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("GS-Net"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=cfg.steps, completed=step, loss="-", lr="-")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update_loss(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+
+def main() -> None:
+    import tyro
+
+    tyro.cli(TrainGSNet).main()
+
+
+if __name__ == "__main__":
+    main()

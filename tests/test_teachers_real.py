@@ -1,0 +1,337 @@
+"""The grounded-sam2-clip teacher (GroundingDINO + SAM2 + open_clip), offline.
+
+Without weights everything runs on randomly initialised small models: a tiny open_clip architecture (with
+open_clip's shipped BPE tokenizer), SAM2's tiny config with no checkpoint (input shrunk to 256 px), and a tiny
+GroundingDINO built here with its own word-piece vocabulary and saved as a local transformers folder. Their
+outputs mean nothing; what is tested is the plumbing: cache format, manifest, resume, invalidation, errors.
+Tests marked `weights` need real checkpoints under $QSPLAT_WEIGHTS_DIR (see docs/teachers.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed (the `teachers` extra)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the `teachers` extra)")
+pytest.importorskip("sam2", reason="sam2 is not installed (the `teachers` extra)")
+
+from qrender_ns.data import scene_generator as sg  # noqa: E402
+from qrender_ns.teachers import clip as qclip  # noqa: E402
+from qrender_ns.teachers import masks as qmasks  # noqa: E402
+from qrender_ns.teachers.cache import TeacherCache  # noqa: E402
+from qrender_ns.teachers.extract import ExtractFeatures  # noqa: E402
+from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
+
+WIDTH, HEIGHT = 64, 48
+TINY_CLIP = {"embed_dim": 512,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "chair", "table", "sofa", "lamp", "wall", "floor"]
+
+
+def make_tiny_grounding_dino(folder: Path) -> Path:
+    """A random GroundingDINO (Swin + BERT, a few hundred k parameters) with a processor, saved like a hub
+    snapshot: config.json, model.safetensors, tokenizer and processor files."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64,
+                          out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
+                                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, num_queries=8, max_text_len=32)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def tiny_config(detector: Path, prompts=("chair", "table"), **overrides) -> qmasks.GroundedSam2ClipConfig:
+    settings = dict(prompts=tuple(prompts), clip_model="qsplat-test-tiny-clip", clip_model_cfg=TINY_CLIP,
+                    sam2_config="sam2.1_hiera_t", sam2_overrides=("++model.image_size=256",), detector=str(detector),
+                    box_threshold=0.0, text_threshold=0.0, min_mask_pixels=4, random_init=True, device="cpu")
+    settings.update(overrides)
+    return qmasks.GroundedSam2ClipConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory) -> Path:
+    return make_tiny_grounding_dino(tmp_path_factory.mktemp("weights") / "tiny-grounding-dino")
+
+
+def _scene(root: Path, layout="scannet"):
+    return sg.generate_scene(root / "scene", layout=layout, seed=0, num_images=3, width=WIDTH, height=HEIGHT,
+                             num_eval=1, num_points=2000)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, detector):
+    """A 3-image generated scene (2 training images) with a filled grounded-sam2-clip cache."""
+    info = _scene(tmp_path_factory.mktemp("extracted"))
+    teacher = qmasks.GroundedSam2ClipTeacher(info.root, tiny_config(detector))
+    stats = teacher.run(progress=False)
+    return info, teacher, stats
+
+
+# --- the whole extraction ------------------------------------------------------------------------------
+
+
+def test_extraction_writes_a_valid_cache(extracted):
+    info, teacher, stats = extracted
+    assert teacher.image_keys == ["color/0.jpg", "color/2.jpg"]  # the dataparser's train split
+    assert stats.written == 2 and stats.skipped == 0
+
+    cache = TeacherCache(teacher.cache_root)
+    cache.validate(teacher.image_keys, sizes=[(HEIGHT, WIDTH)] * 2)
+    assert cache.feature_dim == 512 and cache.class_names == ["chair", "table"]
+    assert cache.teacher_name == "grounded-sam2-clip"
+    for key in teacher.image_keys:
+        mask_ids, embeddings = cache.read(key)
+        num_masks = embeddings.shape[0]
+        assert mask_ids.shape == (HEIGHT, WIDTH) and num_masks >= 1
+        assert set(np.unique(mask_ids.numpy())) <= set(range(-1, num_masks))
+        assert set(range(num_masks)) <= set(np.unique(mask_ids.numpy()))  # every kept mask is visible
+        assert torch.allclose(embeddings.norm(dim=1), torch.ones(num_masks), atol=1e-5)
+        assert int(np.bincount(mask_ids.numpy()[mask_ids.numpy() >= 0]).min()) >= 4  # min_mask_pixels
+
+    info_ = cache.teacher_info
+    assert info_["prompts"] == ["chair", "table"] and info_["version"] == qmasks.VERSION
+    assert info_["clip"]["random_init"] is True and info_["clip"]["model"] == "qsplat-test-tiny-clip"
+    assert info_["sam2"] == {"config": "sam2.1_hiera_t", "overrides": ["++model.image_size=256"],
+                             "random_init": True, "seed": 0}
+    weights = (Path(teacher.detector_path) / "model.safetensors")
+    assert info_["detector"]["weights_sha256"] == qclip.file_sha256(weights)
+    sidecar = json.loads((teacher.cache_root / "weights.json").read_text())
+    assert Path(sidecar["detector"]) == Path(teacher.detector_path).resolve()
+
+
+def test_text_encoder_of_a_clip_cache(extracted):
+    _, teacher, _ = extracted
+    with pytest.raises(ValueError, match="randomly initialised CLIP"):
+        load_text_encoder(teacher.cache_root)  # never silently random
+    encoder = load_text_encoder(teacher.cache_root / "manifest.json", allow_random_init=True)
+    assert isinstance(encoder, qclip.ClipTextEncoder)
+    assert encoder.name == "grounded-sam2-clip" and encoder.dim == 512
+    vectors = encoder.encode(["chair", "table"])
+    assert vectors.shape == (2, 512) and torch.allclose(vectors.norm(dim=1), torch.ones(2), atol=1e-5)
+    # the same (seeded) CLIP as the teacher's: identical text embeddings
+    assert torch.allclose(vectors, teacher.clip.encode_text(["chair", "table"]), atol=1e-6)
+    assert encoder.encode([]).shape == (0, 512)
+
+
+def test_resume_and_invalidation(extracted, tmp_path, detector, monkeypatch):
+    info, teacher, _ = extracted
+    # Everything current: nothing is recomputed and no model is even loaded.
+    again = qmasks.GroundedSam2ClipTeacher(info.root, tiny_config(detector))
+    stats = again.run(progress=False)
+    assert (stats.written, stats.skipped) == (0, 2)
+    assert again._segmenter is None and again._detector is None and again._clip is None
+
+    # A fresh scene; the run is killed after the first image; the next run does only the second one.
+    scene = _scene(tmp_path)
+    first = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector))
+    real_compute, calls = first.compute, []
+
+    def compute_then_crash(key):
+        if calls:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(key)
+        return real_compute(key)
+
+    monkeypatch.setattr(first, "compute", compute_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=False)
+    assert TeacherCache(first.cache_root).keys() == ["color/0.jpg"]
+    resumed = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector)).run(progress=False)
+    assert (resumed.written, resumed.skipped) == (1, 1)
+
+    # Other prompts (or any other setting recorded in the manifest): every image is redone.
+    before = TeacherCache(first.cache_root).entry("color/0.jpg")["file"]
+    changed = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector, prompts=("sofa", "lamp")))
+    stats = changed.run(progress=False)
+    assert (stats.written, stats.skipped) == (2, 0)
+    cache = TeacherCache(first.cache_root)
+    assert cache.class_names == ["sofa", "lamp"] and cache.entry("color/0.jpg")["file"] != before
+    threshold = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector, prompts=("sofa", "lamp"),
+                                                                       min_mask_pixels=5))
+    assert threshold.run(progress=False).written == 2
+
+
+def test_automatic_masks_fill_unprompted_regions(extracted, detector):
+    info, _, _ = extracted
+    config = tiny_config(detector, automatic_masks=True, auto_points_per_side=4, auto_pred_iou_thresh=0.0,
+                         auto_stability_score_thresh=0.0, auto_min_new_fraction=0.0)
+    teacher = qmasks.GroundedSam2ClipTeacher(info.root, config, image_keys=["color/0.jpg"])
+    assert teacher.teacher_info["automatic_masks"]["points_per_side"] == 4
+    image = qmasks.load_rgb(info.root / "color/0.jpg")
+    automatic = teacher.segmenter.automatic_masks(image)
+    assert automatic.ndim == 3 and automatic.shape[1:] == (HEIGHT, WIDTH) and automatic.dtype == bool
+    prompted_only = qmasks.GroundedSam2ClipTeacher(info.root, tiny_config(detector), image_keys=["color/0.jpg"])
+    prompted = prompted_only.masks(image)
+    candidates = teacher.masks(image)  # unprompted masks first (painted under the prompted ones)
+    assert len(candidates) == len(prompted) + len([m for m in automatic if m.any()])
+    assert all(np.array_equal(a, b) for a, b in zip(candidates[-len(prompted):], prompted))
+
+
+def test_image_keys_come_from_the_dataparser_for_both_layouts(tmp_path):
+    scene = _scene(tmp_path, layout="nerfstudio")
+    keys = qmasks.scene_image_keys(scene.root)
+    assert len(keys) == 2 and all(k.startswith("images/frame_") for k in keys)
+    assert all((scene.root / k).is_file() for k in keys)
+    assert len(qmasks.scene_image_keys(scene.root, splits=("train", "val"))) == 3
+
+
+# --- the pieces ------------------------------------------------------------------------------------------
+
+
+def test_compose_mask_ids_paints_in_order_and_drops_hidden_masks():
+    big = np.zeros((6, 8), bool)
+    big[:, :6] = True
+    small = np.zeros((6, 8), bool)
+    small[1:3, 1:3] = True
+    hidden = np.zeros((6, 8), bool)
+    hidden[1:2, 1:2] = True  # entirely under `small`, painted after it
+    ids, kept = qmasks.compose_mask_ids([big, hidden, small], min_pixels=1)
+    assert kept == [0, 2]
+    assert (ids[small] == 1).all() and (ids[big & ~small] == 0).all() and (ids[:, 6:] == -1).all()
+    ids, kept = qmasks.compose_mask_ids([big, small], min_pixels=5)  # small has 4 visible pixels
+    assert kept == [0] and (ids[small] == 0).all() and ids.dtype == np.int32  # big shows through
+
+
+def test_mask_crop_blanks_the_background_and_pads():
+    image = np.full((20, 20, 3), 200, np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    mask[5, 5] = False
+    crop = qmasks.mask_crop(image, mask, padding=0.1)
+    assert crop.shape == (12, 12, 3)  # the 10 x 10 box grown by 1 px (10 %) per side
+    assert (crop[1:11, 1:11][mask[5:15, 5:15]] == 200).all() and (crop[1, 1] == 0).all()
+    assert (crop[0] == 0).all() and (crop[:, -1] == 0).all()
+
+
+def test_clean_boxes_clips_dedups_and_caps():
+    boxes = np.array([[-5, -5, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [5, 5, 6, 30], [40, 0, 80, 9]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.6], np.float32)
+    out = qmasks.clean_boxes(boxes, scores, width=50, height=40, nms_iou=0.7, max_boxes=2)
+    assert out.tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]]  # thin box dropped, duplicate suppressed, capped
+    assert qmasks.clean_boxes(np.zeros((0, 4)), np.zeros(0), 50, 40, 0.7, 5).shape == (0, 4)
+
+
+def test_prompts_parsing_and_chunking(tmp_path, detector):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# ScanNet classes\nchair\ntable, sofa\n\nchair  # again\n")
+    assert qmasks.parse_prompts("lamp, chair", path) == ["lamp", "chair", "table", "sofa"]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        qmasks.GroundedSam2ClipConfig(prompts=(" ",))
+    gd = qmasks.GroundingDinoDetector(detector, torch.device("cpu"))
+    assert gd.prompt_chunks(["chair", "Table"]) == ["chair. table."]
+    chunks = gd.prompt_chunks(["chair"] * 20)  # 40 tokens > the tiny model's 32-token window
+    assert len(chunks) == 2 and " ".join(chunks) == " ".join(["chair."] * 20)
+
+
+def test_clip_loader_checkpoints_and_hashes(tmp_path, monkeypatch):
+    random_clip = qclip.load_clip("qsplat-test-tiny-clip", None, random_init=True, model_cfg=TINY_CLIP)
+    assert random_clip.info["random_init"] and random_clip.dim == 512
+    with pytest.raises(ValueError, match="pretrained tag or a checkpoint"):
+        qclip.load_clip("qsplat-test-tiny-clip", None, model_cfg=TINY_CLIP)  # never silently random
+
+    path = tmp_path / "tiny.pt"
+    torch.save(random_clip.model.state_dict(), path)
+    loaded = qclip.load_clip("qsplat-test-tiny-clip", None, path, model_cfg=TINY_CLIP)
+    assert loaded.info["checkpoint_sha256"] == qclip.file_sha256(path) and loaded.checkpoint == path
+    texts = ["a chair", "a table"]
+    assert torch.allclose(loaded.encode_text(texts), random_clip.encode_text(texts), atol=1e-6)
+    crops = [np.full((10, 6, 3), 90, np.uint8), np.zeros((3, 30, 3), np.uint8)]
+    images = loaded.encode_images(crops, batch_size=1)
+    assert images.shape == (2, 512) and torch.allclose(images, random_clip.encode_images(crops), atol=1e-5)
+
+    same = qclip.load_clip_from_info(loaded.info, path)
+    assert same.info == loaded.info
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in random_clip.model.state_dict().items()}, other)
+    with pytest.raises(ValueError, match="not the one the teacher cache was made with"):
+        qclip.load_clip_from_info(loaded.info, other)
+
+    # ViT-B-16 / laion2b_s34b_b88k under $QSPLAT_WEIGHTS_DIR/<hf repo>/ (resolved only: no real weights here)
+    repo = "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"
+    fake = tmp_path / "weights" / repo / "open_clip_pytorch_model.bin"
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"not really weights")
+    monkeypatch.setenv("QSPLAT_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert qclip.resolve_clip_checkpoint("ViT-B-16", "laion2b_s34b_b88k") == fake
+    assert qclip.resolve_clip_checkpoint("ViT-B-16", "laion2b_s34b_b88k", fake.parent) == fake
+
+
+def test_missing_checkpoints_give_clear_errors(tmp_path, monkeypatch, detector):
+    monkeypatch.setenv("QSPLAT_WEIGHTS_DIR", str(tmp_path / "empty"))
+    repo = "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"
+    with pytest.raises(qclip.MissingWeightsError) as err:
+        qclip.load_clip("ViT-B-16", "laion2b_s34b_b88k")
+    message = str(err.value)
+    assert str(tmp_path / "empty" / repo / "open_clip_pytorch_model.bin") in message
+    assert f"hf download {repo} open_clip_pytorch_model.bin" in message and "never downloads" in message
+    assert f"models--{repo.replace('/', '--')}" in message  # the HF cache path it checked
+
+    with pytest.raises(qclip.MissingWeightsError, match="sam2.1_hiera_tiny.pt") as err:
+        qmasks.resolve_sam2_checkpoint("sam2.1_hiera_t")
+    assert "hf download facebook/sam2.1-hiera-tiny sam2.1_hiera_tiny.pt" in str(err.value)
+    assert "dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt" in str(err.value)
+    with pytest.raises(qclip.MissingWeightsError, match="/nowhere/sam2.pt"):
+        qmasks.resolve_sam2_checkpoint("sam2.1_hiera_l", "/nowhere/sam2.pt")
+    with pytest.raises(qclip.MissingWeightsError, match="hf download IDEA-Research/grounding-dino-tiny"):
+        qmasks.resolve_detector("IDEA-Research/grounding-dino-tiny")
+    assert qmasks.resolve_detector(str(detector)) == detector
+
+    # Through the command line: the teacher stops before any work with the same message.
+    import tyro
+
+    scene = _scene(tmp_path)
+    command = tyro.cli(ExtractFeatures, args=["--data", str(scene.root), "--teacher", "grounded-sam2-clip",
+                                              "--prompts", "chair,table", "--clip-checkpoint", str(tmp_path / "no.bin"),
+                                              "--detector-checkpoint", str(detector), "--device", "cpu"])
+    assert command.sam2_config == "sam2.1_hiera_l" and command.batch_size == 32
+    with pytest.raises(SystemExit, match=f"No open_clip checkpoint.*\n.*{tmp_path / 'no.bin'}"):
+        command.main()
+    assert not (scene.root / "qsplat_teacher" / "grounded-sam2-clip").exists()
+
+
+# --- real weights ----------------------------------------------------------------------------------------
+
+weights = pytest.mark.skipif(not os.environ.get("QSPLAT_WEIGHTS_DIR"), reason="QSPLAT_WEIGHTS_DIR is unset")
+
+
+@pytest.mark.weights
+@weights
+def test_real_clip_matches_colours():
+    clip = qclip.load_clip()  # ViT-B-16 / laion2b_s34b_b88k from $QSPLAT_WEIGHTS_DIR or the HF cache
+    red, blue = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    scores = clip.encode_images([red, blue]) @ clip.encode_text(["a red square", "a blue square"]).T
+    assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
+
+
+@pytest.mark.weights
+@weights
+def test_real_teacher_on_a_generated_scene(tmp_path):
+    scene = _scene(tmp_path)
+    command = ExtractFeatures(data=scene.root, teacher="grounded-sam2-clip", prompts="chair,table,sofa,wall,floor",
+                              sam2_config=os.environ.get("QSPLAT_TEST_SAM2_CONFIG", "sam2.1_hiera_t"))
+    command.main()
+    root = scene.root / "qsplat_teacher" / "grounded-sam2-clip"
+    cache = TeacherCache(root)
+    cache.validate(qmasks.scene_image_keys(scene.root))
+    assert not cache.teacher_info["clip"].get("random_init")
+    encoder = load_text_encoder(root)
+    assert encoder.encode(["chair"]).shape == (1, 512)
