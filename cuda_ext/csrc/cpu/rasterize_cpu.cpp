@@ -335,14 +335,7 @@ void backward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* con
 
 }  // namespace
 
-std::vector<at::Tensor> rasterize_forward_cpu(const at::Tensor& means2d, const at::Tensor& conics,
-                                              const at::Tensor& features,
-                                              const at::Tensor& opacities,
-                                              const c10::optional<at::Tensor>& backgrounds,
-                                              int64_t width, int64_t height, int64_t tile_size,
-                                              const at::Tensor& isect_offsets,
-                                              const at::Tensor& flatten_ids,
-                                              int64_t num_quantiles) {
+std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS) {
   const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
                                flatten_ids, num_quantiles);
   auto opts = means2d.options();
@@ -365,14 +358,7 @@ std::vector<at::Tensor> rasterize_forward_cpu(const at::Tensor& means2d, const a
   return {out_feat, out_alpha, last_ids, sel_ids, sel_count};
 }
 
-std::vector<at::Tensor> rasterize_backward_cpu(
-    const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& features,
-    const at::Tensor& opacities, const c10::optional<at::Tensor>& backgrounds, int64_t width,
-    int64_t height, int64_t tile_size, const at::Tensor& isect_offsets,
-    const at::Tensor& flatten_ids, int64_t num_quantiles, const at::Tensor& out_feat,
-    const at::Tensor& out_alpha, const at::Tensor& last_ids, const at::Tensor& sel_ids,
-    const at::Tensor& sel_count, const at::Tensor& grad_feat, const at::Tensor& grad_alpha,
-    bool absgrad) {
+std::vector<at::Tensor> rasterize_backward_cpu(QRENDER_BACKWARD_ARGS) {
   const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
                                flatten_ids, num_quantiles);
   at::Tensor g_means2d = at::zeros_like(means2d);

@@ -513,14 +513,7 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-std::vector<at::Tensor> rasterize_forward_cuda(const at::Tensor& means2d, const at::Tensor& conics,
-                                               const at::Tensor& features,
-                                               const at::Tensor& opacities,
-                                               const c10::optional<at::Tensor>& backgrounds,
-                                               int64_t width, int64_t height, int64_t tile_size,
-                                               const at::Tensor& isect_offsets,
-                                               const at::Tensor& flatten_ids,
-                                               int64_t num_quantiles) {
+std::vector<at::Tensor> rasterize_forward_cuda(QRENDER_FORWARD_ARGS) {
   check_cuda(means2d, "means2d");
   check_cuda(conics, "conics");
   check_cuda(features, "features");
@@ -564,14 +557,7 @@ std::vector<at::Tensor> rasterize_forward_cuda(const at::Tensor& means2d, const 
   return {out_feat, out_alpha, last_ids, sel_ids, sel_count};
 }
 
-std::vector<at::Tensor> rasterize_backward_cuda(
-    const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& features,
-    const at::Tensor& opacities, const c10::optional<at::Tensor>& backgrounds, int64_t width,
-    int64_t height, int64_t tile_size, const at::Tensor& isect_offsets,
-    const at::Tensor& flatten_ids, int64_t num_quantiles, const at::Tensor& out_feat,
-    const at::Tensor& out_alpha, const at::Tensor& last_ids, const at::Tensor& sel_ids,
-    const at::Tensor& sel_count, const at::Tensor& grad_feat, const at::Tensor& grad_alpha,
-    bool absgrad) {
+std::vector<at::Tensor> rasterize_backward_cuda(QRENDER_BACKWARD_ARGS) {
   check_cuda(means2d, "means2d");
   check_cuda(conics, "conics");
   check_cuda(features, "features");
