@@ -15,7 +15,9 @@ from qrender_ns.eval.report import QUOTED, make_report
 from qrender_ns.eval.scannet3d import (SUBSET_IDS, EvalScannet, load_labels, remap, run_eval_scannet,
                                        segmentation_metrics, subset_classes, transfer_labels)
 
-STEPS = 120
+# 128x96 and 240 steps (~1.5 min on 2 cores): at 64x48 LangSplat's post-processing of the small objects caps
+# the LeRF-OVS mIoU at ~0.7 (measured; 0.83 here).
+STEPS = 240
 
 
 # ------------------------------------------------------------------------------ unit tests (no model)
@@ -128,7 +130,7 @@ def run(tmp_path_factory):
 
     start = time.perf_counter()
     root = tmp_path_factory.mktemp("eval_scene") / "room"
-    generate_scene(root, layout="nerfstudio", seed=2, num_images=12, width=64, height=48, num_eval=2)
+    generate_scene(root, layout="nerfstudio", seed=2, num_images=12, width=128, height=96, num_eval=2)
     SyntheticTeacher(root).run(progress=False)
     config = make_config(root, tmp_path_factory.mktemp("eval_runs"), steps=STEPS)
     trainer, _ = train(config, STEPS)
@@ -148,11 +150,12 @@ def test_eval_scannet_scene_classes(run, tmp_path):
     print(f"\n[test_eval] eval-scannet scene classes: mIoU {result['miou']:.3f} mAcc {result['macc']:.3f} "
           f"overall {result['overall_acc']:.3f} counts {result['counts']} timing {result['timing']}\n"
           f"[test_eval] supervised Gaussians (diagnostic): {sup}")
-    # The protocol counts every Gaussian with opacity >= 0.1, also those no training view rendered (the
-    # generated cameras look at the furniture: the ceiling covers 0.1% of the pixels), whose table features
-    # are still random: ~0.6 here. Over the Gaussians the feature loss reached, the exact teacher gives > 0.8.
+    # All 11 generated classes, every Gaussian with opacity >= 0.1 (~0.7 here): the ceiling, which the
+    # cameras barely see (IoU < 0.1), and the thin lamp (~0.5) pull it down; no ScanNet subset has either
+    # (the paper's 19/15/10-class protocol is checked >= 0.8 in the next test). Over the Gaussians the
+    # feature loss reached, the exact teacher gives > 0.8.
     assert sup["miou"] >= 0.8, sup
-    assert result["miou"] >= 0.4, result["per_class"]
+    assert result["miou"] >= 0.55, result["per_class"]
     assert sup["evaluated_never_rendered"] > 0
     assert result["num_present_classes"] >= 5 and result["counts"]["evaluated"] > 0
     assert result["timing"]["feature_ms_dense"] > 0 and result["timing"]["feature_ms_quantile"] > 0
@@ -169,6 +172,13 @@ def test_eval_scannet_subset_skips_absent_classes(run, tmp_path):
     assert {"door", "window", "toilet"} <= set(result["skipped_classes"])
     assert result["num_present_classes"] + result["num_skipped_classes"] == 19
     assert result["num_present_classes"] >= 3 and np.isfinite(result["miou"])
+    # the paper's protocol (OpenGaussian's 19 classes, argmax over all 19 prompts) on the generated scene
+    print(f"\n[test_eval] eval-scannet 19 classes: mIoU {result['miou']:.3f} mAcc {result['macc']:.3f} "
+          f"per class {({k: v['iou'] for k, v in result['per_class'].items() if v['present']})}")
+    assert result["miou"] >= 0.8 and result["macc"] >= 0.8, result["per_class"]
+    ten = run_eval_scannet(EvalScannet(load_config=run["config_path"], classes="10", output=tmp_path, timing=False,
+                                       supervision_diagnostic=False), pipeline=run["pipeline"])
+    assert ten["miou"] >= 0.8 and ten["num_present_classes"] >= 3, ten["per_class"]
     # the template must stay the bare name for the exact-string synthetic text encoder
     with pytest.raises(ValueError, match="bare class name"):
         run_eval_scannet(EvalScannet(load_config=run["config_path"], classes="scene", output=tmp_path,
@@ -184,7 +194,7 @@ def test_eval_lerf_ovs(run, tmp_path):
           f"queries {result['num_queries']} per category {result['per_category']}")
     assert result["num_queries"] >= 3 and result["counts"]["frames_evaluated"] == 2
     assert all(0 <= r["iou"] <= 1 for r in result["per_query"])
-    assert result["miou"] > 0.3 and result["localization_accuracy"] >= 0.5
+    assert result["miou"] >= 0.8 and result["localization_accuracy"] >= 0.8, result["per_category"]
     assert result["pngs"] == result["num_queries"] and all(Path(r["png"]).is_file() for r in result["per_query"])
     assert (tmp_path / "lerf_ovs_2d.json").is_file() and "localization" in (tmp_path / "lerf_ovs_2d.md").read_text()
 

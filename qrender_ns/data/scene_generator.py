@@ -587,6 +587,31 @@ def sample_point_cloud(scene: Scene, num_points: int, seed: int) -> dict:
     }
 
 
+def observed_points(scene: Scene, xyz: np.ndarray, cams_c2w_opencv: Sequence[np.ndarray], K: np.ndarray,
+                    width: int, height: int) -> np.ndarray:
+    """[N] number of cameras that see each point: it projects inside the image, in front of the camera, and
+    the ray from the camera centre to it hits nothing closer (exact ray cast, not a depth-map lookup)."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    count = np.zeros(len(xyz), dtype=np.int32)
+    for c2w in cams_c2w_opencv:
+        origin = c2w[:3, 3].astype(np.float64)
+        cam = (xyz - origin) @ c2w[:3, :3]
+        z = cam[:, 2]
+        safe_z = np.where(z > 1e-6, z, 1.0)
+        u = K[0, 0] * cam[:, 0] / safe_z + K[0, 2]
+        v = K[1, 1] * cam[:, 1] / safe_z + K[1, 2]
+        inside = (z > 1e-6) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+        offset = xyz - origin
+        dist = np.linalg.norm(offset, axis=1)
+        t, _, _ = cast_rays(scene, origin, offset / np.maximum(dist, 1e-12)[:, None])
+        count += inside & (t >= dist - (2e-3 + 1e-3 * dist))  # the point is (within 2 mm) the first hit
+    return count
+
+
+def keep_points(cloud: dict, keep: np.ndarray) -> dict:
+    return {k: v[keep] for k, v in cloud.items()}
+
+
 def write_point_cloud_ply(path: Path, cloud: dict) -> None:
     """Binary little-endian PLY: x y z (float), red green blue (uchar), label instance (int)."""
     from plyfile import PlyData, PlyElement
@@ -850,7 +875,7 @@ def _frame_paths(layout: str, index: int, ns_image_ext: str) -> Tuple[str, str, 
 
 
 def _write_scene(root: Path, scene_name: str, layout: str, seed: int, num_images: int, width: int, height: int,
-                 num_eval: int, num_points: int, ns_image_ext: str) -> dict:
+                 num_eval: int, num_points: int, ns_image_ext: str, observed_only: bool) -> dict:
     scene = build_scene(seed)
     K = intrinsics_matrix(width, height)
     fraction, eval_indices = eval_split(num_images, num_eval)
@@ -860,6 +885,9 @@ def _write_scene(root: Path, scene_name: str, layout: str, seed: int, num_images
         render = render_view(scene, c2w, K, width, height)
         frames.append(_Frame(i, name, image, depth, i in eval_indices, c2w, render))
     cloud = sample_point_cloud(scene, num_points, seed)
+    if observed_only:  # as a ScanNet mesh, fused from its frames: only surfaces some frame saw
+        cloud = keep_points(cloud, observed_points(scene, cloud["xyz"], [f.c2w_opencv for f in frames], K,
+                                                   width, height) > 0)
 
     if layout == "scannet":
         seed_ply = _write_scannet(root, scene_name, frames, K, cloud)
@@ -868,6 +896,7 @@ def _write_scene(root: Path, scene_name: str, layout: str, seed: int, num_images
                                      {i.id: i.class_name for i in scene.instances})
     write_point_cloud_ply(root / "gt" / "points.ply", cloud)
     meta = _scene_json(scene, layout, scene_name, seed, width, height, K, frames, fraction, seed_ply)
+    meta["point_cloud_observed_only"] = observed_only
     (root / "gt" / "scene.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -897,12 +926,14 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 def generate_scene(out_dir: Path, layout: Literal["scannet", "nerfstudio"] = "scannet", seed: int = 0,
                    num_images: int = 24, width: int = 160, height: int = 120, num_eval: int = 4,
                    num_points: int = 40000, overwrite: bool = False,
-                   ns_image_ext: Literal["png", "jpg"] = "png") -> SceneInfo:
+                   ns_image_ext: Literal["png", "jpg"] = "png", observed_only: bool = True) -> SceneInfo:
     """Generate one procedural room into out_dir (see the module docstring for the layout).
 
     The scene is written into a hidden sibling folder and renamed into place at the end, so a crash
     never leaves a half-written scene. `ns_image_ext="jpg"` makes the nerfstudio layout name its images
-    like LeRF-OVS (LangSplat's evaluation parses the frame index out of "frame_XXXXX.jpg")."""
+    like LeRF-OVS (LangSplat's evaluation parses the frame index out of "frame_XXXXX.jpg").
+    `observed_only` keeps only the surface points at least one view sees (seed and labelled clouds alike),
+    as a real ScanNet mesh, which is fused from the scan's own frames, contains only observed surfaces."""
     if layout not in ("scannet", "nerfstudio"):
         raise ValueError(f"unknown layout {layout!r}")
     if width < 8 or height < 8:
@@ -915,7 +946,7 @@ def generate_scene(out_dir: Path, layout: Literal["scannet", "nerfstudio"] = "sc
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         meta = _write_scene(tmp, out_dir.name, layout, seed, num_images, width, height, num_eval, num_points,
-                            ns_image_ext)
+                            ns_image_ext, observed_only)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -997,13 +1028,16 @@ class MakeScene:
     num_eval: int = 4
     """Views held out for evaluation (val/test split)."""
     num_points: int = 40000
-    """Points sampled on the surfaces (a few hidden ones are dropped)."""
+    """Points sampled on the surfaces (hidden ones are dropped, see --observed-only)."""
+    observed_only: bool = True
+    """Keep only the points some view sees, as in a ScanNet mesh fused from its frames (no unseen ceiling)."""
     overwrite: bool = False
 
     def main(self) -> None:
         info = generate_scene(self.out, layout=self.layout, seed=self.seed, num_images=self.num_images,
                               width=self.width, height=self.height, num_eval=self.num_eval,
-                              num_points=self.num_points, overwrite=self.overwrite)
+                              num_points=self.num_points, overwrite=self.overwrite,
+                              observed_only=self.observed_only)
         objects = sorted({info.classes[c] for c in info.instance_classes.values()} - set(STRUCTURE_CLASSES))
         print(f"[q-splat] {info.layout} scene (seed {info.seed}) in {info.root} ({info.seconds:.1f} s)")
         print(f"  {len(info.frame_names)} views {info.width}x{info.height}, "
