@@ -5,7 +5,7 @@ PY := $(QSPLAT_VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv ext test test-all demo bench clean
+.PHONY: venv ext test test-all demo bench minkowski clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -17,7 +17,7 @@ ext: venv
 test: ext
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-all: ext
+test-all: ext minkowski
 	$(PY) -m pytest -q tests
 
 demo: ext
@@ -26,6 +26,10 @@ demo: ext
 
 bench: ext
 	$(PY) benchmarks/bench_rasterize.py
+
+# Optional: the paper's sparse-conv library for GS-Net (a patched source build, ~6-26 min; docs/gsnet.md).
+minkowski: venv
+	@bash scripts/build_minkowski.sh
 
 clean:
 	rm -rf demo_out .pytest_cache

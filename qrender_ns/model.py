@@ -69,6 +69,9 @@ class QSplatModelConfig(SplatfactoModelConfig):
     """Feature rasterizer implementation (auto: the compiled kernel of the device)."""
     relevancy_negatives: Tuple[str, ...] = ("object", "things", "stuff", "texture")
     """Canonical negatives for relevancy maps (as LERF)."""
+    allow_random_text_encoder: bool = False
+    """Accept a teacher cache made with a randomly initialised CLIP (plumbing tests): its text queries and
+    class metrics mean nothing. Off: such a cache's text encoder is refused with an error."""
 
 
 class QSplatModel(SplatfactoModel):
@@ -136,7 +139,8 @@ class QSplatModel(SplatfactoModel):
 
             if not self.teacher_cache_root:
                 raise RuntimeError("No teacher cache is known for this model, so no text encoder either")
-            self._text_encoder = load_text_encoder(self.teacher_cache_root)
+            self._text_encoder = load_text_encoder(self.teacher_cache_root,
+                                                   allow_random_init=self.config.allow_random_text_encoder)
         return self._text_encoder
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,48 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, monkeypatch, detector):
     with pytest.raises(SystemExit, match=f"No open_clip checkpoint.*\n.*{tmp_path / 'no.bin'}"):
         command.main()
     assert not (scene.root / "qsplat_teacher" / "grounded-sam2-clip").exists()
+
+
+# --- ns-train q-splat from this cache --------------------------------------------------------------------
+
+
+def test_ns_train_and_eval_from_a_grounded_sam2_clip_cache(tmp_path, detector):
+    """The issue's end-to-end path with random weights: extract-features fills the cache, ns-train q-splat
+    trains its features from it (loss finite and falling), ns-eval computes the feature metrics with the same
+    CLIP's text encoder, which is refused unless random weights are explicitly allowed."""
+    import subprocess
+    import sys
+
+    from test_method import make_config, train
+
+    info = sg.generate_scene(tmp_path / "scene", layout="scannet", seed=2, num_images=6, width=WIDTH, height=HEIGHT,
+                             num_eval=1, num_points=3000)
+    start = time.perf_counter()
+    qmasks.GroundedSam2ClipTeacher(info.root, tiny_config(detector, prompts=("chair", "table", "wall"))).run(
+        progress=False)
+    print(f"\n[teachers] extraction {time.perf_counter() - start:.1f} s")
+    steps = 60
+    config = make_config(info.root, tmp_path / "runs", steps=steps, allow_random_text_encoder=True)
+    config.pipeline.datamanager.teacher = "grounded-sam2-clip"
+    trainer, history = train(config, steps)
+    print(f"[teachers] + training {time.perf_counter() - start:.1f} s")
+    feat = [h["feature_loss"] for h in history if "feature_loss" in h]
+    assert len(feat) >= steps - 15 and all(np.isfinite(feat))
+    assert sum(feat[-10:]) / 10 < sum(feat[:10]) / 10, (feat[:10], feat[-10:])
+    model = trainer.pipeline.model
+    assert model.text_encoder.name == "grounded-sam2-clip"  # the teacher's own CLIP, not the synthetic one
+
+    out = tmp_path / "metrics.json"
+    result = subprocess.run([str(Path(sys.executable).parent / "ns-eval"), "--load-config",
+                             str(config.get_base_dir() / "config.yml"), "--output-path", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(out.read_text())["results"]
+    assert np.isfinite(metrics["feature_miou"]) and np.isfinite(metrics["psnr"])
+
+    model._text_encoder, model.config.allow_random_text_encoder = None, False
+    with pytest.raises(ValueError, match="allow-random-text-encoder"):
+        model.text_encoder  # noqa: B018
 
 
 # --- real weights ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Backends:
   2.3.8 are patched at load (`_patch_spconv`): the CPU backward calls `torch.cuda.current_stream()`
   (raises without a GPU), and its CPU ops race when torch uses several threads (they run with one).
 - `minkowski`: MinkowskiEngine 0.5.4 (the paper's backbone library); needs a source build
-  (docs/gsnet.md). Adapter written against its documented API; not run here (no build in CI).
+  (scripts/build_minkowski.sh, docs/gsnet.md); parity-tested against `torch` where it is installed.
 """
 
 from __future__ import annotations
@@ -422,10 +422,19 @@ class SpconvBackend(SparseConvBackend):
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _MinkowskiLevel:
+    """A MinkowskiEngine tensor plus, at level 0, the row of each ME row in the caller's order (ME's
+    coordinate manager stores coordinates in its own order; its SparseTensor takes no extra attributes)."""
+
+    tensor: Any
+    rows: Optional[Tensor] = None
+
+
 class MinkowskiBackend(SparseConvBackend):
-    """MinkowskiEngine 0.5.x. Tensor strides play the role of levels; its coordinate manager reorders
-    rows, so the level-0 order is mapped back in `output_features`. Not run in this project's CI
-    (the library needs a ~26 min source build, docs/gsnet.md); kernel order is calibrated at first use."""
+    """MinkowskiEngine 0.5.x. Tensor strides play the role of levels (a level-l coordinate is stored
+    multiplied by 2^l); the level-0 row order is mapped back in `output_features`; kernel order is
+    calibrated at first use. Build: scripts/build_minkowski.sh (docs/gsnet.md)."""
 
     name = "minkowski"
 
@@ -453,51 +462,48 @@ class MinkowskiBackend(SparseConvBackend):
         return self._modules[ident]
 
     def _with_features(self, x: SparseTensor):
-        return self.ME.SparseTensor(features=x.features, coordinate_map_key=x.native.coordinate_map_key,
-                                    coordinate_manager=x.native.coordinate_manager)
+        native = x.native.tensor
+        return self.ME.SparseTensor(features=x.features, coordinate_map_key=native.coordinate_map_key,
+                                    coordinate_manager=native.coordinate_manager)
 
     def init(self, coords: Tensor, features: Tensor) -> SparseTensor:
         ME = self.ME
         coords = coords.long()
-        batched = torch.cat([coords.new_zeros(coords.shape[0], 1), coords], dim=1).int()
+        # (ME's stride-2 coordinates are floor(p / 2) * 2, negative ones included: checked, no shift needed)
+        batched = torch.cat([coords.new_zeros(coords.shape[0], 1), coords], dim=1).int().cpu()
         probe = ME.SparseTensor(features=features.detach(), coordinates=batched, device=str(features.device))
         rows = _TorchLevel(coords).lookup(probe.C[:, 1:].long().to(coords.device))
         if bool((rows < 0).any()) or rows.numel() != coords.shape[0]:
             raise RuntimeError("MinkowskiEngine changed the voxel set (coordinates must be unique)")
         native = ME.SparseTensor(features=features[rows], coordinate_map_key=probe.coordinate_map_key,
                                  coordinate_manager=probe.coordinate_manager)
-        native._qsplat_rows = rows
-        return SparseTensor(features[rows], 0, native, self)
+        return SparseTensor(features[rows], 0, _MinkowskiLevel(native, rows), self)
 
     def output_features(self, x: SparseTensor) -> Tensor:
-        rows = x.native._qsplat_rows if hasattr(x.native, "_qsplat_rows") else None
+        rows = x.native.rows
         if rows is None:
             raise ValueError("output_features needs a level-0 tensor")
         inverse = torch.empty_like(rows)
         inverse[rows] = torch.arange(rows.numel(), device=rows.device)
         return x.features[inverse]
 
-    def _run(self, kind, x, weight, level, coordinates=None):
+    def _run(self, kind, x, weight, coordinates=None):
         k, cin, cout = weight.shape
         module = self._module(kind, cin, cout, weight.device)
-        args = (self._with_features(x),)
         kwargs = {} if coordinates is None else {"coordinates": coordinates}
-        out = torch.func.functional_call(module, {"kernel": weight}, args, kwargs)
-        return out
+        return torch.func.functional_call(module, {"kernel": weight}, (self._with_features(x),), kwargs)
 
     def _conv3_native(self, x, weight):
-        out = self._run("conv3", x, weight, x.level)
-        out._qsplat_rows = getattr(x.native, "_qsplat_rows", None)
-        return SparseTensor(out.F, x.level, out, self)
+        out = self._run("conv3", x, weight)
+        return SparseTensor(out.F, x.level, _MinkowskiLevel(out, x.native.rows), self)
 
     def _down2_native(self, x, weight):
-        out = self._run("down2", x, weight, x.level + 1)
-        return SparseTensor(out.F, x.level + 1, out, self)
+        out = self._run("down2", x, weight)
+        return SparseTensor(out.F, x.level + 1, _MinkowskiLevel(out), self)
 
     def _up2_native(self, x, fine, weight):
-        out = self._run("up2", x, weight, fine.level, coordinates=fine.native.coordinate_map_key)
-        out._qsplat_rows = getattr(fine.native, "_qsplat_rows", None)
-        return SparseTensor(out.F, fine.level, out, self)
+        out = self._run("up2", x, weight, coordinates=fine.native.tensor.coordinate_map_key)
+        return SparseTensor(out.F, fine.level, _MinkowskiLevel(out, fine.native.rows), self)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,7 +515,8 @@ _IMPORT_ERRORS: Dict[str, str] = {}
 _CLASSES = {"torch": TorchBackend, "spconv": SpconvBackend, "minkowski": MinkowskiBackend}
 _INSTALL_HINTS = {
     "spconv": "pip install spconv (CPU) or spconv-cu12x matching your CUDA; see docs/gsnet.md",
-    "minkowski": "MinkowskiEngine needs a source build (~26 min on 2 cores); recipe in docs/gsnet.md",
+    "minkowski": "MinkowskiEngine needs a patched source build: run `make minkowski` (scripts/build_minkowski.sh, "
+                 "~6 min on 2 cores); docs/gsnet.md",
 }
 
 
@@ -540,19 +547,19 @@ def available_backends() -> List[str]:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto': MinkowskiEngine when it imports (the paper's library, fastest CPU backend measured),
-    spconv on CUDA, else the pure-torch backend."""
+    """'auto': on CUDA, MinkowskiEngine when it imports (the paper's library), else spconv, else torch;
+    on the CPU, torch: the fastest full GS-Net step measured here with all three installed
+    (benchmarks/results/gsnet_cpu.json)."""
     if name != "auto":
         get_backend(name)
         return name
-    for candidate in ("minkowski", "spconv"):
-        if candidate == "spconv" and device.type != "cuda":
-            continue
-        try:
-            get_backend(candidate)
-            return candidate
-        except Exception:  # noqa: BLE001
-            continue
+    if device.type == "cuda":
+        for candidate in ("minkowski", "spconv"):
+            try:
+                get_backend(candidate)
+                return candidate
+            except Exception:  # noqa: BLE001
+                continue
     return "torch"
 
 

@@ -53,7 +53,7 @@ class GSNetConfig:
     form: the head runs per voxel and Gaussians gather its 512-D output (much cheaper at 1e6 Gaussians)."""
     head_channels: int = 256
     backend: Literal["auto", "torch", "spconv", "minkowski"] = "auto"
-    """Sparse-conv backend (auto: minkowski if installed, spconv on CUDA, else torch)."""
+    """Sparse-conv backend (auto: on CUDA minkowski, else spconv, else torch, whichever is installed; on CPU torch)."""
 
     def __post_init__(self):
         self.enc_channels = tuple(int(c) for c in self.enc_channels)

@@ -314,7 +314,7 @@ def load_clip_from_info(info: dict, checkpoint: Optional[PathLike] = None, devic
             raise ValueError(
                 f"This teacher cache was made with a randomly initialised CLIP ({info.get('model')}, test-only): its "
                 "embeddings mean nothing. Re-run `qsplat extract-features` with real weights, or pass "
-                "allow_random_init=True (tests).")
+                "allow_random_init=True (tests; in ns-train/ns-eval: --pipeline.model.allow-random-text-encoder True).")
         return load_clip(info["model"], None, device=device, random_init=True, model_cfg=info.get("model_cfg"),
                          seed=int(info.get("seed", 0)))
     clip = load_clip(info["model"], info.get("pretrained"), checkpoint, device=device, model_cfg=info.get("model_cfg"))
