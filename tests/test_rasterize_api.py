@@ -143,3 +143,36 @@ def test_high_level_validation():
         rasterize_features(means, quats[:3], scales, opac, feats, viewmats, Ks, 10, 10)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         rasterize_features(means, quats, scales, opac, feats, viewmats, Ks, 10, 10, backend="cuda")
+
+
+def test_projection_matches_gsplat_and_culls_the_camera_plane_without_nans():
+    """Our CPU projection equals gsplat's torch projection for ordinary Gaussians; a Gaussian exactly on the
+    camera plane (depth 0.0), one behind the camera and one past the far plane get radius 0 and finite
+    means2d / conics, and gradients through a render stay finite (gsplat's version divides by the depth:
+    inf means2d, NaN conics, NaN gradients — which made CPU training fail ~1 run in 4)."""
+    from gsplat.cuda._torch_impl import _fully_fused_projection
+
+    from qrender_ns.render.rasterize import _quat_scale_to_covar, project_gaussians
+
+    torch.manual_seed(0)
+    n = 200
+    means = torch.randn(n, 3) * 0.6 + torch.tensor([0.0, 0.0, 3.0])
+    means[0] = torch.tensor([0.3, -0.2, 0.0])  # on the camera plane: depth exactly 0
+    means[1] = torch.tensor([0.1, 0.1, -1.0])  # behind
+    means[2] = torch.tensor([0.0, 0.0, 1e4])  # past far
+    quats, scales = torch.randn(n, 4), torch.rand(n, 3) * 0.1 + 0.01
+    viewmats, Ks = torch.eye(4)[None], torch.tensor([[[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]]])
+    radii, means2d, depths, conics = project_gaussians(means, quats, scales, viewmats, Ks, 64, 48, far_plane=100.0)
+    assert depths[0, 0] == 0.0 and radii[0, :3].tolist() == [0, 0, 0]
+    assert torch.isfinite(means2d).all() and torch.isfinite(conics).all()
+    ref = _fully_fused_projection(means, _quat_scale_to_covar(quats, scales), viewmats, Ks, 64, 48, far_plane=100.0)
+    assert not torch.isfinite(ref[1][0, 0]).all()  # gsplat's own torch version: inf at depth 0
+    assert torch.equal(radii[0, 3:], ref[0][0, 3:].int())
+    for ours, theirs in ((means2d, ref[1]), (depths, ref[2]), (conics, ref[3])):
+        torch.testing.assert_close(ours[0, 3:], theirs[0, 3:])
+
+    means.requires_grad_(True)
+    opacities, colors = torch.full((n,), 0.8), torch.rand(n, 3)
+    rgb, _, _ = rasterize_features(means, quats, scales, opacities, colors, viewmats, Ks, 64, 48, far_plane=100.0)
+    rgb.sum().backward()
+    assert torch.isfinite(means.grad).all() and means.grad[0].abs().sum() == 0

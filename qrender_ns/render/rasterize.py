@@ -220,7 +220,7 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width, height, near_pl
                       far_plane=1e10, eps2d=0.3):
     """Perspective EWA projection -> (radii [V,N] int32, means2d [V,N,2], depths, conics [V,N,3]).
 
-    On CUDA: gsplat's fused kernel. Elsewhere: gsplat's pure-torch `_fully_fused_projection`
+    On CUDA: gsplat's fused kernel. Elsewhere: gsplat's pure-torch projection math (`_project_torch`)
     (never gsplat's CUDA wrappers on CPU: they JIT-compile all of gsplat when nvcc is present).
     """
     if means.is_cuda:
@@ -230,13 +230,34 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width, height, near_pl
             means, None, quats, scales, viewmats, Ks, width, height, eps2d=eps2d,
             near_plane=near_plane, far_plane=far_plane)
         return radii, means2d, depths, conics
-    from gsplat.cuda._torch_impl import _fully_fused_projection
+    return _project_torch(means, _quat_scale_to_covar(quats, scales), viewmats, Ks, width, height, near_plane,
+                          far_plane, eps2d)
 
-    covars = _quat_scale_to_covar(quats, scales)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
-        far_plane=far_plane)
-    return radii.int(), means2d, depths, conics
+
+def _project_torch(means, covars, viewmats, Ks, width, height, near_plane, far_plane, eps2d):
+    """gsplat's `_fully_fused_projection` (pinhole), except that Gaussians outside [near, far] are projected
+    with depth 1 before being culled (radius 0). gsplat's version divides by the true depth: a Gaussian
+    exactly on a camera's plane (depth 0.0 in float32: it happens, ~1 in 4 CPU demo runs) gave inf means2d
+    and NaN conics, and 0/0 gradients that turned its parameters into NaN. gsplat's CUDA kernel culls those
+    Gaussians before dividing, as this does."""
+    from gsplat.cuda._torch_impl import _persp_proj, _world_to_cam
+
+    means_c, covars_c = _world_to_cam(means, covars, viewmats)
+    depths = means_c[..., 2]
+    in_depth = (depths > near_plane) & (depths < far_plane)
+    safe_z = torch.where(in_depth, depths, torch.ones_like(depths))
+    means2d, covars2d = _persp_proj(torch.cat([means_c[..., :2], safe_z[..., None]], dim=-1), covars_c, Ks,
+                                    width, height)
+    covars2d = covars2d + torch.eye(2, device=means.device, dtype=means.dtype) * eps2d
+    det = (covars2d[..., 0, 0] * covars2d[..., 1, 1] - covars2d[..., 0, 1] * covars2d[..., 1, 0]).clamp(min=1e-10)
+    conics = torch.stack([covars2d[..., 1, 1] / det, -(covars2d[..., 0, 1] + covars2d[..., 1, 0]) / 2.0 / det,
+                          covars2d[..., 0, 0] / det], dim=-1)
+    b = (covars2d[..., 0, 0] + covars2d[..., 1, 1]) / 2
+    radius = torch.ceil(3.0 * torch.sqrt(b + torch.sqrt(torch.clamp(b ** 2 - det, min=0.01)))).detach()
+    inside = ((means2d[..., 0] + radius > 0) & (means2d[..., 0] - radius < width)
+              & (means2d[..., 1] + radius > 0) & (means2d[..., 1] - radius < height))
+    radius = torch.where(in_depth & (det > 0) & inside, radius, torch.zeros_like(radius))
+    return radius.int(), means2d, depths, conics
 
 
 def rasterize_features(
