@@ -5,6 +5,7 @@
 3. `ns-train q-splat`           RGB + 512-D feature training on the CPU
 4. `ns-eval`                    PSNR/SSIM + feature mIoU + dense/quantile timing -> JSON
 5. `qsplat query --text chair`  3D selection PLY + relevancy PNGs
+6. `qsplat eval-scannet`        the paper's ScanNet 3D protocol (19 classes) on the generated room
 Each step is the real command a user would type; they are printed as they run.
 """
 
@@ -69,8 +70,14 @@ def run_pipeline_demo(cfg) -> dict:
     timings["query"] = _run([qsplat, "query", "--load-config", str(config), "--text", "chair", "--output",
                              str(query_ply), "--cameras", "0", "1"], log)
 
+    eval_dir = out / "eval"
+    timings["eval_scannet"] = _run([qsplat, "eval-scannet", "--load-config", str(config), "--classes", "19",
+                                    "--output", str(eval_dir)], log)
+    scannet = json.loads((eval_dir / "scannet3d_19.json").read_text())
+
     results = json.loads(metrics_path.read_text())["results"]
     summary = dict(results=results, timings_s=timings, config=str(config), metrics=str(metrics_path),
+                   scannet3d_19={k: scannet[k] for k in ("miou", "macc", "num_present_classes", "json", "markdown")},
                    renders=str(renders), query_ply=str(query_ply),
                    relevancy_pngs=sorted(str(p) for p in query_ply.parent.glob("*.png")))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -89,6 +96,9 @@ def _print_summary(summary: dict, cfg) -> None:
     print(f"  512-D feature map: dense {r['feature_ms_dense']:.1f} ms, quantile (K={cfg.num_quantiles}) "
           f"{r['feature_ms_quantile']:.1f} ms -> x{r['feature_speedup_quantile_vs_dense']:.2f}; "
           f"cosine(quantile, dense) {r['feature_cosine_quantile_vs_dense']:.3f}")
+    sc = summary["scannet3d_19"]
+    print(f"  ScanNet 3D protocol (19 classes, {sc['num_present_classes']} in this room): mIoU {sc['miou']:.3f}  "
+          f"mAcc {sc['macc']:.3f}  ({sc['markdown']})")
     print(f"  metrics JSON : {summary['metrics']}")
     print(f"  renders      : {summary['renders']}")
     print(f"  query 'chair': {summary['query_ply']}")

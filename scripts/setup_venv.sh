@@ -79,7 +79,9 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-
     exit 1
   fi
   echo "$want" > "$VENV/.qsplat-deps"
-else
-  "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+else  # dependencies current: only re-link this clone (setuptools' editable-mode notes shown only on failure)
+  log=$(mktemp)
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e . >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; exit 1; }
+  rm -f "$log"
 fi
 echo "[setup] venv ready: $VENV"
