@@ -178,6 +178,7 @@ def test_eval_scannet_subset_skips_absent_classes(run, tmp_path):
     assert result["miou"] >= 0.8 and result["macc"] >= 0.8, result["per_class"]
     ten = run_eval_scannet(EvalScannet(load_config=run["config_path"], classes="10", output=tmp_path, timing=False,
                                        supervision_diagnostic=False), pipeline=run["pipeline"])
+    print(f"[test_eval] eval-scannet 10 classes: mIoU {ten['miou']:.3f} mAcc {ten['macc']:.3f}")
     assert ten["miou"] >= 0.8 and ten["num_present_classes"] >= 3, ten["per_class"]
     # the template must stay the bare name for the exact-string synthetic text encoder
     with pytest.raises(ValueError, match="bare class name"):
