@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qrender_ns.gsnet import GSNet, GSNetConfig, available_backends, devoxelize, get_backend, pool_to_voxels, voxelize
+from qrender_ns.gsnet import (GSNet, GSNetConfig, available_backends, devoxelize, devoxelize_trilinear, get_backend,
+                              pool_to_voxels, voxelize)
 from qrender_ns.gsnet.backbone import MinkUNet, calibrate_permutation
 
 TINY = dict(stem_channels=8, enc_channels=(8, 16, 16, 16), dec_channels=(16, 16, 8, 8), gaussian_mlp_channels=8,
@@ -47,6 +48,47 @@ def test_voxelize_devoxelize_round_trip():
     pooled = pool_to_voxels(vox, values)
     for v in (0, vox.num_voxels // 2, vox.num_voxels - 1):
         assert torch.allclose(pooled[v], values[vox.center_voxel == v].mean(0))
+
+
+def test_trilinear_devoxelize_reproduces_linear_fields_and_renormalises():
+    torch.manual_seed(0)
+    # a full 6x6x6 block of voxels: inside it, trilinear interpolation of a linear field is exact
+    grid = torch.stack(torch.meshgrid(*[torch.arange(6)] * 3, indexing="ij"), -1).reshape(-1, 3).double()
+    centres = (grid + 0.5) * 0.1
+    inner = 0.15 + torch.rand(300, 3, dtype=torch.float64) * 0.3  # between voxel centres, away from the border
+    vox = voxelize(torch.cat([centres, inner]), 0.1, origin=torch.zeros(3, dtype=torch.float64))
+    assert vox.num_voxels == 216
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    field = vox.voxel_centers() @ a + b  # [V, 4], linear in the voxel centre
+    out = devoxelize_trilinear(vox, field, torch.cat([centres, inner]))
+    torch.testing.assert_close(out, torch.cat([centres, inner]) @ a + b)
+    # at a voxel centre it is that voxel's feature (the gather)
+    torch.testing.assert_close(out[:216], devoxelize(vox, field)[:216])
+    # a lone voxel: every other corner is empty, the weights renormalise onto it
+    lone = voxelize(torch.tensor([[0.0, 0.0, 0.0], [1.02, 1.03, 1.01]]), 0.1, origin=torch.zeros(3))
+    feats = torch.randn(lone.num_voxels, 3, requires_grad=True)
+    got = devoxelize_trilinear(lone, feats, torch.tensor([[0.0, 0.0, 0.0], [1.02, 1.03, 1.01]]))
+    torch.testing.assert_close(got, feats[lone.center_voxel])
+    got.sum().backward()
+    assert torch.equal(feats.grad, torch.ones_like(feats))
+    with pytest.raises(ValueError, match="points must have shape"):
+        devoxelize_trilinear(lone, feats, torch.zeros(3, 3))
+
+
+def test_gsnet_trilinear_devoxelization_trains():
+    torch.manual_seed(0)
+    n = 2000
+    inputs = dict(means=_surface_points(n), colors=torch.rand(n, 3), opacities=torch.rand(n),
+                  scales=torch.rand(n, 3) * 0.02, quats=torch.randn(n, 4))
+    for mlp in (8, 0):  # per-Gaussian MLP, and the paper's per-voxel head
+        net = GSNet(GSNetConfig(**{**TINY, "gaussian_mlp_channels": mlp}, devoxelize="trilinear"))
+        out = net(**inputs)
+        assert torch.allclose(out.norm(dim=-1), torch.ones(n), atol=1e-5)
+        out[:, 0].sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+        voxel_net = GSNet(GSNetConfig(**{**TINY, "gaussian_mlp_channels": mlp}))
+        voxel_net.load_state_dict(net.state_dict())
+        assert not torch.allclose(voxel_net(**inputs), out.detach())  # the option changes the result
 
 
 def test_extent_sampling_max_reduces():

@@ -8,7 +8,7 @@ torchrun), `predict` (`qsplat predict-features`).
 
 from .backbone import BACKEND_NAMES, MinkUNet, SparseConvBackend, available_backends, get_backend
 from .gsnet import GSNet, GSNetConfig, read_checkpoint
-from .voxelize import Voxelization, devoxelize, pool_to_voxels, voxelize
+from .voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
 
 __all__ = [
     "BACKEND_NAMES",
@@ -19,6 +19,7 @@ __all__ = [
     "Voxelization",
     "available_backends",
     "devoxelize",
+    "devoxelize_trilinear",
     "get_backend",
     "pool_to_voxels",
     "read_checkpoint",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import MinkUNet, get_backend, resolve_backend
-from .voxelize import Voxelization, devoxelize, pool_to_voxels, voxelize
+from .voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
 
 CHECKPOINT_FORMAT = "qsplat-gsnet/1"
 _OPTIONAL_INPUTS = ("log_scale", "rotation")
@@ -36,6 +36,9 @@ class GSNetConfig:
     """Voxel edge in metres (paper: 5 cm best; 2 cm close; 10 cm -3 mIoU; 1 cm and finer much worse)."""
     sampling: Literal["center", "extent"] = "center"
     """center: each Gaussian in its centre's voxel (paper); extent: also at +-1 sigma on its 3 axes."""
+    devoxelize: Literal["voxel", "trilinear"] = "voxel"
+    """How Gaussians read the voxel features: voxel = their own voxel's (max over touched voxels with extent
+    sampling; the paper); trilinear = interpolated between the occupied voxel centres around them."""
     extra_inputs: Tuple[str, ...] = ()
     """Inputs beyond position, RGB, opacity: any of "log_scale", "rotation"."""
     position_frame: Literal["centered", "world"] = "centered"
@@ -155,15 +158,23 @@ class GSNet(nn.Module):
         voxel_in = pool_to_voxels(voxelization, attrs, "mean")
         t1 = time.perf_counter()
         voxel_out = self.backbone(self.backend(means.device), voxelization.coords, voxel_in)
+        if self.config.devoxelize == "trilinear":
+            centres = means / units_per_metre
+
+            def devox(features: Tensor) -> Tensor:
+                return devoxelize_trilinear(voxelization, features, centres)
+        else:
+            def devox(features: Tensor) -> Tensor:
+                return devoxelize(voxelization, features)
         if self.gaussian_mlp is None:  # the paper's form: 512-D per voxel, scattered back (max-reduce)
-            out = devoxelize(voxelization, self._run_head(voxel_out))
-            if not voxelization.is_center_sampled:
+            out = devox(self._run_head(voxel_out))
+            if not (voxelization.is_center_sampled and self.config.devoxelize == "voxel"):
                 out = F.normalize(out, dim=-1)
         else:
             own = attrs.clone()
             centre = voxelization.voxel_centers()[voxelization.center_voxel]
             own[:, :3] = (means / units_per_metre - centre) / self.config.voxel_size  # in [-0.5, 0.5]
-            per_gaussian = torch.cat([devoxelize(voxelization, voxel_out), self.gaussian_mlp(own)], dim=1)
+            per_gaussian = torch.cat([devox(voxel_out), self.gaussian_mlp(own)], dim=1)
             out = self._run_head(per_gaussian)
         self.last_stats = {"num_gaussians": float(n), "num_voxels": float(voxelization.num_voxels),
                            "voxelize_s": t1 - t0, "network_s": time.perf_counter() - t1}

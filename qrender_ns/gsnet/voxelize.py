@@ -6,6 +6,10 @@ into a voxel grid (default 5 cm, the paper's best), merges the Gaussians that fa
 scatters the voxel predictions back to the Gaussians with a max-reduce. With centre sampling each
 Gaussian lies in exactly one voxel, so the max-reduce is a gather of that voxel's feature.
 
+`devoxelize_trilinear` is the smooth alternative to the gather: a Gaussian blends the features of
+the (up to) 8 occupied voxels whose centres surround its centre, with trilinear weights renormalised
+over the occupied ones (its own voxel is always among them, with weight >= 1/8).
+
 `sampling="extent"` also samples each Gaussian at its centre +- one standard deviation along its
 three principal axes (7 points): a large Gaussian then touches several voxels, contributes to each
 voxel's pooled input, and gets the element-wise max of those voxels' features back.
@@ -163,3 +167,33 @@ def devoxelize(vox: Voxelization, voxel_features: Tensor) -> Tensor:
     src = voxel_features[vox.pair_voxel]
     out = voxel_features.new_zeros(vox.num_gaussians, voxel_features.shape[1])
     return out.scatter_reduce(0, vox.pair_gaussian[:, None].expand_as(src), src, "amax", include_self=False)
+
+
+def devoxelize_trilinear(vox: Voxelization, voxel_features: Tensor, points: Tensor) -> Tensor:
+    """Per-Gaussian features [N, C] trilinearly interpolated between the centres of the occupied voxels
+    around each Gaussian centre `points` [N, 3] (the units given to `voxelize`). Missing (empty) corners
+    drop out and the remaining weights are renormalised, so a feature field that is linear over 8 occupied
+    corners is reproduced exactly. Differentiable w.r.t. voxel_features (not w.r.t. the points)."""
+    if voxel_features.shape[0] != vox.num_voxels:
+        raise ValueError(f"voxel_features has {voxel_features.shape[0]} rows, the voxelization {vox.num_voxels} voxels")
+    if points.shape != (vox.num_gaussians, 3):
+        raise ValueError(f"points must have shape [{vox.num_gaussians}, 3], got {list(points.shape)}")
+    grid = (points.detach().to(vox.origin) - vox.origin) / vox.voxel_size - 0.5  # voxel-centre coordinates
+    base = torch.floor(grid)
+    frac = (grid - base).to(voxel_features.dtype)
+    base = base.long()
+    keys = linear_keys(vox.coords)  # sorted: coords are in lexicographic order
+    corners, weights = [], []
+    for corner in range(8):
+        bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=base.device)
+        query = linear_keys(base + bits)
+        pos = torch.searchsorted(keys, query).clamp_max(max(keys.numel() - 1, 0))
+        found = keys[pos] == query
+        w = torch.where(bits.bool(), frac, 1 - frac).prod(dim=1)
+        corners.append(pos)
+        weights.append(torch.where(found, w, torch.zeros_like(w)))
+    total = torch.stack(weights, dim=1).sum(dim=1, keepdim=True).clamp_min(1e-12)
+    out = voxel_features.new_zeros(vox.num_gaussians, voxel_features.shape[1])
+    for pos, w in zip(corners, weights):
+        out = out + (w[:, None] / total) * voxel_features[pos]
+    return out
