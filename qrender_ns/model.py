@@ -31,6 +31,7 @@ from .losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
 from .query import relevancy
 from .render import rasterize_to_pixels
 from .render.binning import isect_offset_encode, isect_tiles
+from .metrics import mean_class_iou
 from .render.rasterize import check_num_quantiles, project_gaussians
 
 FEATURE_PARAM = "clip_features"
@@ -363,13 +364,7 @@ class QSplatModel(SplatfactoModel):
         prediction = torch.where(feature_alpha[..., 0] > 0, prediction, torch.zeros_like(prediction))
         if gt_classes.shape != prediction.shape:
             raise ValueError(f"ground-truth class map {tuple(gt_classes.shape)} != render {tuple(prediction.shape)}")
-        ious = []
-        for cls in torch.unique(gt_classes):
-            if int(cls) == 0:
-                continue
-            pred_c, gt_c = prediction == cls, gt_classes == cls
-            ious.append(float((pred_c & gt_c).sum()) / float((pred_c | gt_c).sum()))
-        return (sum(ious) / len(ious) if ious else float("nan")), prediction
+        return mean_class_iou(prediction, gt_classes), prediction
 
 
 def _colorize_classes(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics import mean_class_iou
 from .gsnet import GSNet, GSNetConfig, read_checkpoint
 from .scenes import TrainingScene, load_scene
 
@@ -150,16 +151,6 @@ def scene_loss(net: nn.Module, scene: TrainingScene, cfg: TrainGSNet, generator:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _miou(prediction: Tensor, truth: Tensor) -> float:
-    ious = []
-    for cls in torch.unique(truth):
-        if int(cls) == 0:
-            continue
-        p, t = prediction == cls, truth == cls
-        ious.append(float((p & t).sum()) / float((p | t).sum()))
-    return sum(ious) / len(ious) if ious else float("nan")
-
-
 @torch.no_grad()
 def evaluate_features(scene: TrainingScene, features: Tensor, num_quantiles: Optional[int] = 10,
                       scale: float = 1.0, backend: str = "auto") -> Dict[str, float]:
@@ -177,7 +168,7 @@ def evaluate_features(scene: TrainingScene, features: Tensor, num_quantiles: Opt
     result: Dict[str, float] = {}
     logits = F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
     if scene.gaussians.labels is not None:
-        result["miou_3d"] = _miou(ids[logits.argmax(-1)], scene.gaussians.labels.to(features.device))
+        result["miou_3d"] = mean_class_iou(ids[logits.argmax(-1)], scene.gaussians.labels.to(features.device))
     views = scene.eval
     if views is not None and views.class_maps and all(p is not None and Path(p).is_file() for p in views.class_maps):
         scores = []
@@ -187,7 +178,7 @@ def evaluate_features(scene: TrainingScene, features: Tensor, num_quantiles: Opt
             pred = torch.where(alpha[0, ..., 0] > 0, pred, torch.zeros_like(pred))
             truth = torch.from_numpy(__import__("numpy").asarray(Image.open(views.class_maps[v])).astype("int64"))
             truth = _resize_nearest(truth, pred.shape[0], pred.shape[1]).to(pred.device)
-            scores.append(_miou(pred, truth))
+            scores.append(mean_class_iou(pred, truth))
         result["miou_2d"] = sum(scores) / len(scores) if scores else float("nan")
     return result
 
