@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .voxelize import linear_keys
+from .voxelize import linear_keys, lookup_keys
 
 BACKEND_NAMES = ("torch", "spconv", "minkowski")
 KERNEL_VOLUME = {"conv3": 27, "down2": 8, "up2": 8}
@@ -204,10 +204,8 @@ class _TorchLevel:
 
     def lookup(self, queries: Tensor) -> Tensor:
         """Row of each query coordinate [M, 3] in this level, -1 where absent."""
-        keys = linear_keys(queries)
-        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max(self.sorted_keys.numel() - 1)
-        found = self.sorted_keys[pos] == keys
-        return torch.where(found, self.order[pos], torch.full_like(pos, -1))
+        pos = lookup_keys(self.sorted_keys, linear_keys(queries))
+        return torch.where(pos >= 0, self.order[pos.clamp_min(0)], pos)
 
     def conv3_pairs(self) -> Pairs:
         """Submanifold 3x3x3 pairs: slot k holds (rows m, rows n) with coords[n] = coords[m] + offset_k;

@@ -158,14 +158,10 @@ class GSNet(nn.Module):
         voxel_in = pool_to_voxels(voxelization, attrs, "mean")
         t1 = time.perf_counter()
         voxel_out = self.backbone(self.backend(means.device), voxelization.coords, voxel_in)
-        if self.config.devoxelize == "trilinear":
-            centres = means / units_per_metre
-
-            def devox(features: Tensor) -> Tensor:
-                return devoxelize_trilinear(voxelization, features, centres)
-        else:
-            def devox(features: Tensor) -> Tensor:
-                return devoxelize(voxelization, features)
+        def devox(features: Tensor) -> Tensor:
+            if self.config.devoxelize == "trilinear":
+                return devoxelize_trilinear(voxelization, features, means / units_per_metre)
+            return devoxelize(voxelization, features)
         if self.gaussian_mlp is None:  # the paper's form: 512-D per voxel, scattered back (max-reduce)
             out = devox(self._run_head(voxel_out))
             if not (voxelization.is_center_sampled and self.config.devoxelize == "voxel"):

@@ -62,6 +62,14 @@ def linear_keys(coords: Tensor) -> Tensor:
     return (shifted[:, 0] * _KEY_RANGE + shifted[:, 1]) * _KEY_RANGE + shifted[:, 2]
 
 
+def lookup_keys(sorted_keys: Tensor, queries: Tensor) -> Tensor:
+    """Position of each query key in the ascending `sorted_keys`, -1 where absent."""
+    if sorted_keys.numel() == 0:
+        return torch.full_like(queries, -1)
+    pos = torch.searchsorted(sorted_keys, queries).clamp_max(sorted_keys.numel() - 1)
+    return torch.where(sorted_keys[pos] == queries, pos, torch.full_like(pos, -1))
+
+
 def decode_keys(keys: Tensor) -> Tensor:
     z = keys % _KEY_RANGE
     y = (keys // _KEY_RANGE) % _KEY_RANGE
@@ -186,12 +194,10 @@ def devoxelize_trilinear(vox: Voxelization, voxel_features: Tensor, points: Tens
     corners, weights = [], []
     for corner in range(8):
         bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=base.device)
-        query = linear_keys(base + bits)
-        pos = torch.searchsorted(keys, query).clamp_max(max(keys.numel() - 1, 0))
-        found = keys[pos] == query
+        pos = lookup_keys(keys, linear_keys(base + bits))
         w = torch.where(bits.bool(), frac, 1 - frac).prod(dim=1)
-        corners.append(pos)
-        weights.append(torch.where(found, w, torch.zeros_like(w)))
+        corners.append(pos.clamp_min(0))
+        weights.append(torch.where(pos >= 0, w, torch.zeros_like(w)))
     total = torch.stack(weights, dim=1).sum(dim=1, keepdim=True).clamp_min(1e-12)
     out = voxel_features.new_zeros(vox.num_gaussians, voxel_features.shape[1])
     for pos, w in zip(corners, weights):
