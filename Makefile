@@ -5,7 +5,7 @@ PY := $(QSPLAT_VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv ext test test-all demo bench minkowski clean
+.PHONY: venv ext test test-all demo real-demo bench minkowski clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -23,6 +23,10 @@ test-all: ext minkowski
 demo: ext
 	$(PY) -m qrender_ns.cli demo-render --out demo_out/render
 	$(PY) -m qrender_ns.cli demo --out demo_out
+
+# A folder of real photos -> ns-process-data (COLMAP) -> ns-train q-splat -> ns-eval -> query (~10-15 min, CPU).
+real-demo: ext
+	@bash scripts/real_demo.sh
 
 bench: ext
 	$(PY) benchmarks/bench_rasterize.py

@@ -107,6 +107,8 @@ class QSplatModel(SplatfactoModel):
         metadata = self.kwargs.get("metadata") or {}
         self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
         self.teacher_cache_root: Optional[str] = metadata.get("qsplat_teacher_cache")
+        # `--pipeline.datamanager.teacher-weights random-tiny` asked for random models on purpose (smoke test)
+        self.random_tiny_teacher = bool(metadata.get("qsplat_teacher_random"))
         self.units_per_metre = float(metadata.get("qsplat_units_per_metre") or 1.0)  # GS-Net voxels are in metres
         self._text_encoder = None
         self.query_text = ""
@@ -140,8 +142,11 @@ class QSplatModel(SplatfactoModel):
 
             if not self.teacher_cache_root:
                 raise RuntimeError("No teacher cache is known for this model, so no text encoder either")
-            self._text_encoder = load_text_encoder(self.teacher_cache_root,
-                                                   allow_random_init=self.config.allow_random_text_encoder)
+            allow = self.config.allow_random_text_encoder or self.random_tiny_teacher
+            if self.random_tiny_teacher:
+                CONSOLE.print("[yellow][q-splat] teacher-weights random-tiny: text queries use a random CLIP and "
+                              "mean nothing (a smoke test of the pipeline).[/yellow]")
+            self._text_encoder = load_text_encoder(self.teacher_cache_root, allow_random_init=allow)
         return self._text_encoder
 
     @property

@@ -166,7 +166,7 @@ def test_bad_data_folders(tmp_path, scene):
     with pytest.raises(SceneLayoutError, match="does not exist"):
         detect_layout(tmp_path / "missing")
     (tmp_path / "color").mkdir()
-    with pytest.raises(SceneLayoutError, match="neither a nerfstudio scene"):
+    with pytest.raises(SceneLayoutError, match="not a scene layout q-splat reads"):
         detect_layout(tmp_path)
 
 
@@ -180,12 +180,19 @@ def test_images_without_poses_rejected(tmp_path):
         QSplatDataParserConfig(data=root).setup().get_dataparser_outputs("train")
 
 
-def test_missing_teacher_cache_message(tmp_path):
+def test_missing_teacher_cache_is_filled_or_named(tmp_path):
+    from qrender_ns.teachers.cache import TeacherCache, TeacherCacheError
+
     root = tmp_path / "room"
     generate_scene(root, layout="scannet", seed=1, num_images=6, width=32, height=24, num_eval=1)
     config = make_config(root, tmp_path / "runs", steps=1)
-    with pytest.raises(FileNotFoundError, match="qsplat extract-features --data"):
+    config.pipeline.datamanager.fill_teacher_cache = False
+    with pytest.raises(TeacherCacheError, match="qsplat extract-features --data"):
         config.pipeline.datamanager.setup(device="cpu")
+    config.pipeline.datamanager.fill_teacher_cache = True  # the default: ns-train fills it itself
+    datamanager = config.pipeline.datamanager.setup(device="cpu")
+    assert datamanager.teacher_cache.teacher_name == "synthetic"
+    assert len(TeacherCache(root / "qsplat_teacher" / "synthetic")) == len(datamanager.train_dataset)
 
 
 def test_nan_feature_loss_is_a_clear_error(trained):

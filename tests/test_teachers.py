@@ -13,11 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qrender_ns.data import scene_generator as sg
 from qrender_ns.teachers.cache import (CorruptCacheError, TeacherCache, TeacherCacheError, default_cache_root,
                                        image_key, image_sha256)
 from qrender_ns.teachers.extract import ExtractFeatures
+from qrender_ns.teachers.setup import served_image_sha256
 from qrender_ns.teachers.synthetic import SyntheticTeacher, SyntheticTextEncoder, class_embedding
 from qrender_ns.teachers.text import load_text_encoder
 
@@ -192,13 +194,18 @@ def test_resume_skips_current_entries_and_redoes_changed_images(tmp_path):
     again = teacher.run(progress=False)
     assert (again.written, again.skipped) == (0, 6) and _npz_files(teacher.cache_root) == files
 
-    with open(info.image_paths[3], "ab") as f:  # new bytes, same picture
+    with open(info.image_paths[3], "ab") as f:  # new bytes, same picture: the key is the served pixels
         f.write(b"\0")
+    assert (teacher.run(progress=False).written, len(_npz_files(teacher.cache_root))) == (0, 6)
+    picture = np.asarray(Image.open(info.image_paths[3])).copy()
+    picture[:4] = 255 - picture[:4]  # other pixels: that image alone is redone
+    Image.fromarray(picture).save(info.image_paths[3], quality=100)
     redo = teacher.run(progress=False)
     assert (redo.written, redo.skipped) == (1, 5)
     cache = TeacherCache(teacher.cache_root)
     key = image_key(info.image_paths[3], info.root)
-    assert cache.is_current(key, image_sha256(info.image_paths[3]))
+    served = np.asarray(Image.open(info.image_paths[3]).convert("RGB"))
+    assert cache.is_current(key, served_image_sha256(served)) and not cache.is_current(key, image_sha256(info.image_paths[3]))
     changed = set(_npz_files(teacher.cache_root)) ^ set(files)
     assert changed == {cache.entry(key)["file"], next(f for f in files if f.startswith("color_3.jpg"))}
 
@@ -306,12 +313,38 @@ def test_extract_features_command(tmp_path, capsys):
 
     info = _scene(tmp_path)
     command = tyro.cli(ExtractFeatures, args=["--data", str(info.root)])
-    assert command.teacher == "synthetic" and command.noise == 0.05 and not command.overwrite
+    assert command.teacher == "auto" and command.synthetic_noise is None and not command.overwrite
     command.main()
     out = capsys.readouterr().out
-    assert str(default_cache_root(info.root, "synthetic")) in out and "6 images written" in out
+    from qrender_ns.data.dataparser import QSplatDataParserConfig
+
+    train = QSplatDataParserConfig(data=info.root).setup().get_dataparser_outputs("train").image_filenames
+    assert str(default_cache_root(info.root, "synthetic")) in out and f"{len(train)} images written" in out
     command.main()
     assert "0 images written" in capsys.readouterr().out
 
-    with pytest.raises(SystemExit, match="make-scene.*CLIP teacher"):
+    with pytest.raises(SystemExit, match="not a scene layout q-splat reads"):
         ExtractFeatures(data=tmp_path).main()
+
+
+# --- caches are never silently replaced -------------------------------------------------------------------
+
+
+def test_cache_of_another_teacher_setting_or_other_images_is_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from qrender_ns.teachers.setup import TeacherSetupError, open_cache_for
+
+    root = tmp_path / "scene" / "qsplat_teacher" / "grounded-sam2-clip"
+    old = SimpleNamespace(name="grounded-sam2-clip", cache_root=root, dim=4, class_names=["chair"],
+                          teacher_info={"name": "grounded-sam2-clip", "prompts": ["chair"]})
+    cache = open_cache_for(old, ["images/a.png"])
+    cache.write("images/a.png", np.zeros((2, 3), np.int32), np.ones((1, 4)), "sha-a")
+    new = SimpleNamespace(**{**vars(old), "teacher_info": {"name": "grounded-sam2-clip", "prompts": ["table"]},
+                             "class_names": ["table"]})
+    with pytest.raises(TeacherSetupError, match=r"other settings \(differ: prompts\).*kept as it is.*--overwrite"):
+        open_cache_for(new, ["images/a.png"])
+    with pytest.raises(TeacherSetupError, match="none of which is an image of this scene"):
+        open_cache_for(old, ["images/b.png"])
+    assert TeacherCache(root).keys() == ["images/a.png"]  # nothing lost
+    assert len(open_cache_for(new, ["images/a.png"], replace_other_teacher=True)) == 0  # --overwrite replaces

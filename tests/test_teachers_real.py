@@ -29,34 +29,14 @@ from qrender_ns.teachers.cache import TeacherCache  # noqa: E402
 from qrender_ns.teachers.extract import ExtractFeatures  # noqa: E402
 from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
 
+from qrender_ns.teachers import tiny as qtiny  # noqa: E402
+
 WIDTH, HEIGHT = 64, 48
-TINY_CLIP = {"embed_dim": 512,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "chair", "table", "sofa", "lamp", "wall", "floor"]
+TINY_CLIP = qtiny.TINY_CLIP
 
 
 def make_tiny_grounding_dino(folder: Path) -> Path:
-    """A random GroundingDINO (Swin + BERT, a few hundred k parameters) with a processor, saved like a hub
-    snapshot: config.json, model.safetensors, tokenizer and processor files."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64,
-                          out_features=["stage2", "stage3", "stage4"])
-    text = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
-    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
-                                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-                                 decoder_attention_heads=2, num_queries=8, max_text_len=32)
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return qtiny.make_tiny_grounding_dino(folder)
 
 
 def tiny_config(detector: Path, prompts=("chair", "table"), **overrides) -> qmasks.GroundedSam2ClipConfig:
@@ -301,11 +281,23 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, monkeypatch, detector):
     scene = _scene(tmp_path)
     command = tyro.cli(ExtractFeatures, args=["--data", str(scene.root), "--teacher", "grounded-sam2-clip",
                                               "--prompts", "chair,table", "--clip-checkpoint", str(tmp_path / "no.bin"),
-                                              "--detector-checkpoint", str(detector), "--device", "cpu"])
-    assert command.sam2_config == "sam2.1_hiera_l" and command.batch_size == 32
+                                              "--detector-checkpoint", str(detector), "--teacher-device", "cpu"])
+    assert command.sam2_config is None and command.teacher_batch_size == 32
     with pytest.raises(SystemExit, match=f"No open_clip checkpoint.*\n.*{tmp_path / 'no.bin'}"):
         command.main()
     assert not (scene.root / "qsplat_teacher" / "grounded-sam2-clip").exists()
+
+    # A checkpoint option without --teacher picks the real teacher (never a silent synthetic run) ...
+    implicit = tyro.cli(ExtractFeatures, args=["--data", str(scene.root), "--clip-checkpoint", str(tmp_path / "no.bin"),
+                                               "--sam2-checkpoint", str(tmp_path / "no.pt")])
+    with pytest.raises(SystemExit, match="No open_clip checkpoint"):
+        implicit.main()
+    # ... and an option of the other teacher is an error, not ignored.
+    with pytest.raises(SystemExit, match="--clip-checkpoint is not read by the synthetic teacher"):
+        ExtractFeatures(data=scene.root, teacher="synthetic", clip_checkpoint=tmp_path / "no.bin").main()
+    with pytest.raises(SystemExit, match="--synthetic-noise is not read by the grounded-sam2-clip teacher"):
+        ExtractFeatures(data=scene.root, teacher="grounded-sam2-clip", synthetic_noise=0.1).main()
+    assert not (scene.root / "qsplat_teacher").exists()
 
 
 # --- ns-train q-splat from this cache --------------------------------------------------------------------

@@ -1,37 +1,54 @@
 """Full-image datamanager that also serves the teacher's masks and mask embeddings.
 
-Per training image the batch gains `mask_ids` (long [H, W], -1 = no mask) and
-`mask_embeddings` (float [M, D]), read lazily from the on-disk teacher cache (never all in
-RAM). Eval images of generated scenes gain `gt_classes` (long [H, W], 0 = none), the ground
-truth of the 2D mIoU metric.
+Per training image the batch gains `mask_ids` (long [H, W], -1 = no mask) and `mask_embeddings`
+(float [M, D]), read lazily from the on-disk teacher cache (never all in RAM). Eval images of generated
+scenes gain `gt_classes` (long [H, W], 0 = none), the ground truth of the 2D mIoU metric.
+
+When training starts, a missing or partial teacher cache is filled first, from the images exactly as this
+datamanager serves them (undistorted, cropped, downscaled; `teachers/setup.py`): `ns-train q-splat --data
+<scene>` is one command. The dataparser is any of nerfstudio's (`ns-train q-splat ... colmap --downscale-factor
+4` works); the default `qsplat-data` detects the layout (data/dataparser.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
+import tyro
 from PIL import Image
 
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 
+from ..teachers.setup import TeacherSettings
 from .dataparser import QSplatDataParserConfig
 
 
+def _dataparser_union():
+    """nerfstudio's dataparser subcommands with ours first (the default), so `ns-train q-splat --data X colmap
+    --downscale-factor 4` works as with splatfacto."""
+    from nerfstudio.configs.dataparser_configs import all_dataparsers
+
+    parsers = {"qsplat-data": QSplatDataParserConfig(), **{k: v for k, v in all_dataparsers.items() if k != "qsplat-data"}}
+    return tyro.conf.OmitSubcommandPrefixes[tyro.extras.subcommand_type_from_defaults(parsers, prefix_names=False)]
+
+
+DataParserUnion = _dataparser_union()
+PREFIX = "--pipeline.datamanager."
+
+
 @dataclass
-class QSplatDataManagerConfig(FullImageDatamanagerConfig):
+class QSplatDataManagerConfig(FullImageDatamanagerConfig, TeacherSettings):
     _target: Type = field(default_factory=lambda: QSplatDataManager)
-    dataparser: QSplatDataParserConfig = field(default_factory=QSplatDataParserConfig)
-    teacher: str = "synthetic"
-    """Teacher whose cache supervises the features (`qsplat extract-features --teacher ...`)."""
-    teacher_cache: Optional[Path] = None
-    """Teacher cache folder (default: <scene>/qsplat_teacher/<teacher>)."""
-    require_teacher: bool = True
-    """Fail at start-up when training images are missing from the teacher cache."""
+    dataparser: DataParserUnion = field(default_factory=QSplatDataParserConfig)  # type: ignore[valid-type]
+    fill_teacher_cache: bool = True
+    """Before training, compute the teacher's masks and embeddings of training images that are not cached yet
+    (progress bar; resumable). Off: a missing entry is an error."""
 
 
 class QSplatDataManager(FullImageDatamanager):
@@ -39,37 +56,92 @@ class QSplatDataManager(FullImageDatamanager):
 
     def __init__(self, config: QSplatDataManagerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.scene_root = Path(self.train_dataparser_outputs.metadata["qsplat_scene_root"])
-        self.teacher_cache = self._open_teacher_cache()
+        metadata = self.train_dataparser_outputs.metadata
+        self.scene_root = Path(metadata.get("qsplat_scene_root") or self.config.dataparser.data).resolve()
+        if self.scene_root.suffix == ".json":
+            self.scene_root = self.scene_root.parent
+        self.layout = metadata.get("qsplat_layout")
+        self.teacher_cache = self._setup_teacher(training=self.test_mode == "val")
+        random_teacher = bool(self.teacher_cache and (self.teacher_cache.teacher_info.get("clip") or {}).get("random_init"))
         # The pipeline hands train_dataset.metadata (a copy of the parser's) to the model.
         self.train_dataset.metadata.update(
             qsplat_teacher_cache=str(self.teacher_cache.root) if self.teacher_cache else None,
             qsplat_class_names=self._class_names(),
+            qsplat_teacher_random=random_teacher and self.config.teacher_weights == "random-tiny",
         )
 
-    # ------------------------------------------------------------------ teacher cache
-    def _open_teacher_cache(self):
-        from ..teachers.cache import TeacherCache, default_cache_root, extract_command
+    # ------------------------------------------------------------------ served images
+    def _image_scale(self, outputs) -> float:
+        return self.config.camera_res_scale_factor / float(outputs.metadata.get("qsplat_downscale") or 1.0)
 
-        root = self.config.teacher_cache or default_cache_root(self.scene_root, self.config.teacher)
-        command = extract_command(self.scene_root, self.config.teacher)
-        if not (Path(root) / "manifest.json").is_file():
-            if not self.config.require_teacher:
-                return None
-            raise FileNotFoundError(
-                f"No teacher cache at {root}: q-splat trains its features on cached teacher masks "
-                f"and embeddings. Run `{command}` first (or pass "
-                f"--pipeline.datamanager.teacher-cache PATH)."
-            )
-        cache = TeacherCache(root)
-        if self.config.require_teacher:
-            cache.validate([self.image_key(f) for f in self.train_dataset.image_filenames])
-        return cache
+    def create_train_dataset(self):
+        outputs = self.train_dataparser_outputs
+        return self.dataset_type(dataparser_outputs=outputs, scale_factor=self._image_scale(outputs))
+
+    def create_eval_dataset(self):
+        outputs = self.dataparser.get_dataparser_outputs(split=self.test_split)
+        return self.dataset_type(dataparser_outputs=outputs, scale_factor=self._image_scale(outputs))
 
     def image_key(self, filename: Path) -> str:
         from ..teachers.cache import image_key
 
-        return image_key(filename, self.scene_root)
+        try:
+            return image_key(filename, self.scene_root)
+        except ValueError:
+            raise ValueError(f"image {filename} lies outside the scene folder {self.scene_root}; the teacher cache "
+                             f"keys images by their path inside the scene. Move or link the images into it.") from None
+
+    def served_items(self, split: str) -> List[Tuple[str, Callable[[], np.ndarray]]]:
+        """(cache key, get_image) of every image of a split, as served (uint8 [H, W, C] after undistortion)."""
+        train = split == "train"
+        dataset = self.train_dataset if train else self.eval_dataset
+        images = (lambda: self.cached_train) if train else (lambda: self.cached_eval)  # noqa: E731
+        return [(self.image_key(f), lambda i=i: _uint8(images()[i]["image"])) for i, f in enumerate(dataset.image_filenames)]
+
+    # ------------------------------------------------------------------ teacher cache
+    def _setup_teacher(self, training: bool):
+        from ..teachers import setup as ts
+        from ..teachers.cache import TeacherCache, TeacherCacheError, extract_command
+
+        settings = ts.settings_of(self.config)
+        if not training:  # ns-eval / ns-viewer: read the cache the run used (if any); never compute
+            root = ts.existing_cache_root(settings, self.scene_root)
+            return TeacherCache(root) if root is not None and (root / "manifest.json").is_file() else None
+        name = ts.resolve_teacher(settings, self.scene_root, PREFIX)
+        if name == "none":
+            CONSOLE.print("[yellow][q-splat] --pipeline.datamanager.teacher none: training RGB only, no features.[/yellow]")
+            return None
+        items = self.served_items("train")
+        keys = [key for key, _ in items]
+        if self.config.fill_teacher_cache:
+            teacher = ts.build_teacher(settings, name, self.scene_root, self.layout, PREFIX)
+            cache = ts.open_cache_for(teacher, keys, PREFIX)
+            stats = ts.fill_teacher_cache(cache, teacher, items, progress=True)
+            if stats.written:
+                CONSOLE.print(f"[q-splat] {name} teacher: {stats.written} images computed ({stats.masks} masks), "
+                              f"{stats.skipped} already cached, {stats.seconds:.1f} s -> {cache.root}")
+        else:
+            root = ts.default_cache_root_for(settings, self.scene_root, name)
+            try:
+                cache = TeacherCache(root)
+            except TeacherCacheError:
+                raise TeacherCacheError(
+                    f"No teacher cache at {root} and --pipeline.datamanager.fill-teacher-cache False. Run "
+                    f"`{extract_command(self.scene_root, name)}` first, or drop that option.") from None
+            stale = [key for key, get_image in items if not cache.is_current(key, ts.served_image_sha256(get_image()))]
+            if stale:
+                raise TeacherCacheError(
+                    f"Teacher cache {root}: {len(stale)} of {len(keys)} training images are missing or were cached "
+                    f"from other pixels (another downscale / undistortion / an edited image), e.g. {stale[:3]}. "
+                    f"Run `{extract_command(self.scene_root, name)}`, or drop --pipeline.datamanager.fill-teacher-cache.")
+        sizes = [tuple(get_image().shape[:2]) for _, get_image in items]
+        cache.validate(keys, sizes=sizes)
+        if all(cache.entry(key)["num_masks"] == 0 for key in keys):
+            raise TeacherCacheError(
+                f"Teacher cache {cache.root}: the {name} teacher found no mask in any of the {len(keys)} training "
+                f"images, so there is nothing to train the features on. Check the prompts and thresholds "
+                f"(docs/teachers.md), or train RGB only with --pipeline.datamanager.teacher none.")
+        return cache
 
     def _class_names(self) -> List[str]:
         scene_json = self.scene_root / "gt" / "scene.json"
@@ -86,11 +158,10 @@ class QSplatDataManager(FullImageDatamanager):
         key = self.image_key(dataset.image_filenames[data["image_idx"]])
         mask_ids, embeddings = self.teacher_cache.read(key)
         height, width = data["image"].shape[:2]
-        if mask_ids.shape != (height, width):
+        if mask_ids.shape != (height, width):  # cannot happen with a validated cache; guard against edits
             raise ValueError(
-                f"teacher cache entry {key}: mask map is {tuple(mask_ids.shape)} but the image is "
-                f"{(height, width)}; re-run `qsplat extract-features --data {self.scene_root} --overwrite`."
-            )
+                f"teacher cache entry {key}: mask map is {tuple(mask_ids.shape)} but the served image is "
+                f"{(height, width)}; re-run `qsplat extract-features --data {self.scene_root} --overwrite`.")
         data["mask_ids"] = mask_ids.to(self.device)
         data["mask_embeddings"] = embeddings.to(self.device)
         return data
@@ -99,7 +170,13 @@ class QSplatDataManager(FullImageDatamanager):
         stem = Path(dataset.image_filenames[data["image_idx"]]).stem
         path = self.scene_root / "gt" / "classes" / f"{stem}.png"
         if path.is_file():
-            data["gt_classes"] = torch.from_numpy(np.asarray(Image.open(path)).astype(np.int64)).to(self.device)
+            classes = np.asarray(Image.open(path))
+            height, width = data["image"].shape[:2]
+            if classes.shape != (height, width):  # served downscaled: nearest neighbour
+                import cv2
+
+                classes = cv2.resize(classes, (width, height), interpolation=cv2.INTER_NEAREST)
+            data["gt_classes"] = torch.from_numpy(classes.astype(np.int64)).to(self.device)
         return data
 
     # ------------------------------------------------------------------ batches
@@ -115,3 +192,10 @@ class QSplatDataManager(FullImageDatamanager):
     def fixed_indices_eval_dataloader(self) -> List[Tuple[Cameras, Dict]]:
         return [(camera, self._attach_ground_truth(data, self.eval_dataset))
                 for camera, data in super().fixed_indices_eval_dataloader]
+
+
+def _uint8(image: torch.Tensor) -> np.ndarray:
+    array = image.detach().cpu().numpy()
+    if array.dtype != np.uint8:  # cache_images_type float32: back to the 8-bit pixels
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return array

@@ -243,8 +243,9 @@ def load_scene(spec: PathLike, teacher: str = "synthetic", units_per_metre: Opti
         parser = dm.dataparser
         parser.data = root
         gaussians = read_nerfstudio_gaussians(latest_checkpoint(config_path.parent))
-        teacher_root = Path(getattr(dm, "teacher_cache", None)
-                            or default_cache_root(root, getattr(dm, "teacher", teacher)))
+        from ..teachers.setup import existing_cache_root
+
+        teacher_root = existing_cache_root(dm, root) or default_cache_root(root, teacher)
         train, scale = _dataparser_views(parser, root, "train")
         eval_views = _dataparser_views(parser, root, "test")[0] if with_eval else None
         name = f"{root.name}:{config_path.parent.name}"

@@ -63,15 +63,57 @@ def ext_dir() -> Path:
     return Path(os.environ.get("QSPLAT_EXT_DIR", Path.home() / ".cache" / "qsplat" / "ext"))
 
 
+_CFLAGS = ["-O3", "-fopenmp"]
+
+
 def _build_name(with_cuda: bool) -> str:
+    """Build key: sources, headers, flags, torch and Python versions. A finished build under this key is
+    imported directly (never re-checked by ninja, whose command hash differs between ninja versions and made
+    two ninjas sharing a folder silently rebuild everything)."""
     import torch
 
     digest = hashlib.sha256()
     for path in _sources(with_cuda) + _headers():
         digest.update(path.read_bytes())
-    digest.update(torch.__version__.encode())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{_CFLAGS}".encode())
     kind = "cuda" if with_cuda else "cpu"
     return f"qrender_{kind}_{digest.hexdigest()[:12]}"
+
+
+def _import_built(name: str, library: Path) -> ModuleType:
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.ExtensionFileLoader(name, str(library))
+    spec = importlib.util.spec_from_file_location(name, str(library), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class _FileLock:
+    """An exclusive lock on a file (fcntl): one process builds a given key at a time, the others wait for it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[q-splat] waiting for another process building the kernel in {self.path.parent} ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
 
 
 def _import_cpp_extension():
@@ -90,49 +132,54 @@ def _import_cpp_extension():
 
 
 def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType:
-    """Build (first time) and import the kernel module; thread-safe and cached per process."""
+    """Build (first time, announced on stderr) and import the kernel module; thread- and process-safe, cached."""
     key = "cuda" if with_cuda else "cpu"
     with _LOCK:
         if key in _MODULES:
             return _MODULES[key]
-        cpp_extension = _import_cpp_extension()
-
         name = _build_name(with_cuda)
         build_dir = ext_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        already_built = any(build_dir.glob(f"{name}*.so"))
-        if not already_built:
-            print(
-                f"[q-splat] compiling the {key.upper()} rasterizer kernel into {build_dir} "
-                f"(once; ~1 min for CPU, several for CUDA)...",
-                file=sys.stderr,
-                flush=True,
+        library = build_dir / f"{name}.so"
+        module = None
+        if not library.is_file():
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with _FileLock(build_dir / ".build.lock"):
+                if not library.is_file():  # nobody built it while we waited
+                    module = _build(name, build_dir, with_cuda, verbose)
+        _MODULES[key] = module if module is not None else _import_built(name, library)
+        return _MODULES[key]
+
+
+def _build(name: str, build_dir: Path, with_cuda: bool, verbose: bool) -> ModuleType:
+    import time
+
+    cpp_extension = _import_cpp_extension()
+    kind = "CUDA" if with_cuda else "CPU"
+    print(f"[q-splat] compiling the {kind} rasterizer kernel into {build_dir} (once per source/torch version; "
+          f"~1 min for CPU, several for CUDA)...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    cflags, ldflags, kwargs = list(_CFLAGS), ["-fopenmp"], {}
+    if with_cuda:
+        home = cuda_home()
+        if home is None:
+            raise RuntimeError(
+                "Building the q-splat CUDA kernel needs the CUDA toolkit (nvcc): set "
+                "CUDA_HOME or put nvcc on PATH, or use backend='cpu'."
             )
-        cflags = ["-O3", "-fopenmp"]
-        ldflags = ["-fopenmp"]
-        kwargs = {}
-        if with_cuda:
-            home = cuda_home()
-            if home is None:
-                raise RuntimeError(
-                    "Building the q-splat CUDA kernel needs the CUDA toolkit (nvcc): set "
-                    "CUDA_HOME or put nvcc on PATH, or use backend='cpu'."
-                )
-            os.environ["CUDA_HOME"] = home
-            cpp_extension.CUDA_HOME = home  # torch resolved it at import time, maybe wrongly
-            cflags.append("-DWITH_CUDA")
-            # CUDA 13 keeps libcudart under lib/, not lib64/.
-            ldflags += [f"-L{home}/lib", f"-L{home}/lib64"]
-            kwargs["extra_cuda_cflags"] = ["-O3", "-DWITH_CUDA"]
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(p) for p in _sources(with_cuda)],
-            extra_cflags=cflags,
-            extra_ldflags=ldflags,
-            build_directory=str(build_dir),
-            verbose=verbose,
-            with_cuda=with_cuda,
-            **kwargs,
-        )
-        _MODULES[key] = module
-        return module
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home  # torch resolved it at import time, maybe wrongly
+        cflags.append("-DWITH_CUDA")
+        # CUDA 13 keeps libcudart under lib/, not lib64/.
+        ldflags += [f"-L{home}/lib", f"-L{home}/lib64"]
+        kwargs["extra_cuda_cflags"] = ["-O3", "-DWITH_CUDA"]
+    # One ninja for every build: the one beside this Python (the venv's), ahead of the system's.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        module = cpp_extension.load(name=name, sources=[str(p) for p in _sources(with_cuda)], extra_cflags=cflags,
+                           extra_ldflags=ldflags, build_directory=str(build_dir), verbose=verbose,
+                           with_cuda=with_cuda, **kwargs)
+    finally:
+        os.environ["PATH"] = path
+    print(f"[q-splat] {kind} kernel built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .cache import FillStats, TeacherCache, default_cache_root, fill_cache, image_key
+from .cache import FillStats, default_cache_root, image_key
 from .clip import (DEFAULT_MODEL, DEFAULT_PRETRAINED, WEIGHTS_DIR_ENV, ClipModel, MissingWeightsError, describe_clip,
                    file_sha256, hf_cache_hint, hf_cached_file, load_clip, require, weights_dir)
 
@@ -452,6 +452,7 @@ class GroundedSam2ClipTeacher:
             "masks": {"min_mask_pixels": c.min_mask_pixels, "crop_padding": c.crop_padding,
                       "crop": "mask box + padding, background black, zero-padded square, bicubic resize"},
         }
+        self.splits = tuple(splits)
         self.image_keys = list(image_keys) if image_keys is not None else scene_image_keys(self.scene_dir, splits)
         self._clip: Optional[ClipModel] = None
         self._detector: Optional[GroundingDinoDetector] = None
@@ -529,15 +530,21 @@ class GroundedSam2ClipTeacher:
         embeddings = self.clip.encode_images(crops, self.config.batch_size)
         return mask_ids, embeddings.reshape(len(kept), self.dim)
 
-    def compute(self, key: str) -> Tuple[np.ndarray, torch.Tensor]:
-        return self.compute_image(load_rgb(self.scene_dir / key))
+    def compute_served(self, key: str, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
+        """compute_image() of an image as the datamanager serves it (undistorted, cropped, downscaled)."""
+        return self.compute_image(np.ascontiguousarray(np.asarray(image)[..., :3]))
 
     def run(self, overwrite: bool = False, progress: bool = True) -> FillStats:
-        """Fill the cache for every image (resuming: current entries are skipped)."""
-        cache = TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names)
+        """Fill the cache for the teacher's images as the datamanager serves them (resuming: current entries
+        are skipped)."""
+        from .setup import fill_teacher_cache, open_cache_for, served_images
+
+        items = served_images(self.scene_dir, self.splits)
+        if self.image_keys:
+            items = [item for item in items if item[0] in self.image_keys]
+        cache = open_cache_for(self, [key for key, _ in items])
         self.write_weights_sidecar()
-        return fill_cache(cache, self.scene_dir, self.image_keys, self.compute, overwrite=overwrite,
-                          progress=progress, description=f"{NAME} teacher")
+        return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
 
     def write_weights_sidecar(self) -> None:
         """Where the weights were found (not part of the cache key): load_text_encoder reads the CLIP path."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.scene_generator import BACKGROUND_ID
-from .cache import FillStats, TeacherCache, default_cache_root, fill_cache, image_sha256
+from .cache import FillStats, default_cache_root, image_sha256
 
 NAME = "synthetic"
 VERSION = 1  # bump when the masks or embeddings it computes change: the cache then redoes everything
@@ -109,16 +109,33 @@ class SyntheticTeacher:
         mask_ids, instance_ids = self.masks(image_key)
         return mask_ids, self.embeddings(image_key, instance_ids)
 
+    def compute_served(self, image_key: str, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
+        """compute() for the image as the datamanager serves it: masks resized (nearest) to its size when
+        it was loaded downscaled."""
+        mask_ids, embeddings = self.compute(image_key)
+        height, width = image.shape[:2]
+        if mask_ids.shape != (height, width):
+            mask_ids = cv2.resize(mask_ids, (width, height), interpolation=cv2.INTER_NEAREST)
+            kept = np.unique(mask_ids[mask_ids >= 0])  # a mask may vanish when shrunk: renumber 0..M'-1
+            remap = np.full(embeddings.shape[0], -1, np.int32)
+            remap[kept] = np.arange(len(kept), dtype=np.int32)
+            mask_ids = np.where(mask_ids >= 0, remap[np.maximum(mask_ids, 0)], -1).astype(np.int32)
+            embeddings = embeddings[torch.from_numpy(kept.astype(np.int64))]
+        return mask_ids, embeddings
+
     def run(self, image_keys: Optional[Iterable[str]] = None, overwrite: bool = False,
             progress: bool = True) -> FillStats:
-        """Fill the cache for image_keys (default: all the scene's images), skipping current entries."""
+        """Fill the cache for image_keys (default: all the scene's images, as the datamanager serves them),
+        skipping current entries."""
+        from .setup import fill_teacher_cache, open_cache_for, served_images
+
         keys = self.image_keys if image_keys is None else list(image_keys)
         unknown = [k for k in keys if k not in self._instance_maps]
         if unknown:
             raise ValueError(f"not images of {self.scene_dir}: {unknown} (known: {self.image_keys})")
-        cache = TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names)
-        return fill_cache(cache, self.scene_dir, keys, self.compute, overwrite=overwrite, progress=progress,
-                          description=f"{NAME} teacher")
+        items = [item for item in served_images(self.scene_dir, ("train", "val")) if item[0] in keys]
+        cache = open_cache_for(self, keys)
+        return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
 
     def _instance_map_path(self, image_key: str) -> Path:
         if image_key not in self._instance_maps:
