@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ PREFIX = "--pipeline.datamanager."
 class QSplatDataManagerConfig(FullImageDatamanagerConfig, TeacherSettings):
     _target: Type = field(default_factory=lambda: QSplatDataManager)
     dataparser: DataParserUnion = field(default_factory=QSplatDataParserConfig)  # type: ignore[valid-type]
+    cache_images_type: Literal["uint8", "float32"] = "uint8"
+    """As nerfstudio's; uint8 (4x less RAM). The teacher cache keys images by these served pixels (undistortion
+    interpolates differently in float32), so every q-splat path serves the same type."""
     fill_teacher_cache: bool = True
     """Before training, compute the teacher's masks and embeddings of training images that are not cached yet
     (progress bar; resumable). Off: a missing entry is an error."""
@@ -114,7 +117,13 @@ class QSplatDataManager(FullImageDatamanager):
         items = self.served_items("train")
         keys = [key for key, _ in items]
         if self.config.fill_teacher_cache:
-            teacher = ts.build_teacher(settings, name, self.scene_root, self.layout, PREFIX)
+            try:
+                teacher = ts.build_teacher(settings, name, self.scene_root, self.layout, PREFIX)
+            except ts.TeacherSetupError:
+                cache = self._complete_cache_without_models(settings, name, items)
+                if cache is None:
+                    raise
+                return cache
             cache = ts.open_cache_for(teacher, keys, PREFIX)
             stats = ts.fill_teacher_cache(cache, teacher, items, progress=True)
             if stats.written:
@@ -141,6 +150,25 @@ class QSplatDataManager(FullImageDatamanager):
                 f"Teacher cache {cache.root}: the {name} teacher found no mask in any of the {len(keys)} training "
                 f"images, so there is nothing to train the features on. Check the prompts and thresholds "
                 f"(docs/teachers.md), or train RGB only with --pipeline.datamanager.teacher none.")
+        return cache
+
+    def _complete_cache_without_models(self, settings, name: str, items):
+        """A cache that already holds every training image as served (e.g. extracted on another machine) trains
+        without the teacher's weights; None when anything would have to be computed."""
+        from ..teachers import setup as ts
+        from ..teachers.cache import TeacherCache, TeacherCacheError
+
+        root = ts.default_cache_root_for(settings, self.scene_root, name)
+        try:
+            cache = TeacherCache(root)
+        except TeacherCacheError:
+            return None
+        random = bool((cache.teacher_info.get("clip") or {}).get("random_init"))
+        if random != (settings.teacher_weights == "random-tiny"):
+            return None
+        if not all(cache.is_current(key, ts.served_image_sha256(get_image())) for key, get_image in items):
+            return None
+        CONSOLE.print(f"[q-splat] teacher weights not found, but {root} already holds every training image: using it")
         return cache
 
     def _class_names(self) -> List[str]:

@@ -1008,9 +1008,9 @@ def nerfstudio_parser_config(scene_dir: Path, **overrides):
 
 
 def ns_train_hint(info: SceneInfo) -> str:
-    """The q-splat commands for this scene (`qsplat-data` applies the parser settings above)."""
-    return (f"qsplat extract-features --data {info.root} && "
-            f"ns-train q-splat --data {info.root} --machine.device-type cpu")
+    """The q-splat command for this scene (`qsplat-data` applies the parser settings above; training fills the
+    synthetic teacher's cache itself)."""
+    return f"ns-train q-splat --data {info.root} --machine.device-type cpu"
 
 
 @dataclass

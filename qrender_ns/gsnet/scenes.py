@@ -197,8 +197,15 @@ def _dataparser_views(parser_config, scene_root: Path, split: str) -> Tuple[Scen
 
     from ..teachers.cache import image_key
 
-    outputs = parser_config.setup().get_dataparser_outputs(split)
-    cams = outputs.cameras
+    from ..data.datamanager import QSplatDataManagerConfig
+
+    # The cameras as training serves them (downscaled on load, undistorted and cropped), matching the teacher
+    # cache, which holds the served images.
+    datamanager = QSplatDataManagerConfig(dataparser=parser_config, teacher="none").setup(device="cpu", test_mode="val")
+    train = split == "train"
+    _ = datamanager.cached_train if train else datamanager.cached_eval  # undistortion updates the intrinsics
+    outputs = datamanager.train_dataparser_outputs if train else datamanager.eval_dataset._dataparser_outputs
+    cams = (datamanager.train_dataset if train else datamanager.eval_dataset).cameras
     widths, heights = cams.width.unique(), cams.height.unique()
     if widths.numel() != 1 or heights.numel() != 1:
         raise ValueError(f"{scene_root}: GS-Net training needs one image size per scene, got "
