@@ -59,10 +59,15 @@ class ExtractFeatures:
     """Dataparser splits whose images get features (training reads the train split)."""
 
     def main(self) -> None:
-        if self.teacher == "synthetic":
-            self._synthetic()
-        else:
-            self._grounded_sam2_clip()
+        from .cache import TeacherCacheError
+
+        try:
+            if self.teacher == "synthetic":
+                self._synthetic()
+            else:
+                self._grounded_sam2_clip()
+        except TeacherCacheError as e:  # busy cache, read-only folder, disk full: a sentence, exit 1
+            raise SystemExit(f"[q-splat] {e}") from None
 
     def _synthetic(self) -> None:
         from .synthetic import SyntheticTeacher, require_generated_scene

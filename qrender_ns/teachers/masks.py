@@ -534,10 +534,10 @@ class GroundedSam2ClipTeacher:
 
     def run(self, overwrite: bool = False, progress: bool = True) -> FillStats:
         """Fill the cache for every image (resuming: current entries are skipped)."""
-        cache = TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names)
-        self.write_weights_sidecar()
-        return fill_cache(cache, self.scene_dir, self.image_keys, self.compute, overwrite=overwrite,
-                          progress=progress, description=f"{NAME} teacher")
+        with TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names) as cache:
+            self.write_weights_sidecar()
+            return fill_cache(cache, self.scene_dir, self.image_keys, self.compute, overwrite=overwrite,
+                              progress=progress, description=f"{NAME} teacher")
 
     def write_weights_sidecar(self) -> None:
         """Where the weights were found (not part of the cache key): load_text_encoder reads the CLIP path."""

@@ -116,9 +116,9 @@ class SyntheticTeacher:
         unknown = [k for k in keys if k not in self._instance_maps]
         if unknown:
             raise ValueError(f"not images of {self.scene_dir}: {unknown} (known: {self.image_keys})")
-        cache = TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names)
-        return fill_cache(cache, self.scene_dir, keys, self.compute, overwrite=overwrite, progress=progress,
-                          description=f"{NAME} teacher")
+        with TeacherCache.create(self.cache_root, self.teacher_info, self.dim, self.class_names) as cache:
+            return fill_cache(cache, self.scene_dir, keys, self.compute, overwrite=overwrite, progress=progress,
+                              description=f"{NAME} teacher")
 
     def _instance_map_path(self, image_key: str) -> Path:
         if image_key not in self._instance_maps:
