@@ -200,3 +200,120 @@ def test_relevancy_matches_langsplat_including_zero_features():
     theirs = _langsplat_relevancy(feats, pos, negs)
     torch.testing.assert_close(ours, theirs)
     assert torch.allclose(ours[[2, 7]], torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------------------------------- 7: checkpoints
+def _good_and_truncated(ckpt_dir: Path):
+    ckpt_dir.mkdir(parents=True)
+    torch.save({"step": 100, "pipeline": {"w": torch.ones(3)}}, ckpt_dir / "step-000000100.ckpt")
+    full = ckpt_dir / "full.tmp"
+    torch.save({"step": 200, "pipeline": {"w": torch.zeros(1000)}}, full)
+    (ckpt_dir / "step-000000200.ckpt").write_bytes(full.read_bytes()[: full.stat().st_size // 2])  # kill -9
+    full.unlink()
+
+
+class _Pipeline:
+    def __init__(self):
+        self.loaded = None
+
+    def load_pipeline(self, state, step):
+        self.loaded = (step, state)
+
+
+def test_eval_skips_a_truncated_latest_checkpoint_naming_it(tmp_path, capfd):
+    from types import SimpleNamespace
+
+    from nerfstudio.utils import eval_utils
+
+    from qrender_ns import checkpoint
+
+    ckpt_dir = tmp_path / "run" / "nerfstudio_models"
+    _good_and_truncated(ckpt_dir)
+    checkpoint.install_eval_fallback()
+    pipeline = _Pipeline()
+    config = SimpleNamespace(method_name="q-splat", load_dir=ckpt_dir, load_step=None)
+    path, step = eval_utils.eval_load_checkpoint(config, pipeline)
+    assert (path.name, step, pipeline.loaded[0]) == ("step-000000100.ckpt", 100, 100)
+    err = capfd.readouterr().err
+    assert "skipping checkpoint" in err and "step-000000200.ckpt" in err and "using step 100" in err
+    (ckpt_dir / "step-000000100.ckpt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="no usable checkpoint .*all 2 step-\\*.ckpt files are unreadable"):
+        eval_utils.eval_load_checkpoint(config, pipeline)
+    other = SimpleNamespace(method_name="splatfacto", load_dir=ckpt_dir, load_step=None)
+    with pytest.raises(Exception):  # other methods: nerfstudio's own behaviour, untouched
+        eval_utils.eval_load_checkpoint(other, pipeline)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qrender_ns.method import QSplatTrainer
+
+    ckpt_dir = tmp_path / "run" / "nerfstudio_models"
+    fake = SimpleNamespace(checkpoint_dir=ckpt_dir, pipeline=torch.nn.Linear(2, 2),
+                           optimizers=SimpleNamespace(optimizers={}, schedulers={}),
+                           grad_scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           config=SimpleNamespace(save_only_latest_checkpoint=True))
+    QSplatTrainer.save_checkpoint(fake, 10)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step-000000010.ckpt"]
+    real_save = torch.save
+
+    def killed_mid_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # what the process sees last before dying
+
+    monkeypatch.setattr(torch, "save", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        QSplatTrainer.save_checkpoint(fake, 20)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step-000000010.ckpt"]  # no truncated step-20 file
+    assert torch.load(ckpt_dir / "step-000000010.ckpt", weights_only=False)["step"] == 10
+    (ckpt_dir.parent / ".step-000000020.ckpt.deadbeef.partial").write_bytes(b"left by a kill -9")
+    QSplatTrainer.save_checkpoint(fake, 30)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step-000000030.ckpt"]
+    assert not list(ckpt_dir.parent.glob("*.partial"))
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capfd):
+    from qrender_ns import checkpoint
+
+    ckpt_dir = tmp_path / "run" / "nerfstudio_models"
+    _good_and_truncated(ckpt_dir)
+    step, path, _ = checkpoint.latest_loadable_step(ckpt_dir)
+    assert (step, path.name) == (100, "step-000000100.ckpt")
+    assert "skipping checkpoint" in capfd.readouterr().err
+    with pytest.raises(SystemExit, match="no checkpoint folder"):
+        checkpoint.latest_loadable_step(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------- 9: run configs
+def test_load_config_sentences(tmp_path):
+    from qrender_ns.checkpoint import check_run_config, check_output_path, ns_eval_output_path
+
+    with pytest.raises(SystemExit, match="does not exist"):
+        check_run_config(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("method_name: [unclosed\n")
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        check_run_config(bad)
+    other = tmp_path / "splatfacto.yml"
+    other.write_text("!!python/object:nerfstudio.engine.trainer.TrainerConfig\nmethod_name: splatfacto\n")
+    with pytest.raises(SystemExit, match="is a 'splatfacto' run; this command reads q-splat runs"):
+        check_run_config(other)
+    plain = tmp_path / "plain.yml"
+    plain.write_text("a: 1\n")
+    with pytest.raises(SystemExit, match="not a nerfstudio run config"):
+        check_run_config(plain)
+
+    assert ns_eval_output_path(["/venv/bin/ns-eval", "--load-config", "c.yml", "--output-path", "m.json"]) == Path("m.json")
+    assert ns_eval_output_path(["/venv/bin/ns-eval", "--output-path=x/m.json"]) == Path("x/m.json")
+    assert ns_eval_output_path(["/venv/bin/ns-eval"]) == Path("output.json")
+    assert ns_eval_output_path(["/venv/bin/ns-train", "--output-path", "m.json"]) is None
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit, match="cannot write --output-path"):
+        check_output_path(afile / "metrics.json")
+    with pytest.raises(SystemExit, match="must end in .json"):
+        check_output_path(tmp_path / "metrics.txt")
+    check_output_path(tmp_path / "new" / "metrics.json")
+    assert list((tmp_path / "new").iterdir()) == []

@@ -27,12 +27,12 @@ __all__ = ["load_pipeline", "write_json", "write_text", "scene_root_of", "to_wor
 def load_pipeline(config_path: Path):
     """(pipeline, checkpoint path) of a trained q-splat run, as ns-eval loads it (test split)."""
     config_path = Path(config_path)
-    if not config_path.is_file():
-        raise SystemExit(f"--load-config {config_path} does not exist: pass the config.yml written by ns-train q-splat")
+    from .. import checkpoint  # (also: torch>=2.6 checkpoint loading)
+
+    checkpoint.check_run_config(config_path)  # before nerfstudio reads it: sentences, not tracebacks
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from .. import checkpoint  # noqa: F401  (torch>=2.6 checkpoint loading)
-
+    checkpoint.install_eval_fallback()  # runs whose config.yml predates QSplatTrainerConfig too
     _, pipeline, checkpoint_path, _ = eval_setup(config_path, test_mode="test")
     return pipeline, checkpoint_path
 
