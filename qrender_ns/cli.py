@@ -98,6 +98,8 @@ def _verbs() -> list:
 
 def check_verb(argv) -> None:
     """An unknown first word is an error (tyro prints the top-level usage and exits 0 for `VERB --help`)."""
+    import sys
+
     if argv and not argv[0].startswith("-"):
         verbs = _verbs()
         if argv[0] not in verbs:
@@ -105,8 +107,9 @@ def check_verb(argv) -> None:
 
             close = difflib.get_close_matches(argv[0], verbs, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise SystemExit(f"qsplat: unknown command '{argv[0]}'.{hint} Commands: {', '.join(verbs)} "
-                             "(qsplat --help).")
+            print(f"qsplat: unknown command '{argv[0]}'.{hint} Commands: {', '.join(verbs)} (qsplat --help).",
+                  file=sys.stderr)
+            raise SystemExit(2)  # a usage error, as argparse's
 
 
 def main() -> None:

@@ -253,8 +253,8 @@ def segmentation_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> 
 
 
 def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
-    """[G] bool: sigmoid(opacity) < min_opacity, computed in float32 as OpenGaussian does
-    (`sigmoid(opacity) < 0.1` on float32 CUDA tensors). It matters: a Gaussian still at splatfacto's initial
+    """[G] bool: sigmoid(opacity) < min_opacity, computed in float32 as OpenGaussian does (scripts/
+    eval_scannet.py: numpy `1 / (1 + np.exp(-x)) < 0.1` on the PLY's float32 opacities). It matters: a Gaussian still at splatfacto's initial
     opacity 0.1 has a float32 logit whose float32 sigmoid rounds to float32(0.1) (kept) while its float64
     sigmoid is just below 0.1 (dropped); that flipped +0.010 mIoU in one of our runs."""
     import torch
