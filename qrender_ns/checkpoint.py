@@ -69,6 +69,19 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+def atomic_torch_save_or_exit(obj, path: Path) -> None:
+    """atomic_torch_save; a full disk or read-only folder becomes a sentence (the older checkpoints are intact)."""
+    from .fsio import write_error_sentence
+
+    try:
+        atomic_torch_save(obj, path)
+    except OSError as e:
+        sentence = write_error_sentence(path, e, "the previous checkpoints are intact; resume with --load-dir")
+        if sentence is None:
+            raise
+        raise SystemExit(f"[q-splat] {sentence}") from None
+
+
 def remove_stale_partials(checkpoint_dir: Path) -> None:
     """Temporaries a killed save left in the run folder."""
     for stale in Path(checkpoint_dir).parent.glob(".step-*.ckpt.*.partial"):

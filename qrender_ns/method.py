@@ -40,7 +40,7 @@ class QSplatTrainer(Trainer):
         checkpoint.remove_stale_partials(self.checkpoint_dir)
         ckpt_path: Path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
-        checkpoint.atomic_torch_save(
+        checkpoint.atomic_torch_save_or_exit(
             {
                 "step": step,
                 "pipeline": pipeline.state_dict(),
@@ -69,6 +69,13 @@ class QSplatTrainerConfig(TrainerConfig):
     checkpoint and ns-eval checks its --output-path before evaluating (see checkpoint.preflight)."""
 
     _target: Type = field(default_factory=lambda: QSplatTrainer)
+
+    def save_config(self) -> None:
+        # ns-train writes config.yml first: the first place a read-only or full output folder shows
+        from .fsio import check_writable_dir
+
+        check_writable_dir(self.get_base_dir(), "pass a writable --output-dir (default: ./outputs)")
+        super().save_config()
 
     def get_checkpoint_dir(self) -> Path:
         # eval_setup calls this right before it sets up the pipeline and loads the checkpoint: the first

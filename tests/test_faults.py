@@ -319,3 +319,62 @@ def test_load_config_sentences(tmp_path):
         check_output_path(tmp_path / "metrics.txt")
     check_output_path(tmp_path / "new" / "metrics.json")
     assert list((tmp_path / "new").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------- 9: read-only, disk full
+def _fail_writes_under(monkeypatch, folder: Path, err_no: int):
+    """Make creating files under `folder` fail as a read-only file system / full disk would (root ignores
+    permissions, so chmod alone cannot test this here)."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wxa") and Path(file).resolve().is_relative_to(folder.resolve()):
+            raise OSError(err_no, os.strerror(err_no), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    return errno
+
+
+def test_eval_outputs_and_run_folder_write_errors_are_sentences(tmp_path, monkeypatch):
+    import errno
+
+    from qrender_ns.eval import write_json
+    from qrender_ns.fsio import check_writable_dir
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    _fail_writes_under(monkeypatch, out, errno.EROFS)
+    with pytest.raises(SystemExit, match=r"cannot write .*ro/result.json: .*ro is not writable.*--output"):
+        write_json(out / "result.json", {"a": 1})
+    with pytest.raises(SystemExit, match="is not writable.*--output-dir"):
+        check_writable_dir(out / "run", "pass a writable --output-dir")
+    monkeypatch.undo()
+    _fail_writes_under(monkeypatch, out, errno.ENOSPC)
+    with pytest.raises(SystemExit, match="disk holding .* is full"):
+        write_json(out / "result.json", {"a": 1})
+    monkeypatch.undo()
+    write_json(out / "result.json", {"a": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["result.json", "run"]  # no temp file left
+
+
+def test_full_disk_during_checkpoint_save_is_a_sentence(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from qrender_ns.method import QSplatTrainer
+
+    ckpt_dir = tmp_path / "run" / "nerfstudio_models"
+    fake = SimpleNamespace(checkpoint_dir=ckpt_dir, pipeline=torch.nn.Linear(2, 2),
+                           optimizers=SimpleNamespace(optimizers={}, schedulers={}),
+                           grad_scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           config=SimpleNamespace(save_only_latest_checkpoint=False))
+    QSplatTrainer.save_checkpoint(fake, 1)
+    _fail_writes_under(monkeypatch, tmp_path / "run", errno.ENOSPC)
+    with pytest.raises(SystemExit, match="disk holding .* is full.*previous checkpoints are intact"):
+        QSplatTrainer.save_checkpoint(fake, 2)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step-000000001.ckpt"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -38,15 +38,24 @@ def load_pipeline(config_path: Path):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file + rename, mode 0666 & ~umask; a read-only folder or full disk is a sentence (--output)."""
+    from ..fsio import write_error_sentence
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        sentence = write_error_sentence(path, e, "pass a writable --output folder")
+        if sentence is None:
+            raise
+        raise SystemExit(f"[q-splat] {sentence}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
