@@ -37,6 +37,7 @@ register_safe_globals()
 # Atomic saves and a fallback past a corrupt latest checkpoint (a kill -9 during torch.save truncates it)
 # ------------------------------------------------------------------------------------------------------------
 import os  # noqa: E402
+import pickle  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
@@ -126,7 +127,7 @@ def latest_loadable_step(checkpoint_dir: Path, load: Optional[Callable[[int, Pat
         if problem is None and load is not None:
             try:
                 result = load(step, path)
-            except (RuntimeError, EOFError, OSError, KeyError, ValueError, __import__("pickle").UnpicklingError) as e:
+            except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
                 problem = f"failed to load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if problem is None:
             if skipped:

@@ -326,7 +326,6 @@ def _fail_writes_under(monkeypatch, folder: Path, err_no: int):
     """Make creating files under `folder` fail as a read-only file system / full disk would (root ignores
     permissions, so chmod alone cannot test this here)."""
     import builtins
-    import errno
 
     real_open = builtins.open
 
@@ -336,7 +335,6 @@ def _fail_writes_under(monkeypatch, folder: Path, err_no: int):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", failing_open)
-    return errno
 
 
 def test_eval_outputs_and_run_folder_write_errors_are_sentences(tmp_path, monkeypatch):

@@ -213,28 +213,35 @@ def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: flo
         return (scores > threshold) & (opacity > min_opacity)
 
 
-def render_silhouette(model, camera, selected, backend: Optional[str] = None):
-    """(rgb [H, W, 3] numpy, silhouette [H, W] numpy): the accumulated opacity of the `selected` Gaussians
-    rendered alone (the others removed, so they occlude nothing), as OpenGaussian's leaf-cluster silhouette."""
+def project_view(model, camera):
+    """(rgb [H, W, 3] numpy, projection info) of one view: the model's own RGB render, whose projection and
+    tile binning the silhouettes reuse."""
     import torch
     from nerfstudio.models.splatfacto import SplatfactoModel
-
-    from ..render import rasterize_to_pixels
 
     with torch.no_grad():
         if model.device.type == "cuda":
             outputs = SplatfactoModel.get_outputs(model, camera)
         else:
             outputs = model._get_outputs_cpu(camera, None)
-        info = model.info
+    return outputs["rgb"].clamp(0, 1).float().cpu().numpy(), model.info
+
+
+def render_silhouette(info, selected, backend: str = "auto"):
+    """[H, W] numpy: the accumulated opacity of the `selected` Gaussians rendered alone (the others removed,
+    so they occlude nothing), as OpenGaussian's leaf-cluster silhouette."""
+    import torch
+
+    from ..render import rasterize_to_pixels
+
+    with torch.no_grad():
         opacities = info["opacities"] * selected.to(info["opacities"])[None]
         ones = torch.ones(opacities.shape[-1], 1, device=opacities.device, dtype=opacities.dtype)
         _, alpha = rasterize_to_pixels(
             info["means2d"].detach(), info["conics"].detach(), ones, opacities.detach(), int(info["width"]),
             int(info["height"]), int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"],
-            num_quantiles=None, backend=backend or model.config.rasterizer_backend)
-    rgb = outputs["rgb"].clamp(0, 1).float().cpu().numpy()
-    return rgb, alpha[0, ..., 0].float().cpu().numpy()
+            num_quantiles=None, backend=backend)
+    return alpha[0, ..., 0].float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -393,15 +400,17 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
         camera = dataset.cameras[i: i + 1].to(model.device)
         if protocol == PROTOCOL_3D:
             counts["frames_evaluated"] += 1
+            rgb, info = project_view(model, camera)
+            resized = rgb.shape[:2] != (frame.height, frame.width)
+            if resized:
+                counts["frames_resized"] += 1
+                rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
             for category, gt in queries.items():
                 if category not in selections:
                     selections[category] = select_gaussians(model, cfg.prompt_template.format(category),
                                                             cfg.select_threshold, cfg.select_min_opacity)
-                rgb, silhouette = render_silhouette(model, camera, selections[category])
-                if rgb.shape[:2] != (frame.height, frame.width):
-                    if category == next(iter(queries)):
-                        counts["frames_resized"] += 1
-                    rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+                silhouette = render_silhouette(info, selections[category], model.config.rasterizer_backend)
+                if resized:
                     silhouette = cv2.resize(silhouette, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
                 pred = (silhouette > cfg.silhouette_threshold).astype(np.uint8)
                 iou = silhouette_iou(pred, gt.mask)
