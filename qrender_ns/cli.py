@@ -89,7 +89,33 @@ Commands = Union[
 ]
 
 
+def _verbs() -> list:
+    """The subcommand names of `Commands`, in order."""
+    from typing import get_args
+
+    return [m.name for cmd in get_args(Commands) for m in get_args(cmd)[1:] if getattr(m, "name", None)]
+
+
+def check_verb(argv) -> None:
+    """An unknown first word is an error (tyro prints the top-level usage and exits 0 for `VERB --help`)."""
+    import sys
+
+    if argv and not argv[0].startswith("-"):
+        verbs = _verbs()
+        if argv[0] not in verbs:
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], verbs, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            print(f"qsplat: unknown command '{argv[0]}'.{hint} Commands: {', '.join(verbs)} (qsplat --help).",
+                  file=sys.stderr)
+            raise SystemExit(2)  # a usage error, as argparse's
+
+
 def main() -> None:
+    import sys
+
+    check_verb(sys.argv[1:])
     tyro.cli(Commands).main()
 
 

@@ -109,6 +109,12 @@ class QSplatModel(SplatfactoModel):
         self.teacher_cache_root: Optional[str] = metadata.get("qsplat_teacher_cache")
         # `--pipeline.datamanager.teacher-weights random-tiny` asked for random models on purpose (smoke test)
         self.random_tiny_teacher = bool(metadata.get("qsplat_teacher_random"))
+        if self.teacher_cache_root and (Path(self.teacher_cache_root) / "manifest.json").is_file():
+            from .data.checks import check_feature_dim
+            from .teachers.cache import TeacherCache
+
+            check_feature_dim(self.config.feature_dim, TeacherCache(self.teacher_cache_root).feature_dim,
+                              self.teacher_cache_root)
         self.units_per_metre = float(metadata.get("qsplat_units_per_metre") or 1.0)  # GS-Net voxels are in metres
         self._text_encoder = None
         self.query_text = ""

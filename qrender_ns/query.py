@@ -11,11 +11,11 @@ def relevancy(features: Tensor, query: Tensor, negatives: Tensor, temperature: f
     """LERF's relevancy: min over canonical negatives of softmax(t * [cos(f, q), cos(f, n_j)])[0].
 
     features [..., D], query [D], negatives [J, D] -> [...] in [0, 1]; 0.5 means "no better than
-    a generic word". Zero features (nothing rendered) get 0.
+    a generic word". An exactly zero feature (nothing rendered) scores 0.5, as LangSplat's
+    get_relevancy gives it (all cosines 0): it enters the IoU's min-max normalisation like theirs.
     """
     f = F.normalize(features, dim=-1)
     pos = f @ F.normalize(query, dim=-1)
     neg = f @ F.normalize(negatives, dim=-1).T  # [..., J]
     pair = torch.softmax(temperature * torch.stack([pos[..., None].expand_as(neg), neg], dim=-1), dim=-1)
-    score = pair[..., 0].min(dim=-1).values
-    return torch.where(features.norm(dim=-1) > 0, score, torch.zeros_like(score))
+    return pair[..., 0].min(dim=-1).values

@@ -35,14 +35,9 @@ class Query:
 
 
 def _load_pipeline(config_path: Path):
-    if not Path(config_path).is_file():
-        raise SystemExit(f"--load-config {config_path} does not exist: pass the config.yml written by ns-train q-splat")
-    from nerfstudio.utils.eval_utils import eval_setup
+    from .eval import load_pipeline
 
-    from . import checkpoint  # noqa: F401  (torch>=2.6 checkpoint loading)
-
-    _, pipeline, checkpoint_path, _ = eval_setup(Path(config_path), test_mode="test")
-    return pipeline, checkpoint_path
+    return load_pipeline(config_path)
 
 
 def _check_vocabulary(model, text: str) -> None:

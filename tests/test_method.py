@@ -98,11 +98,25 @@ def test_training_lowers_rgb_and_feature_losses(trained):
     assert model.gaussian_features.shape == (model.num_points, 512)  # in sync after densification
 
 
+def _truncated_newer_checkpoint(config) -> Path:
+    """A step-*.ckpt newer than any real one, cut short as a kill -9 during torch.save leaves it."""
+    ckpt_dir = config.get_checkpoint_dir()
+    good = max(ckpt_dir.glob("step-*.ckpt"))
+    bad = ckpt_dir / "step-000099999.ckpt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    return bad
+
+
 def test_ns_eval_writes_metrics(trained, tmp_path):
     out = tmp_path / "metrics.json"
-    result = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(trained["config_path"]),
-                             "--output-path", str(out)], capture_output=True, text=True, timeout=600)
+    bad = _truncated_newer_checkpoint(trained["config"])
+    try:
+        result = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(trained["config_path"]),
+                                 "--output-path", str(out)], capture_output=True, text=True, timeout=600)
+    finally:
+        bad.unlink()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"skipping checkpoint {bad}" in result.stderr and "using step 119" in result.stderr, result.stderr[-3000:]
     metrics = json.loads(out.read_text())["results"]
     assert EVAL_KEYS <= set(metrics), metrics.keys()
     assert metrics["feature_miou"] > 0.3  # 120 steps on 64x48 images; the demo trains longer
@@ -143,11 +157,27 @@ def test_viewer_query_renders_relevancy_without_browser(trained):
     model.train()
 
 
-def test_resume_from_checkpoint(trained, tmp_path):
+def test_ns_eval_checks_output_path_first(trained, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(trained["config_path"]),
+                             "--output-path", str(blocker / "metrics.json")], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0 and "cannot write --output-path" in result.stderr, result.stderr[-3000:]
+    assert "Loading latest checkpoint" not in result.stdout  # refused before any work
+
+
+def test_resume_from_checkpoint(trained, tmp_path, capfd):
     config = trained["config"]
     config.load_dir = config.get_checkpoint_dir()
-    trainer, history = train(config, 5)
+    bad = _truncated_newer_checkpoint(config)
+    try:
+        trainer, history = train(config, 5)
+    finally:
+        bad.unlink(missing_ok=True)  # the resumed run's save (save_only_latest_checkpoint) deletes it anyway
+        config.load_step = None
     assert trainer._start_step == 120
+    assert f"skipping checkpoint {bad}" in capfd.readouterr().err
     assert all(math.isfinite(h["main_loss"]) for h in history)
 
 

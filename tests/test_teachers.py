@@ -134,11 +134,12 @@ def test_crash_between_npz_and_manifest_leaves_valid_cache(tmp_path, monkeypatch
         assert all(torch.equal(a, b) for a, b in zip(view.read("color/0.jpg"), before))
 
     # A kill (no cleanup runs) can leave an unreferenced npz or temporary: the next writer removes them.
+    cache.close()  # the writer is gone (its lock with it)
     (root / "color_1.jpg-deadbeef0000.npz").write_bytes(b"partial")
     (root / ".manifest.json.x1.tmp").write_bytes(b"{")
-    TeacherCache.create(root, INFO, feature_dim=DIM)
+    TeacherCache.create(root, INFO, feature_dim=DIM).close()
     assert _npz_files(root) == [TeacherCache(root).entry("color/0.jpg")["file"]]
-    assert sorted(p.name for p in root.iterdir()) == sorted(["manifest.json", *_npz_files(root)])
+    assert sorted(p.name for p in root.iterdir()) == sorted([".lock", "manifest.json", *_npz_files(root)])
 
 
 def test_corrupt_files_raise_errors_naming_the_file(tmp_path):

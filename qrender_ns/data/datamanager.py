@@ -124,11 +124,14 @@ class QSplatDataManager(FullImageDatamanager):
                 if cache is None:
                     raise
                 return cache
-            cache = ts.open_cache_for(teacher, keys, PREFIX)
-            stats = ts.fill_teacher_cache(cache, teacher, items, progress=True)
+            with ts.open_cache_for(teacher, keys, PREFIX) as writer:  # one writer at a time (a lock)
+                if hasattr(teacher, "write_weights_sidecar"):
+                    teacher.write_weights_sidecar()
+                stats = ts.fill_teacher_cache(writer, teacher, items, progress=True)
             if stats.written:
                 CONSOLE.print(f"[q-splat] {name} teacher: {stats.written} images computed ({stats.masks} masks), "
-                              f"{stats.skipped} already cached, {stats.seconds:.1f} s -> {cache.root}")
+                              f"{stats.skipped} already cached, {stats.seconds:.1f} s -> {writer.root}")
+            cache = TeacherCache(writer.root)  # training only reads: no lock held
         else:
             root = ts.default_cache_root_for(settings, self.scene_root, name)
             try:
@@ -145,11 +148,9 @@ class QSplatDataManager(FullImageDatamanager):
                     f"Run `{extract_command(self.scene_root, name)}`, or drop --pipeline.datamanager.fill-teacher-cache.")
         sizes = [tuple(get_image().shape[:2]) for _, get_image in items]
         cache.validate(keys, sizes=sizes)
-        if all(cache.entry(key)["num_masks"] == 0 for key in keys):
-            raise TeacherCacheError(
-                f"Teacher cache {cache.root}: the {name} teacher found no mask in any of the {len(keys)} training "
-                f"images, so there is nothing to train the features on. Check the prompts and thresholds "
-                f"(docs/teachers.md), or train RGB only with --pipeline.datamanager.teacher none.")
+        from .checks import check_teacher_masks
+
+        check_teacher_masks(cache, keys)  # no mask anywhere would train RGB only without a word
         return cache
 
     def _complete_cache_without_models(self, settings, name: str, items):

@@ -225,6 +225,7 @@ class QSplatDataParser(DataParser):
         self._layout: Optional[str] = None
         self._downscale: Optional[float] = None
         self._warned_missing: Dict[str, int] = {}
+        self._decoded: set = set()
 
     @property
     def scene_root(self) -> Path:
@@ -254,8 +255,8 @@ class QSplatDataParser(DataParser):
             ply = self.config.ply_file_path or _find_scannet_ply(data)
             if ply is None:
                 raise SceneLayoutError(
-                    f"{data}: no seed point cloud (*_vh_clean_2.ply) found; pass --pipeline.datamanager."
-                    f"dataparser.ply-file-path PATH (nerfstudio would silently start from random points).")
+                    f"{data}: no seed point cloud (*_vh_clean_2.ply) found; end the ns-train command with "
+                    f"`qsplat-data --ply-file-path PATH` (nerfstudio would silently start from random points).")
             return ScanNetDataParserConfig(data=data, ply_file_path=Path(ply), load_3D_points=True)
         if layout == "colmap":
             return self._colmap_config(data, _colmap_model_dir(data))
@@ -303,8 +304,16 @@ class QSplatDataParser(DataParser):
             _warn(f"{missing} frames of the '{split}' split have no image file and are skipped "
                   f"({len(outputs.image_filenames)} left).")
             self._warned_missing[split] = missing
-        if not outputs.image_filenames:
-            raise SceneLayoutError(f"{self.scene_root}: the '{split}' split has no images")
+        from .checks import check_image_count, check_images_readable, check_poses, check_seed_points
+
+        check_image_count(outputs.image_filenames, split, self.scene_root)
+        check_poses(outputs.cameras.camera_to_worlds, outputs.image_filenames)
+        if split not in self._decoded:  # once per split: every image decodes (a truncated file is named now)
+            check_images_readable(outputs.image_filenames)
+            self._decoded.add(split)
+        if "points3D_xyz" in outputs.metadata:
+            check_seed_points(outputs.metadata["points3D_xyz"], getattr(delegate, "ply_file_path", None)
+                              or getattr(delegate, "colmap_path", None))
         outputs.metadata["qsplat_scene_root"] = str(self.scene_root.resolve())
         outputs.metadata["qsplat_layout"] = self.layout
         outputs.metadata["qsplat_downscale"] = self.downscale(outputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,26 +27,35 @@ __all__ = ["load_pipeline", "write_json", "write_text", "scene_root_of", "to_wor
 def load_pipeline(config_path: Path):
     """(pipeline, checkpoint path) of a trained q-splat run, as ns-eval loads it (test split)."""
     config_path = Path(config_path)
-    if not config_path.is_file():
-        raise SystemExit(f"--load-config {config_path} does not exist: pass the config.yml written by ns-train q-splat")
+    from .. import checkpoint  # (also: torch>=2.6 checkpoint loading)
+
+    checkpoint.check_run_config(config_path)  # before nerfstudio reads it: sentences, not tracebacks
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from .. import checkpoint  # noqa: F401  (torch>=2.6 checkpoint loading)
-
+    checkpoint.install_eval_fallback()  # runs whose config.yml predates QSplatTrainerConfig too
     _, pipeline, checkpoint_path, _ = eval_setup(config_path, test_mode="test")
     return pipeline, checkpoint_path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file + rename, mode 0666 & ~umask; a read-only folder or full disk is a sentence (--output)."""
+    from ..fsio import write_error_sentence
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        sentence = write_error_sentence(path, e, "pass a writable --output folder")
+        if sentence is None:
+            raise
+        raise SystemExit(f"[q-splat] {sentence}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -11,8 +11,11 @@ category's polygons, its boxes all the category's boxes):
 Scene mIoU = mean IoU over all (frame, query) pairs; localization accuracy = hits / queries.
 Details, deviations and what is comparable with what: docs/evaluation.md.
 
-This is NOT the paper's own LeRF-OVS protocol (it uses OpenGaussian's 3D one); numbers from the two
-protocols are not comparable.
+`--protocol opengaussian-3d` runs the paper's own LeRF-OVS protocol instead (OpenGaussian's
+render_lerf_by_text.py + scripts/compute_lerf_iou.py): the Gaussians are selected in 3D by the text query,
+rendered alone as a silhouette (their accumulated opacity), thresholded at 0.7 and compared with the same GT
+masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction has IoU 0).
+Numbers from the two protocols are not comparable.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 from . import fmt, load_pipeline, scene_root_of, write_json, write_text
 
 PROTOCOL = "lerf_ovs_2d"
+PROTOCOL_3D = "lerf_ovs_3d"
+PROTOCOLS = {"langsplat-2d": PROTOCOL, "opengaussian-3d": PROTOCOL_3D}
 
 
 class LabelError(ValueError):
@@ -111,13 +116,18 @@ def read_frame_labels(path: Path) -> FrameLabels:
     return FrameLabels(path, name, height, width, queries, counts)
 
 
-def read_label_dir(label_dir: Path) -> List[FrameLabels]:
+LABEL_GLOB = "frame_*.json"  # LangSplat's eval_gt_lerfdata reads only these
+
+
+def read_label_dir(label_dir: Path, pattern: str = LABEL_GLOB) -> List[FrameLabels]:
     label_dir = Path(label_dir)
     if not label_dir.is_dir():
         raise LabelError(f"--labels {label_dir} is not a folder of LeRF-OVS label JSONs")
-    files = sorted(label_dir.glob("*.json"))
+    files = sorted(label_dir.glob(pattern))
     if not files:
-        raise LabelError(f"{label_dir} holds no *.json label files")
+        others = sorted(p.name for p in label_dir.glob("*.json"))[:3]
+        hint = f" (it has {', '.join(others)}: pass --label-glob '*.json' to read them)" if others else ""
+        raise LabelError(f"{label_dir} holds no {pattern} label files{hint}")
     return [read_frame_labels(f) for f in files]
 
 
@@ -175,6 +185,65 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.logical_and(pred, gt).sum() / union) if union else float("nan")
 
 
+def silhouette_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """OpenGaussian's compute_lerf_iou.calculate_iou: an empty union counts 0 (not NaN)."""
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 0.0
+
+
+def accuracy_at(ious, threshold: float) -> float:
+    """Share of queries with IoU strictly above `threshold` (OpenGaussian's Acc@0.25 / Acc@0.5)."""
+    ious = np.asarray(ious, dtype=np.float64)
+    return float((ious > threshold).mean()) if ious.size else float("nan")
+
+
+def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: float = 0.0):
+    """[G] bool: the Gaussians whose relevancy to `text` (against the canonical negatives) exceeds
+    `threshold` and whose opacity exceeds `min_opacity`: the 3D selection by a text query."""
+    import torch
+
+    from ..query import relevancy
+
+    with torch.no_grad():
+        features = model.gaussian_features.detach()
+        embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(features)
+        scores = relevancy(features, embeddings[0], embeddings[1:])
+        opacity = torch.sigmoid(model.opacities.detach()).reshape(-1)
+        return (scores > threshold) & (opacity > min_opacity)
+
+
+def project_view(model, camera):
+    """(rgb [H, W, 3] numpy, projection info) of one view: the model's own RGB render, whose projection and
+    tile binning the silhouettes reuse."""
+    import torch
+    from nerfstudio.models.splatfacto import SplatfactoModel
+
+    with torch.no_grad():
+        if model.device.type == "cuda":
+            outputs = SplatfactoModel.get_outputs(model, camera)
+        else:
+            outputs = model._get_outputs_cpu(camera, None)
+    return outputs["rgb"].clamp(0, 1).float().cpu().numpy(), model.info
+
+
+def render_silhouette(info, selected, backend: str = "auto"):
+    """[H, W] numpy: the accumulated opacity of the `selected` Gaussians rendered alone (the others removed,
+    so they occlude nothing), as OpenGaussian's leaf-cluster silhouette."""
+    import torch
+
+    from ..render import rasterize_to_pixels
+
+    with torch.no_grad():
+        opacities = info["opacities"] * selected.to(info["opacities"])[None]
+        ones = torch.ones(opacities.shape[-1], 1, device=opacities.device, dtype=opacities.dtype)
+        _, alpha = rasterize_to_pixels(
+            info["means2d"].detach(), info["conics"].detach(), ones, opacities.detach(), int(info["width"]),
+            int(info["height"]), int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"],
+            num_quantiles=None, backend=backend)
+    return alpha[0, ..., 0].float().cpu().numpy()
+
+
 # ---------------------------------------------------------------------------------------------- matching
 def image_index(pipeline) -> Dict[str, Tuple[str, int]]:
     """file name -> (split, index) over the run's eval and train images (eval wins duplicates)."""
@@ -206,14 +275,27 @@ def _safe(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 @dataclass
 class EvalLerfOvs:
-    """LeRF-OVS 2D segmentation (LangSplat's protocol): relevancy maps vs label polygons, mIoU + localization."""
+    """LeRF-OVS segmentation: LangSplat's 2D protocol (relevancy maps vs label polygons, mIoU + localization;
+    the default) or OpenGaussian's 3D one (the paper's: Gaussians selected by the query, silhouettes vs the
+    same masks, mIoU + Acc@0.25)."""
 
     load_config: Path
     """config.yml of a q-splat run (as for ns-eval)."""
+    protocol: Literal["langsplat-2d", "opengaussian-3d"] = "langsplat-2d"
+    """langsplat-2d: LangSplat's eval/evaluate_iou_loc.py. opengaussian-3d: OpenGaussian's
+    render_lerf_by_text.py + compute_lerf_iou.py, the protocol of the paper's LeRF-OVS numbers (45.8 / 56.9)."""
     labels: Optional[Path] = None
     """Folder of LeRF-OVS label JSONs for this scene (default: <scene>/label)."""
+    label_glob: str = LABEL_GLOB
+    """Which files of --labels are label files (LangSplat reads only frame_*.json)."""
     output: Optional[Path] = None
-    """Folder for lerf_ovs_2d.json / .md and the PNG overlays (default: <run dir>/eval)."""
+    """Folder for lerf_ovs_2d.json / lerf_ovs_3d.json, .md and the PNG overlays (default: <run dir>/eval)."""
+    select_threshold: float = 0.55
+    """opengaussian-3d: a Gaussian is selected when its relevancy to the query exceeds this (as `qsplat query`)."""
+    select_min_opacity: float = 0.0
+    """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
+    silhouette_threshold: float = 0.7
+    """opengaussian-3d: silhouette (accumulated opacity of the selected Gaussians) > this is the predicted mask."""
     mask_threshold: float = 0.4
     """LangSplat's --mask_thresh, applied after its [-1, 1] rescale (= 0.7 of the min-max range)."""
     smooth_kernel: int = 30
@@ -235,8 +317,9 @@ class EvalLerfOvs:
             result = run_eval_lerf_ovs(self)
         except LabelError as err:  # bad input: the message, not a traceback
             raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
-        print(json.dumps({k: result[k] for k in ("scene", "miou", "localization_accuracy", "num_queries",
-                                                  "counts", "json", "markdown")}, indent=2))
+        keys = ("scene", "protocol", "miou", "macc" if self.protocol == "opengaussian-3d" else "localization_accuracy",
+                "num_queries", "counts", "json", "markdown")
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
 
 
 def _closed_vocabulary(model) -> Optional[set]:
@@ -260,14 +343,17 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     label_dir = Path(cfg.labels) if cfg.labels is not None else scene_root / "label"
     if cfg.labels is None and not label_dir.is_dir():
         raise LabelError(f"no label folder at {label_dir}: pass --labels DIR (LeRF-OVS: data/lerf_ovs/label/<scene>)")
-    frames = read_label_dir(label_dir)
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    protocol = PROTOCOLS[cfg.protocol]
+    frames = read_label_dir(label_dir, cfg.label_glob)
     index = image_index(pipeline)
     vocabulary = _closed_vocabulary(model)
     if vocabulary is not None and cfg.prompt_template != "{}":
         raise ValueError("the synthetic teacher's text encoder is exact-string: use --prompt-template '{}'")
     run_dir = Path(cfg.load_config).parent
     out_dir = Path(cfg.output) if cfg.output is not None else run_dir / "eval"
-    png_dir = out_dir / PROTOCOL
+    png_dir = out_dir / protocol
 
     counts = dict(label_files=len(frames), frames_evaluated=0, frames_unmatched=0, frames_matched_by_stem=0,
                   frames_resized=0, frames_without_queries=0, objects=0, polygons_clipped=0, empty_masks=0,
@@ -294,6 +380,7 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
 
     rows: List[Dict] = []
     pngs: List[str] = []
+    selections: Dict = {}  # category -> selected Gaussians (opengaussian-3d)
     for frame, (split, i, _) in matches:
         queries = OrderedDict()
         for category, gt in frame.queries.items():
@@ -311,6 +398,34 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
             continue
         dataset = pipeline.datamanager.train_dataset if split == "train" else pipeline.datamanager.eval_dataset
         camera = dataset.cameras[i: i + 1].to(model.device)
+        if protocol == PROTOCOL_3D:
+            counts["frames_evaluated"] += 1
+            rgb, info = project_view(model, camera)
+            resized = rgb.shape[:2] != (frame.height, frame.width)
+            if resized:
+                counts["frames_resized"] += 1
+                rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+            for category, gt in queries.items():
+                if category not in selections:
+                    selections[category] = select_gaussians(model, cfg.prompt_template.format(category),
+                                                            cfg.select_threshold, cfg.select_min_opacity)
+                silhouette = render_silhouette(info, selections[category], model.config.rasterizer_backend)
+                if resized:
+                    silhouette = cv2.resize(silhouette, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+                pred = (silhouette > cfg.silhouette_threshold).astype(np.uint8)
+                iou = silhouette_iou(pred, gt.mask)
+                row = {"frame": frame.image_name, "label_file": frame.path.name, "category": category, "iou": iou,
+                       "selected_gaussians": int(selections[category].sum()), "gt_pixels": int(gt.mask.sum()),
+                       "pred_pixels": int(pred.sum()), "max_silhouette": float(silhouette.max())}
+                if cfg.save_png:
+                    peak = np.unravel_index(int(np.argmax(silhouette)), silhouette.shape)[::-1]
+                    path = png_dir / _safe(Path(frame.image_name).stem) / f"{_safe(category)}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(path), overlay(rgb, silhouette, pred, gt, peak, iou > 0.25))
+                    row["png"] = str(path)
+                    pngs.append(str(path))
+                rows.append(row)
+            continue
         with torch.no_grad():
             outputs = model.get_outputs_for_camera(camera)
             features = outputs["features"]
@@ -343,19 +458,26 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     ious = [r["iou"] for r in rows]
     per_category: Dict[str, Dict] = {}
     for r in rows:
-        entry = per_category.setdefault(r["category"], {"ious": [], "hits": 0})
-        entry["ious"].append(r["iou"])
-        entry["hits"] += int(r["localized"])
-    per_category = {c: {"miou": float(np.mean(v["ious"])), "localization_accuracy": v["hits"] / len(v["ious"]),
-                        "queries": len(v["ious"])} for c, v in per_category.items()}
+        per_category.setdefault(r["category"], []).append(r)
+    if protocol == PROTOCOL_3D:
+        per_category = {c: {"miou": float(np.mean([r["iou"] for r in v])),
+                            "acc_025": accuracy_at([r["iou"] for r in v], 0.25), "queries": len(v)}
+                        for c, v in per_category.items()}
+    else:
+        per_category = {c: {"miou": float(np.mean([r["iou"] for r in v])),
+                            "localization_accuracy": sum(r["localized"] for r in v) / len(v), "queries": len(v)}
+                        for c, v in per_category.items()}
     result = {
-        "protocol": PROTOCOL,
+        "protocol": protocol,
+        "protocol_option": cfg.protocol,
         "method": cfg.method_name,
         "scene": scene_root.name,
         "scene_root": str(scene_root),
         "label_dir": str(label_dir),
         "miou": float(np.mean(ious)) if ious else float("nan"),
-        "localization_accuracy": float(np.mean([r["localized"] for r in rows])) if rows else float("nan"),
+        **({"macc": accuracy_at(ious, 0.25), "acc_025": accuracy_at(ious, 0.25), "acc_05": accuracy_at(ious, 0.5)}
+           if protocol == PROTOCOL_3D else
+           {"localization_accuracy": float(np.mean([r["localized"] for r in rows])) if rows else float("nan")}),
         "num_queries": len(rows),
         "per_category": per_category,
         "per_query": rows,
@@ -365,7 +487,9 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                    "majority_radius": cfg.majority_radius, "prompt_template": cfg.prompt_template,
                    "negatives": list(model.config.relevancy_negatives),
                    "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
-                   "num_quantiles": model.config.num_quantiles},
+                   "num_quantiles": model.config.num_quantiles, "label_glob": cfg.label_glob,
+                   **({"select_threshold": cfg.select_threshold, "select_min_opacity": cfg.select_min_opacity,
+                       "silhouette_threshold": cfg.silhouette_threshold} if protocol == PROTOCOL_3D else {})},
         "pngs": len(pngs),
         "png_dir": str(png_dir) if pngs else None,
         "load_config": str(cfg.load_config),
@@ -374,10 +498,10 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     }
     if not rows:
         raise LabelError(f"no query could be evaluated (counts: {counts}); see the skipped label files/categories")
-    result["json"] = str(out_dir / f"{PROTOCOL}.json")
-    result["markdown"] = str(out_dir / f"{PROTOCOL}.md")
+    result["json"] = str(out_dir / f"{protocol}.json")
+    result["markdown"] = str(out_dir / f"{protocol}.md")
     write_json(Path(result["json"]), result)
-    write_text(Path(result["markdown"]), lerf_markdown(result))
+    write_text(Path(result["markdown"]), lerf3d_markdown(result) if protocol == PROTOCOL_3D else lerf_markdown(result))
     return result
 
 
@@ -441,5 +565,35 @@ def lerf_markdown(result: Dict) -> str:
         f"rescale, majority radius {p['majority_radius']}, negatives {', '.join(p['negatives'])}, prompt "
         f"`{p['prompt_template']}`, text encoder {p['text_encoder']}, K = {p['num_quantiles']}.",
         "Not comparable with the paper's LeRF-OVS numbers (OpenGaussian's 3D protocol).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def lerf3d_markdown(result: Dict) -> str:
+    c, p = result["counts"], result["params"]
+    lines = [
+        f"# LeRF-OVS 3D selection (OpenGaussian's protocol, the paper's) — {result['scene']}",
+        "",
+        "| Method | scene | mIoU | mAcc (Acc@0.25) | Acc@0.5 | queries |",
+        "|---|---|---|---|---|---|",
+        f"| {result['method']} | {result['scene']} | {fmt(result['miou'])} | {fmt(result['macc'])} | "
+        f"{fmt(result['acc_05'])} | {result['num_queries']} |",
+        "",
+        "| category | mIoU | Acc@0.25 | queries |",
+        "|---|---|---|---|",
+    ]
+    for name, v in result["per_category"].items():
+        lines.append(f"| {name} | {fmt(v['miou'])} | {fmt(v['acc_025'])} | {v['queries']} |")
+    lines += ["", "| frame | category | IoU | selected Gaussians |", "|---|---|---|---|"]
+    for r in result["per_query"]:
+        lines.append(f"| {r['frame']} | {r['category']} | {fmt(r['iou'])} | {r['selected_gaussians']} |")
+    lines += [
+        "",
+        f"Label files: {c['label_files']} ({c['frames_evaluated']} frames evaluated, {c['frames_unmatched']} skipped: "
+        f"no matching image, {c['frames_resized']} rendered at another resolution and resized); "
+        f"{c['queries_unknown_category']} queries skipped: unknown category.",
+        f"Selection: relevancy > {p['select_threshold']} (negatives {', '.join(p['negatives'])}), opacity > "
+        f"{p['select_min_opacity']}; silhouette > {p['silhouette_threshold']}; text encoder {p['text_encoder']}.",
+        "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol.",
     ]
     return "\n".join(lines) + "\n"

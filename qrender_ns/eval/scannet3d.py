@@ -175,8 +175,9 @@ def transfer_labels(gaussian_xyz: np.ndarray, point_xyz: np.ndarray, point_label
     Only neighbours within `max_distance` vote: metres for distance="metric"; for "mahalanobis" the
     distance sqrt((p - mu)^T Sigma^-1 (p - mu)) under the Gaussian's covariance (rotations [G,3,3],
     stds [G,3] in the points' frame), evaluated on the k Euclidean-nearest points. A Gaussian with no
-    voting neighbour gets 0. Label 0 ("not one of the classes") votes like any other label. Ties go
-    to the label whose neighbours rank nearer (each vote weighs 1 + (k - rank) * 1e-6).
+    voting neighbour gets 0. Label 0 ("not one of the classes") votes like any other label. A tie in
+    the count goes to the tied label of the nearest voting neighbour (not to the smaller class id, which
+    a plain bincount/mode argmax would give).
     """
     from scipy.spatial import cKDTree
 
@@ -191,7 +192,6 @@ def transfer_labels(gaussian_xyz: np.ndarray, point_xyz: np.ndarray, point_label
     point_labels = np.asarray(point_labels, dtype=np.int64)
     num_labels = int(point_labels.max(initial=0)) + 1
     tree = cKDTree(np.asarray(point_xyz, dtype=np.float64))
-    rank_weight = (1.0 + (k - np.arange(k)) * 1e-6)[None]
     out = np.zeros(len(gaussian_xyz), dtype=np.int64)
     nearest = np.zeros(len(gaussian_xyz))
     any_within = np.zeros(len(gaussian_xyz), dtype=bool)
@@ -206,12 +206,14 @@ def transfer_labels(gaussian_xyz: np.ndarray, point_xyz: np.ndarray, point_label
             local = np.einsum("gkd,gde->gke", offset, rotations[sl]) / np.maximum(stds[sl][:, None], 1e-12)
             within = np.linalg.norm(local, axis=-1) <= max_distance
         labels = point_labels[idx]
-        votes = np.zeros((len(idx), num_labels))
+        votes = np.zeros((len(idx), num_labels), dtype=np.int64)
         rows = np.arange(len(idx))
-        weights = within * rank_weight
         for r in range(k):
-            np.add.at(votes, (rows, labels[:, r]), weights[:, r])
-        winner = votes.argmax(1)
+            np.add.at(votes, (rows, labels[:, r]), within[:, r].astype(np.int64))
+        # among the labels with the most votes, the one of the nearest voting neighbour (rank order)
+        top = votes.max(1)
+        candidate = within & (votes[rows[:, None], labels] == top[:, None])
+        winner = labels[rows, candidate.argmax(1)]
         has = within.any(1)
         out[sl] = np.where(has, winner, 0)
         nearest[sl] = dist[:, 0]
@@ -248,6 +250,17 @@ def segmentation_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> 
         "iou": iou[1:].tolist(), "acc": acc[1:].tolist(), "gt_count": gt_count[1:].astype(int).tolist(),
         "present": present, "num_evaluated": total,
     }
+
+
+def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
+    """[G] bool: sigmoid(opacity) < min_opacity, computed in float32 as OpenGaussian does (scripts/
+    eval_scannet.py: numpy `1 / (1 + np.exp(-x)) < 0.1` on the PLY's float32 opacities). It matters: a Gaussian still at splatfacto's initial
+    opacity 0.1 has a float32 logit whose float32 sigmoid rounds to float32(0.1) (kept) while its float64
+    sigmoid is just below 0.1 (dropped); that flipped +0.010 mIoU in one of our runs."""
+    import torch
+
+    logits = torch.as_tensor(opacity_logits).detach().reshape(-1).to(torch.float32)
+    return (torch.sigmoid(logits) < torch.tensor(min_opacity, dtype=torch.float32)).cpu().numpy()
 
 
 def predict_classes(features, text_embeddings) -> np.ndarray:
@@ -386,7 +399,7 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
     transform, scale = dataparser_frame(pipeline)
     with torch.no_grad():
         means_world = to_world(model.means.detach().cpu().numpy(), transform, scale)
-        opacity = torch.sigmoid(model.opacities.detach()).reshape(-1).cpu().numpy()
+        low_opacity = low_opacity_mask(model.opacities.detach(), cfg.min_opacity)
         rotations = stds = None
         if cfg.distance == "mahalanobis":
             rotations = np.einsum("ij,gjk->gik", transform[:3, :3].T,
@@ -397,7 +410,6 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
 
     transfer = transfer_labels(means_world, points.xyz, points.labels, k=cfg.knn, max_distance=cfg.max_distance,
                                distance=cfg.distance, rotations=rotations, stds=stds)
-    low_opacity = opacity < cfg.min_opacity
     gt = np.where(low_opacity, 0, transfer.labels)
     metrics = segmentation_metrics(gt, pred, len(points.class_names))
     in_labels = np.bincount(points.labels, minlength=len(points.class_names) + 1)[1:]

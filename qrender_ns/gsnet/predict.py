@@ -65,9 +65,8 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     from .gsnet import GSNet
     from .integration import gaussian_inputs_from_params
 
-    if not Path(cfg.load_config).is_file():
-        raise SystemExit(f"--load-config {cfg.load_config} does not exist: pass the config.yml written by "
-                         "ns-train q-splat")
+    _safe.check_run_config(Path(cfg.load_config), "qsplat predict-features")
+    _safe.install_eval_fallback()
     net_cpu = GSNet.from_checkpoint(cfg.gsnet_checkpoint)  # fails early, before the run is loaded
     config, pipeline, checkpoint_path, step = eval_setup(Path(cfg.load_config), test_mode="test")
     model = pipeline.model

@@ -19,6 +19,7 @@ from .reference import rasterize_to_pixels_reference
 
 MAX_QUANTILES = 128
 BACKENDS = ("auto", "cpu", "cuda", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float64)  # what the compiled kernels are built for
 
 
 # ----------------------------------------------------------------------------- validation
@@ -31,11 +32,18 @@ def _check_tensor(name: str, value: Any, shape: Tuple[Optional[int], ...], float
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"`{name}` must have shape {want}, got {list(value.shape)}")
     if floating:
-        if not value.is_floating_point():
-            raise ValueError(f"`{name}` must be a floating point tensor, got {value.dtype}")
+        if value.dtype not in FLOAT_DTYPES:
+            kind = "floating point" if not value.is_floating_point() else "float32 or float64"
+            raise ValueError(f"`{name}` must be a {kind} tensor (float32 or float64), got {value.dtype}; "
+                             "cast with .float()")
         if finite and value.numel() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"`{name}` contains NaN or Inf values")
     return value
+
+
+def _check_opacities(opacities: Tensor) -> None:
+    if opacities.numel() and (bool((opacities < 0).any()) or bool((opacities > 1).any())):
+        raise ValueError("`opacities` must lie in [0, 1] (apply a sigmoid to logits first)")
 
 
 def check_num_quantiles(num_quantiles: Optional[int]) -> int:
@@ -148,6 +156,7 @@ def rasterize_to_pixels(
         _check_tensor("opacities", opacities, (num_gs,), finite=fin)
     else:
         _check_tensor("opacities", opacities, (num_cams, num_gs), finite=fin)
+    _check_opacities(opacities)
     channels = features.shape[-1]
     if channels == 0:
         raise ValueError("`features` must have at least one channel, got C=0")
@@ -296,8 +305,7 @@ def rasterize_features(
     _check_tensor("features", features, (num_gs, None))
     _check_tensor("viewmats", viewmats, (None, 4, 4))
     _check_tensor("Ks", Ks, (viewmats.shape[0], 3, 3))
-    if num_gs and (bool((opacities < 0).any()) or bool((opacities > 1).any())):
-        raise ValueError("`opacities` must lie in [0, 1] (apply a sigmoid to logits first)")
+    _check_opacities(opacities)
     if num_gs and bool((scales < 0).any()):
         raise ValueError("`scales` must be non-negative linear scales (apply exp to log-scales first)")
     kind = _resolve_backend(backend, means.device)

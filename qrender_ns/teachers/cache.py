@@ -19,7 +19,13 @@ Crash safety: every file is written under a temporary name and renamed into plac
 entry's npz gets a fresh name on every write and is in place before the manifest that lists it; the file
 it replaces is deleted only after that manifest is. So a kill at any moment leaves a manifest whose entries
 are all complete (a half-done entry is simply absent); at worst an unreferenced npz remains, which the next
-`TeacherCache.create` deletes. One writer at a time per cache folder.
+`TeacherCache.create` deletes.
+
+One writer at a time: `create` takes an exclusive lock on `<cache>/.lock` (flock, released when the writer
+closes the cache or its process ends, also on kill -9) before it touches anything, so its clean-up can only
+delete what a dead writer left; a second writer gets a TeacherCacheError saying the cache is busy. Readers
+take no lock (they see whole manifests only). Files are created with the process umask (0644 typically),
+not mkstemp's 0600.
 
 Invalidation: `create` with teacher info, feature_dim or class_names that differ from the manifest's drops
 every entry (the old teacher made them); `is_current` compares image hashes, so an edited image alone is
@@ -29,11 +35,11 @@ redone.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import uuid
 import zipfile
@@ -48,6 +54,7 @@ import torch
 FORMAT_VERSION = 1
 CACHE_DIRNAME = "qsplat_teacher"
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
 _HEADER_KEYS = ("format_version", "teacher", "feature_dim", "class_names")
 _NORM_TOLERANCE = 1e-2  # float16 keeps unit vectors within ~1e-3 of norm 1; more means a broken file
 _MAX_LISTED = 10  # missing images named in an error message
@@ -110,17 +117,68 @@ def _entry_file_name(key: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into a temporary sibling, then rename it over `path`: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """write(file) into a temporary sibling, then rename it over `path`: readers see old or new, never half.
+    Created with mode 0666 & ~umask like any other file (mkstemp would make it 0600)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise _write_error(path, e) or e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        error = _write_error(path, e)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, err: OSError) -> Optional["TeacherCacheError"]:
+    """A sentence instead of a traceback for the usual causes (read-only folder, disk full); None for others."""
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = f"the folder {path.parent} is not writable ({err.strerror}); make it writable or move the scene"
+    elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"the disk holding {path.parent} is full ({err.strerror}); free space and re-run (finished images are kept)"
+    else:
+        return None
+    return TeacherCacheError(f"cannot write the teacher cache file {path}: {why}")
+
+
+class CacheBusyError(TeacherCacheError):
+    """Another process is writing this cache."""
+
+
+def _lock_writer(root: Path):
+    """Exclusive, non-blocking flock on <root>/.lock; the open file is returned (closing it releases)."""
+    import fcntl
+
+    path = root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _write_error(path, e) or e
+    lock = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise CacheBusyError(
+            f"Teacher cache {root} is being written by {holder}: one writer at a time. Wait for it to finish "
+            "(or stop it), then re-run; images it has finished are kept.") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _as_numpy(x: Array) -> np.ndarray:
@@ -227,6 +285,19 @@ class TeacherCache:
         self._entries: Dict[str, dict] = manifest["entries"]
         self._lru: "OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
         self._lru_size = lru_size
+        self._lock = None  # the writer's flock (create)
+
+    def close(self) -> None:
+        """Release the writer lock (create); a reader has none. The cache stays readable."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "TeacherCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def open(cls, root: PathLike, lru_size: int = 0) -> "TeacherCache":
@@ -236,18 +307,29 @@ class TeacherCache:
     def create(cls, root: PathLike, teacher_info: dict, feature_dim: int = 512, class_names: Sequence[str] = (),
                lru_size: int = 0) -> "TeacherCache":
         """Open the cache at root for writing, keeping its entries only if they came from the same teacher
-        (same teacher_info, feature_dim and class_names); also deletes files no entry references."""
+        (same teacher_info, feature_dim and class_names); also deletes files no entry references.
+        Holds the writer lock until `close()` (or the end of the process); raises CacheBusyError when another
+        writer holds it."""
         root = Path(root)
         header = _make_header(teacher_info, feature_dim, class_names)
-        root.mkdir(parents=True, exist_ok=True)
         try:
-            old = _load_manifest(root)
-        except TeacherCacheError:  # none yet, unreadable or an old format: start over
-            old = None
-        same_teacher = old is not None and {k: old[k] for k in _HEADER_KEYS} == header
-        _write_manifest(root, header, old["entries"] if same_teacher else {})
-        cache = cls(root, lru_size=lru_size)
-        cache._remove_unreferenced_files()
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(root, e) or e
+        lock = _lock_writer(root)
+        try:
+            try:
+                old = _load_manifest(root)
+            except TeacherCacheError:  # none yet, unreadable or an old format: start over
+                old = None
+            same_teacher = old is not None and {k: old[k] for k in _HEADER_KEYS} == header
+            _write_manifest(root, header, old["entries"] if same_teacher else {})
+            cache = cls(root, lru_size=lru_size)
+            cache._lock = lock
+            cache._remove_unreferenced_files()  # safe: no other writer can be running
+        except BaseException:
+            lock.close()
+            raise
         return cache
 
     # --- manifest views -------------------------------------------------------------------------------
@@ -300,6 +382,9 @@ class TeacherCache:
     def write(self, key: str, mask_ids: Array, embeddings: Array, image_sha256: str) -> None:
         """Store one image's masks [H, W] (-1 = none, else 0..M-1) and embeddings [M, D] (normalised here)."""
         _check_key(key)
+        if self._lock is None:
+            raise TeacherCacheError(f"{self.root}: open the cache with TeacherCache.create(...) to write "
+                                    "(it takes the one-writer lock)")
         mask_ids, embeddings = _as_numpy(mask_ids), _as_numpy(embeddings)
         where = f"{self.root}: write({key!r})"
         _check_arrays(mask_ids, embeddings, self.feature_dim, where, ValueError)

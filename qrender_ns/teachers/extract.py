@@ -68,13 +68,13 @@ class ExtractFeatures(TeacherSettings):
             for key, get_image in datamanager.served_items("train" if split == "train" else "eval"):
                 if key not in [k for k, _ in items]:
                     items.append((key, get_image))
-        cache = ts.open_cache_for(teacher, [k for k, _ in items], replace_other_teacher=self.overwrite)
-        if hasattr(teacher, "write_weights_sidecar"):
-            teacher.write_weights_sidecar()
-        device = getattr(teacher, "device", "cpu")
-        print(f"[q-splat] {teacher.name} teacher on {len(items)} images of {self.data} ({len(teacher.class_names)} "
-              f"classes/prompts, device {device})")
-        stats = ts.fill_teacher_cache(cache, teacher, items, overwrite=self.overwrite, progress=True)
+        with ts.open_cache_for(teacher, [k for k, _ in items], replace_other_teacher=self.overwrite) as cache:
+            if hasattr(teacher, "write_weights_sidecar"):
+                teacher.write_weights_sidecar()
+            device = getattr(teacher, "device", "cpu")
+            print(f"[q-splat] {teacher.name} teacher on {len(items)} images of {self.data} "
+                  f"({len(teacher.class_names)} classes/prompts, device {device})")
+            stats = ts.fill_teacher_cache(cache, teacher, items, overwrite=self.overwrite, progress=True)
         print(f"[q-splat] teacher cache: {cache.root}")
         rate = f", {stats.written / stats.seconds:.2f} images/s" if stats.written and stats.seconds > 0 else ""
         print(f"  {stats.written} images written ({stats.masks} masks), {stats.skipped} already current, "

@@ -542,9 +542,9 @@ class GroundedSam2ClipTeacher:
         items = served_images(self.scene_dir, self.splits)
         if self.image_keys:
             items = [item for item in items if item[0] in self.image_keys]
-        cache = open_cache_for(self, [key for key, _ in items])
-        self.write_weights_sidecar()
-        return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
+        with open_cache_for(self, [key for key, _ in items]) as cache:  # the writer lock is released on leaving
+            self.write_weights_sidecar()
+            return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
 
     def write_weights_sidecar(self) -> None:
         """Where the weights were found (not part of the cache key): load_text_encoder reads the CLIP path."""

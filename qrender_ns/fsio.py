@@ -1,0 +1,45 @@
+"""Sentences for the usual write failures (read-only folder, disk full) instead of OSError tracebacks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+PathLike = Union[str, Path]
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error_sentence(path: PathLike, err: OSError, fix: str = "") -> Optional[str]:
+    """'cannot write PATH: why; fix' for a read-only place or a full disk; None for other errors."""
+    path = Path(path)
+    if err.errno in READ_ONLY:
+        why = f"{path.parent} is not writable ({err.strerror})"
+    elif err.errno in FULL:
+        why = f"the disk holding {path.parent} is full ({err.strerror}); free space and re-run"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(err, (NotADirectoryError, FileExistsError)):
+        why = f"a file is in the way of the folder {path.parent}"
+    else:
+        return None
+    return f"cannot write {path}: {why}" + (f"; {fix}" if fix else "")
+
+
+def check_writable_dir(folder: PathLike, fix: str = "") -> None:
+    """Create `folder` (and parents) and write + remove a probe file in it; SystemExit with a sentence if not."""
+    folder = Path(folder)
+    probe = folder / f".qsplat-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        sentence = write_error_sentence(probe, e, fix)
+        if sentence is None:
+            raise
+        raise SystemExit(f"[q-splat] {sentence}") from None
