@@ -341,6 +341,7 @@ def test_cache_of_another_teacher_setting_or_other_images_is_kept(tmp_path):
                           teacher_info={"name": "grounded-sam2-clip", "prompts": ["chair"]})
     cache = open_cache_for(old, ["images/a.png"])
     cache.write("images/a.png", np.zeros((2, 3), np.int32), np.ones((1, 4)), "sha-a")
+    cache.close()
     new = SimpleNamespace(**{**vars(old), "teacher_info": {"name": "grounded-sam2-clip", "prompts": ["table"]},
                              "class_names": ["table"]})
     with pytest.raises(TeacherSetupError, match=r"other settings \(differ: prompts\).*kept as it is.*--overwrite"):

@@ -299,6 +299,11 @@ class QSplatDataParser(DataParser):
             name = type(delegate).__name__.removesuffix("DataParserConfig") or type(delegate).__name__
             raise SceneLayoutError(f"{self.scene_root}: nerfstudio's {name} parser failed on this scene "
                                    f"({type(e).__name__}: {str(e).strip() or 'no message'}).") from e
+        if outputs.cameras.camera_to_worlds.dim() != 3:  # nerfstudio's instant-ngp parser on a 1-image split
+            raise SceneLayoutError(
+                f"{self.scene_root}: the '{split}' split has a single image, which nerfstudio's {self.layout} parser "
+                f"turns into a malformed camera; hold out at least two images (e.g. `qsplat-data --eval-interval "
+                f"{max(2, len(outputs.image_filenames) and self.config.eval_interval // 2)}`) or add images.")
         outputs, missing = drop_missing_images(outputs, split, self.scene_root)
         if missing and self._warned_missing.get(split) != missing:
             _warn(f"{missing} frames of the '{split}' split have no image file and are skipped "
