@@ -123,15 +123,15 @@ def test_resume_and_invalidation(extracted, tmp_path, detector, monkeypatch):
     # A fresh scene; the run is killed after the first image; the next run does only the second one.
     scene = _scene(tmp_path)
     first = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector))
-    real_compute, calls = first.compute, []
+    real_compute, calls = first.compute_served, []
 
-    def compute_then_crash(key):
+    def compute_then_crash(key, image):
         if calls:
             raise KeyboardInterrupt("simulated kill")
         calls.append(key)
-        return real_compute(key)
+        return real_compute(key, image)
 
-    monkeypatch.setattr(first, "compute", compute_then_crash)
+    monkeypatch.setattr(first, "compute_served", compute_then_crash)
     with pytest.raises(KeyboardInterrupt):
         first.run(progress=False)
     assert TeacherCache(first.cache_root).keys() == ["color/0.jpg"]

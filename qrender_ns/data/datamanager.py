@@ -164,9 +164,6 @@ class QSplatDataManager(FullImageDatamanager):
             cache = TeacherCache(root)
         except TeacherCacheError:
             return None
-        random = bool((cache.teacher_info.get("clip") or {}).get("random_init"))
-        if random != (settings.teacher_weights == "random-tiny"):
-            return None
         if not all(cache.is_current(key, ts.served_image_sha256(get_image())) for key, get_image in items):
             return None
         CONSOLE.print(f"[q-splat] teacher weights not found, but {root} already holds every training image: using it")
