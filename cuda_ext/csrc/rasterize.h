@@ -28,8 +28,8 @@ namespace qrender {
 // per-pixel tensor above is [P, ...] instead of [V, H, W, ...]. Same tiles, pixel centres and
 // quantile selection as the whole image.
 //
-// Query space: proj [N, Q] or [V, N, Q] = features . T^T for unit text embeddings T [Q, C],
-// bg_proj [V, Q] = backgrounds . T^T; returns {scores [V,H,W,Q] = cos(F(p), t_q), alphas
+// Query space: units [Q, C] unit text embeddings T, proj [N, Q+1] or [V, N, Q+1] =
+// [features . T^T, |features|], bg_proj [V, Q+1] = [backgrounds . T^T, |backgrounds|]; returns {scores [V,H,W,Q] = cos(F(p), t_q), alphas
 // [V,H,W,1]} without a feature map (forward only).
 #define QRENDER_DECLARE(SUFFIX)                                                              \
   std::vector<at::Tensor> rasterize_forward_##SUFFIX(QRENDER_FORWARD_ARGS);                 \
@@ -39,6 +39,7 @@ namespace qrender {
   std::vector<at::Tensor> rasterize_pixels_backward_##SUFFIX(QRENDER_BACKWARD_ARGS,         \
                                                              const at::Tensor &pixel_ids);  \
   std::vector<at::Tensor> rasterize_query_##SUFFIX(QRENDER_FORWARD_ARGS,                    \
+                                                   const at::Tensor &units,                 \
                                                    const at::Tensor &proj,                  \
                                                    const c10::optional<at::Tensor> &bg_proj);
 

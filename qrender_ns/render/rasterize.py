@@ -257,7 +257,8 @@ def rasterize_query_scores(
 
     Same inputs and blending as `rasterize_to_pixels` (dense or quantile), but no [V,H,W,C] map
     is made: each pixel blends its rows in a small buffer for |F(p)|, and its scores come from
-    the per-Gaussian projections features @ T^T (one [N, Q] matmul). Equal to
+    the per-Gaussian projections features @ T^T (one [N, Q] matmul; where the blended rows
+    cancel, from the buffer instead, so float32 rounding stays that of the full map). Equal to
     `F.normalize(features_map) @ F.normalize(queries).T` (zero features score 0).
     Inference only (no gradients). Returns (scores [V,H,W,Q], alphas [V,H,W,1]).
     """
@@ -277,9 +278,13 @@ def rasterize_query_scores(
         return rasterize_query_reference(means2d, conics, features, opacities, image_width, image_height,
                                          tile_size, isect_offsets, flatten_ids, queries, backgrounds,
                                          num_quantiles)
-    unit = torch.nn.functional.normalize(queries, dim=-1)
-    proj = (features @ unit.T).contiguous()  # [N, Q] or [V, N, Q]
-    bg_proj = (backgrounds @ unit.T).contiguous() if backgrounds is not None else None
+    unit = torch.nn.functional.normalize(queries, dim=-1).contiguous()
+
+    def project(rows):  # [..., C] -> [..., Q + 1]: projections, then the row norm
+        return torch.cat([rows @ unit.T, rows.norm(dim=-1, keepdim=True)], dim=-1).contiguous()
+
+    proj = project(features.detach())
+    bg_proj = project(backgrounds.detach()) if backgrounds is not None else None
     if opacities.dim() == 1:
         opacities = opacities.expand(num_cams, num_gs)
     ext = _backend.load_extension(with_cuda=kind == "cuda")
@@ -287,7 +292,7 @@ def rasterize_query_scores(
     bg = backgrounds.detach().contiguous() if backgrounds is not None else None
     scores, alphas = getattr(ext, f"rasterize_query_{kind}")(
         *args, bg, image_width, image_height, tile_size, isect_offsets.int().contiguous(),
-        flatten_ids.int().contiguous(), k, proj, bg_proj)
+        flatten_ids.int().contiguous(), k, unit, proj, bg_proj)
     return scores, alphas
 
 

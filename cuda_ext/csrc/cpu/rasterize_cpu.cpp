@@ -484,12 +484,17 @@ inline void backward_pixel(const Layout& l, const Alphas& alphas, const scalar_t
 // ---------------------------------------------------------------------------- query space
 // cos(F(p), t_q) for every pixel from the per-Gaussian projections G = features . T^T:
 // F(p) = sum_i w_i f_i (+ T bg), so F(p) . t_q = sum_i w_i G_iq (+ T bg . t_q); the blended
-// row is only needed for |F(p)|. Scores are F.normalize(F(p)) . t_q (t_q normalised by the
-// caller): |F| is clamped at 1e-12 as F.normalize does, zero features score 0.
+// row is only needed for |F(p)|. Scores are F.normalize(F(p)) . t_q (t_q unit vectors):
+// |F| is clamped at 1e-12 as F.normalize does, zero features score 0.
+// The projected sum is exact up to rounding of sum_i |w_i| |f_i|; where that mass exceeds
+// kCancel * |F(p)| (the rows cancel), the scores are recomputed as F(p) . t_q from the row.
+constexpr double kCancel = 16;
+
 template <typename scalar_t>
 struct QueryIn {
-  const scalar_t* proj;     // [N or V*N, Q] per-Gaussian projections
-  const scalar_t* bg_proj;  // [V, Q] background projections (null without backgrounds)
+  const scalar_t* proj;     // [N or V*N, Q + 1]: G, then |f| in the last column
+  const scalar_t* bg_proj;  // [V, Q + 1]: bg . T^T, then |bg| (null without backgrounds)
+  const scalar_t* units;    // [Q, C] unit query embeddings
   int64_t num_queries;
   bool proj_per_cam;
 };
@@ -501,12 +506,13 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
                         scalar_t* acc, scalar_t* out_scores, scalar_t* out_alpha) {
   const int64_t C = l.channels, Q = q.num_queries;
   const scalar_t* bg = backgrounds ? backgrounds + p.cam * C : nullptr;
-  const scalar_t* bg_proj = q.bg_proj ? q.bg_proj + p.cam * Q : nullptr;
+  const scalar_t* bg_proj = q.bg_proj ? q.bg_proj + p.cam * (Q + 1) : nullptr;
   scalar_t* score = out_scores + p.row * Q;
   std::fill(score, score + Q, scalar_t(0));
   auto proj_row = [&](int32_t g) {
-    return q.proj + (q.proj_per_cam ? int64_t(g) : int64_t(g) % l.num_gs) * Q;
+    return q.proj + (q.proj_per_cam ? int64_t(g) : int64_t(g) % l.num_gs) * (Q + 1);
   };
+  scalar_t mass = 0;  // sum_i |w_i| |f_i|
   BlendOut<scalar_t> b;
   if (l.num_quantiles == 0) {
     // Dense: the weights are re-derived in a second walk (cheap scalars) rather than stored.
@@ -515,20 +521,35 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
     for (int64_t i = p.start; i <= b.last; ++i) {
       const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
       if (!a.used) continue;
-      axpy(score, a.alpha * trans, proj_row(flatten_ids[i]), Q);
+      const scalar_t* r = proj_row(flatten_ids[i]);
+      axpy(score, a.alpha * trans, r, Q);
+      mass += a.alpha * trans * r[Q];
       trans *= 1 - a.alpha;
     }
-    if (bg_proj) axpy(score, 1 - b.alpha, bg_proj, Q);
+    if (bg_proj) {
+      axpy(score, 1 - b.alpha, bg_proj, Q);
+      mass += (1 - b.alpha) * bg_proj[Q];
+    }
   } else {
     int32_t sel[kMaxQuantiles], sel_g[kMaxQuantiles];
     scalar_t sel_w[kMaxQuantiles];
     b = blend_pixel(l, alphas, features, flatten_ids, bg, p, acc, sel, sel_g, sel_w);
-    for (int j = 0; j < b.count; ++j) axpy(score, sel_w[j], proj_row(sel_g[j]), Q);
-    if (b.count == 0 && bg_proj) std::copy(bg_proj, bg_proj + Q, score);
+    for (int j = 0; j < b.count; ++j) {
+      const scalar_t* r = proj_row(sel_g[j]);
+      axpy(score, sel_w[j], r, Q);
+      mass += sel_w[j] * r[Q];
+    }
+    if (b.count == 0 && bg_proj) {
+      std::copy(bg_proj, bg_proj + Q, score);
+      mass = bg_proj[Q];
+    }
   }
   const scalar_t length = std::sqrt(dot(acc, acc, C));
   const scalar_t inv = 1 / std::max(length, scalar_t(1e-12));
-  for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
+  if (mass > scalar_t(kCancel) * length)
+    for (int64_t k = 0; k < Q; ++k) score[k] = dot(acc, q.units + k * C, C) * inv;
+  else
+    for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
   out_alpha[p.row] = b.alpha;
 }
 
@@ -658,11 +679,12 @@ std::vector<at::Tensor> rasterize_pixels_backward_cpu(QRENDER_BACKWARD_ARGS,
                       last_ids, sel_ids, sel_count, grad_feat, grad_alpha, absgrad, pixel_ids);
 }
 
-std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tensor& proj,
+std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tensor& units,
+                                            const at::Tensor& proj,
                                             const c10::optional<at::Tensor>& bg_proj) {
   const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
                                flatten_ids, num_quantiles);
-  const int64_t Q = proj.size(-1);
+  const int64_t Q = units.size(0);
   auto opts = means2d.options();
   at::Tensor scores = at::empty({l.num_cams, height, width, Q}, opts);
   at::Tensor out_alpha = at::empty({l.num_cams, height, width, 1}, opts);
@@ -670,8 +692,8 @@ std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tens
     const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
                                                     backgrounds, isect_offsets, flatten_ids);
     const QueryIn<scalar_t> q{proj.data_ptr<scalar_t>(),
-                              bg_proj.has_value() ? bg_proj->data_ptr<scalar_t>() : nullptr, Q,
-                              proj.dim() == 3};
+                              bg_proj.has_value() ? bg_proj->data_ptr<scalar_t>() : nullptr,
+                              units.data_ptr<scalar_t>(), Q, proj.dim() == 3};
     scalar_t* s = scores.data_ptr<scalar_t>();
     scalar_t* a = out_alpha.data_ptr<scalar_t>();
     for_each_image_pixel<scalar_t>(

@@ -647,16 +647,38 @@ __global__ void backward_pixels_kernel(Params<scalar_t> p, const int64_t* __rest
 
 // ---------------------------------------------------------------------------- query space
 // scores[q] = F(p) . t_q / max(|F(p)|, 1e-12) with F(p) . t_q = sum_i w_i proj[g_i, q]
-// (+ T bg_proj[q]); |F(p)| from the blended row, chunk by chunk in registers. As the CPU.
+// (+ T bg_proj[q]); |F(p)| from the blended row, chunk by chunk in registers. Where the rows
+// cancel (sum_i |w_i| |f_i| > kCancel |F(p)|) the scores are F(p) . t_q from the row. As the CPU.
+constexpr double kCancel = 16;
+
 template <typename scalar_t>
 struct QueryParams {
-  const scalar_t *proj, *bg_proj;  // [N or V*N, Q], [V, Q] (may be null)
+  const scalar_t *proj, *bg_proj;  // [N or V*N, Q + 1], [V, Q + 1] (may be null): G, then |f|
+  const scalar_t* units;           // [Q, C]
   int64_t num_queries;
   bool per_cam;
   __device__ const scalar_t* row(const Params<scalar_t>& p, int32_t g) const {
-    return proj + (per_cam ? int64_t(g) : int64_t(g) % p.num_gs) * num_queries;
+    return proj + (per_cam ? int64_t(g) : int64_t(g) % p.num_gs) * (num_queries + 1);
+  }
+  __device__ const scalar_t* bg_row(int cam) const {
+    return bg_proj ? bg_proj + int64_t(cam) * (num_queries + 1) : nullptr;
   }
 };
+
+// score[k] += acc . t_k over one channel chunk.
+template <typename scalar_t, int CHUNK>
+__device__ __forceinline__ void project_chunk(scalar_t* score, const scalar_t (&acc)[CHUNK],
+                                              const QueryParams<scalar_t>& q, int64_t C,
+                                              int64_t c0, int64_t n) {
+  for (int64_t k = 0; k < q.num_queries; ++k) {
+    const scalar_t* t = q.units + k * C + c0;
+    scalar_t v = 0;
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j)
+      if (j < n) v += acc[j] * t[j];
+    score[k] += v;
+  }
+}
 
 template <typename scalar_t>
 __global__ void query_dense_kernel(Params<scalar_t> p, QueryParams<scalar_t> q,
@@ -666,40 +688,61 @@ __global__ void query_dense_kernel(Params<scalar_t> p, QueryParams<scalar_t> q,
   const Pixel<scalar_t> px = this_pixel(p);
   const int64_t C = p.channels, Q = q.num_queries;
   const scalar_t* bg = p.background(px.cam);
+  const scalar_t* bgp = q.bg_row(px.cam);
   scalar_t* score = scores + px.pix * Q;
   if (px.inside)
     for (int64_t k = 0; k < Q; ++k) score[k] = 0;
-  scalar_t length2 = 0, trans = 1;
-  for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
-    const int64_t n = min(int64_t(CHUNK), C - c0);
-    scalar_t acc[CHUNK];
+  scalar_t length2 = 0, trans = 1, mass = 0;
+  // direct = 0: scores from the projections (first walk) and |F|; direct = 1 (only where the
+  // rows cancel): scores recomputed from the row. Every thread takes part in both walks.
+  for (int direct = 0; direct < 2; ++direct) {
+    if (direct) {
+      const bool need = px.inside && mass > scalar_t(kCancel) * sqrt(length2);
+      if (!__syncthreads_or(need)) break;
+      if (need)
+        for (int64_t k = 0; k < Q; ++k) score[k] = 0;
+    }
+    const bool need = !direct || (px.inside && mass > scalar_t(kCancel) * sqrt(length2));
+    for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+      const int64_t n = min(int64_t(CHUNK), C - c0);
+      scalar_t acc[CHUNK];
 #pragma unroll
-    for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
-    trans = 1;
-    walk_front_to_back(p, px, !px.inside,
-                       [&](int64_t, int32_t g, const PixelAlpha<scalar_t>& a) -> bool {
-                         const scalar_t next_trans = trans * (1 - a.alpha);
-                         if (next_trans <= scalar_t(kTransEps)) return true;
-                         const scalar_t w = a.alpha * trans;
-                         accumulate_chunk(acc, w, p.feature(g) + c0, n);
-                         if (c0 == 0) {
-                           const scalar_t* r = q.row(p, g);
-                           for (int64_t k = 0; k < Q; ++k) score[k] += w * r[k];
-                         }
-                         trans = next_trans;
-                         return false;
-                       });
+      for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+      trans = 1;
+      walk_front_to_back(p, px, !px.inside,
+                         [&](int64_t, int32_t g, const PixelAlpha<scalar_t>& a) -> bool {
+                           const scalar_t next_trans = trans * (1 - a.alpha);
+                           if (next_trans <= scalar_t(kTransEps)) return true;
+                           const scalar_t w = a.alpha * trans;
+                           accumulate_chunk(acc, w, p.feature(g) + c0, n);
+                           if (!direct && c0 == 0) {
+                             const scalar_t* r = q.row(p, g);
+                             for (int64_t k = 0; k < Q; ++k) score[k] += w * r[k];
+                             mass += w * r[Q];
+                           }
+                           trans = next_trans;
+                           return false;
+                         });
+      if (!px.inside) continue;
 #pragma unroll
-    for (int k = 0; k < CHUNK; ++k)
-      if (k < n) {
-        const scalar_t v = bg ? acc[k] + trans * bg[c0 + k] : acc[k];
-        length2 += v * v;
+      for (int k = 0; k < CHUNK; ++k)
+        if (k < n && bg) acc[k] += trans * bg[c0 + k];
+      if (!direct) {
+#pragma unroll
+        for (int k = 0; k < CHUNK; ++k)
+          if (k < n) length2 += acc[k] * acc[k];
+      } else if (need) {
+        project_chunk(score, acc, q, C, c0, n);
       }
+    }
+    if (!direct && px.inside && bgp) {
+      for (int64_t k = 0; k < Q; ++k) score[k] += trans * bgp[k];
+      mass += trans * bgp[Q];
+    }
   }
   if (!px.inside) return;
   const scalar_t inv = 1 / max(sqrt(length2), scalar_t(1e-12));
-  const scalar_t* bgp = q.bg_proj ? q.bg_proj + int64_t(px.cam) * Q : nullptr;
-  for (int64_t k = 0; k < Q; ++k) score[k] = (score[k] + (bgp ? trans * bgp[k] : scalar_t(0))) * inv;
+  for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
   out_alpha[px.pix] = 1 - trans;
 }
 
@@ -731,21 +774,21 @@ __global__ void query_quantile_kernel(Params<scalar_t> p, QueryParams<scalar_t> 
                        trans = next_trans;
                        return false;
                      });
-  if (!px.inside) return;
+  if (!px.inside) return;  // no block-wide syncs below
   scalar_t* score = scores + px.pix * Q;
-  if (count == 0) {  // the background (or zero) feature
-    const scalar_t* bg = p.background(px.cam);
-    scalar_t length2 = 0;
-    if (bg)
-      for (int64_t c = 0; c < C; ++c) length2 += bg[c] * bg[c];
-    const scalar_t inv = 1 / max(sqrt(length2), scalar_t(1e-12));
-    const scalar_t* bgp = q.bg_proj ? q.bg_proj + int64_t(px.cam) * Q : nullptr;
+  if (count == 0) {  // the background (or zero) feature, a single row: no cancellation
+    const scalar_t* bgp = q.bg_row(px.cam);
+    const scalar_t inv = bgp ? 1 / max(bgp[Q], scalar_t(1e-12)) : scalar_t(0);
     for (int64_t k = 0; k < Q; ++k) score[k] = bgp ? bgp[k] * inv : scalar_t(0);
     out_alpha[px.pix] = 0;
     return;
   }
   const scalar_t norm = 1 - trans_q;
-  for (int j = 0; j < count; ++j) sel_w[j] /= norm;
+  scalar_t mass = 0;
+  for (int j = 0; j < count; ++j) {
+    sel_w[j] /= norm;
+    mass += sel_w[j] * q.row(p, sel_g[j])[Q];
+  }
   scalar_t length2 = 0;
   for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
     const int64_t n = min(int64_t(CHUNK), C - c0);
@@ -757,12 +800,26 @@ __global__ void query_quantile_kernel(Params<scalar_t> p, QueryParams<scalar_t> 
     for (int k = 0; k < CHUNK; ++k)
       if (k < n) length2 += acc[k] * acc[k];
   }
-  const scalar_t inv = 1 / max(sqrt(length2), scalar_t(1e-12));
-  for (int64_t k = 0; k < Q; ++k) {
-    scalar_t v = 0;
-    for (int j = 0; j < count; ++j) v += sel_w[j] * q.row(p, sel_g[j])[k];
-    score[k] = v * inv;
+  const scalar_t length = sqrt(length2);
+  const scalar_t inv = 1 / max(length, scalar_t(1e-12));
+  if (mass > scalar_t(kCancel) * length) {
+    for (int64_t k = 0; k < Q; ++k) score[k] = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+      const int64_t n = min(int64_t(CHUNK), C - c0);
+      scalar_t acc[CHUNK];
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+      for (int j = 0; j < count; ++j) accumulate_chunk(acc, sel_w[j], p.feature(sel_g[j]) + c0, n);
+      project_chunk(score, acc, q, C, c0, n);
+    }
+  } else {
+    for (int64_t k = 0; k < Q; ++k) {
+      scalar_t v = 0;
+      for (int j = 0; j < count; ++j) v += sel_w[j] * q.row(p, sel_g[j])[k];
+      score[k] = v;
+    }
   }
+  for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
   out_alpha[px.pix] = norm;
 }
 
@@ -1019,14 +1076,16 @@ std::vector<at::Tensor> rasterize_pixels_backward_cuda(QRENDER_BACKWARD_ARGS,
   return {g_means2d, g_conics, g_features, g_opacities, g_backgrounds, g_means2d_abs};
 }
 
-std::vector<at::Tensor> rasterize_query_cuda(QRENDER_FORWARD_ARGS, const at::Tensor& proj,
+std::vector<at::Tensor> rasterize_query_cuda(QRENDER_FORWARD_ARGS, const at::Tensor& units,
+                                             const at::Tensor& proj,
                                              const c10::optional<at::Tensor>& bg_proj) {
   check_common(means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
                num_quantiles);
+  check_cuda(units, "units");
   check_cuda(proj, "proj");
   if (bg_proj.has_value()) check_cuda(*bg_proj, "bg_proj");
   const c10::cuda::OptionalCUDAGuard guard(device_of(means2d));
-  const int64_t V = means2d.size(0), Q = proj.size(-1);
+  const int64_t V = means2d.size(0), Q = units.size(0);
   auto opts = means2d.options();
   at::Tensor scores = at::empty({V, height, width, Q}, opts);
   at::Tensor out_alpha = at::empty({V, height, width, 1}, opts);
@@ -1037,7 +1096,7 @@ std::vector<at::Tensor> rasterize_query_cuda(QRENDER_FORWARD_ARGS, const at::Ten
                                                      isect_offsets, flatten_ids, num_quantiles);
     const QueryParams<scalar_t> q{proj.data_ptr<scalar_t>(),
                                   bg_proj.has_value() ? bg_proj->data_ptr<scalar_t>() : nullptr,
-                                  Q, proj.dim() == 3};
+                                  units.data_ptr<scalar_t>(), Q, proj.dim() == 3};
     if (num_quantiles == 0) {
       const Launch l = make_launch(query_dense_kernel<scalar_t>, p, true);
       if (l.empty) return;
