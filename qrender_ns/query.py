@@ -16,6 +16,11 @@ def relevancy(features: Tensor, query: Tensor, negatives: Tensor, temperature: f
     f = F.normalize(features, dim=-1)
     pos = f @ F.normalize(query, dim=-1)
     neg = f @ F.normalize(negatives, dim=-1).T  # [..., J]
-    pair = torch.softmax(temperature * torch.stack([pos[..., None].expand_as(neg), neg], dim=-1), dim=-1)
-    score = pair[..., 0].min(dim=-1).values
+    score = relevancy_from_cosines(pos, neg, temperature)
     return torch.where(features.norm(dim=-1) > 0, score, torch.zeros_like(score))
+
+
+def relevancy_from_cosines(pos: Tensor, neg: Tensor, temperature: float = 10.0) -> Tensor:
+    """The same from cosines: pos [...], neg [..., J] (e.g. query-space renders) -> [...]."""
+    pair = torch.softmax(temperature * torch.stack([pos[..., None].expand_as(neg), neg], dim=-1), dim=-1)
+    return pair[..., 0].min(dim=-1).values
