@@ -15,8 +15,12 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #include <xmmintrin.h>
@@ -171,23 +175,49 @@ struct DirectAlphas {
   }
 };
 
+// Row kernels (C = 512: the hot loops of every path). Wide rows run through clones built for
+// AVX2 + FMA and for baseline x86-64, picked once at load time by the CPU (GCC target_clones),
+// so one build is portable and still uses 8-wide FMAs where the CPU has them. Rows of a few
+// channels (RGB) stay inline: a call per Gaussian would cost more than the row.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define QR_CLONES
+#endif
+constexpr int64_t kWideRow = 16;
+
+#define QR_ROW_KERNELS(T)                                                                    \
+  QR_CLONES void axpy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) {       \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];                 \
+  }                                                                                          \
+  QR_CLONES void scale_copy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) { \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];                  \
+  }                                                                                          \
+  QR_CLONES T dot_wide(const T* a, const T* b, int64_t n) {                                  \
+    T s = 0;                                                                                 \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];  \
+    return s;                                                                                \
+  }
+QR_ROW_KERNELS(float)
+QR_ROW_KERNELS(double)
+
 template <typename scalar_t>
 inline void axpy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f, int64_t n) {
-#pragma omp simd
+  if (n >= kWideRow) return axpy_wide(out, w, f, n);
   for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];
 }
 
 template <typename scalar_t>
 inline void scale_copy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f,
                        int64_t n) {
-#pragma omp simd
+  if (n >= kWideRow) return scale_copy_wide(out, w, f, n);
   for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];
 }
 
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  if (n >= kWideRow) return dot_wide(a, b, n);
   scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
   return s;
 }
@@ -571,6 +601,33 @@ Inputs<scalar_t> inputs_of(const at::Tensor& means2d, const at::Tensor& conics,
           isect_offsets.data_ptr<int32_t>(), flatten_ids.data_ptr<int32_t>()};
 }
 
+// at::empty for outputs of many MB (a 640x480x512 map is 630 MB). With QSPLAT_HUGEPAGES=1 it
+// asks Linux for transparent huge pages on it before the first write, so that first touch
+// faults once per 2 MB instead of once per 4 KB: allocating + writing such a map measured 3.6x
+// faster alone, but in a process that also frees many 4 KB-page buffers the kernel had to
+// compact memory on those faults and the same render got 1.6x slower; hence opt-in.
+at::Tensor empty_large(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.numel() * t.element_size();
+  static const bool enabled = [] {
+    const char* v = std::getenv("QSPLAT_HUGEPAGES");
+    return v && v[0] == '1';
+  }();
+  if (enabled && bytes >= 4 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+at::Tensor zeros_large_like(const at::Tensor& like) {
+  return empty_large(like.sizes(), like.options()).zero_();
+}
+
 // Shapes of per-pixel outputs: [V, H, W, ...] for images, [P, ...] for sampled pixels.
 std::vector<int64_t> pixel_shape(const Layout& l, const c10::optional<at::Tensor>& pixel_ids,
                                  std::initializer_list<int64_t> tail) {
@@ -589,7 +646,7 @@ std::vector<at::Tensor> forward_any(QRENDER_FORWARD_ARGS,
                                flatten_ids, num_quantiles);
   auto opts = means2d.options();
   auto iopts = opts.dtype(at::kInt);
-  at::Tensor out_feat = at::empty(pixel_shape(l, pixel_ids, {l.channels}), opts);
+  at::Tensor out_feat = empty_large(pixel_shape(l, pixel_ids, {l.channels}), opts);
   at::Tensor out_alpha = at::empty(pixel_shape(l, pixel_ids, {1}), opts);
   at::Tensor last_ids = at::empty(pixel_shape(l, pixel_ids, {}), iopts);
   at::Tensor sel_ids = at::empty(pixel_shape(l, pixel_ids, {num_quantiles}), iopts);
@@ -621,7 +678,7 @@ std::vector<at::Tensor> backward_any(QRENDER_BACKWARD_ARGS,
   at::Tensor g_means2d = at::zeros_like(means2d);
   at::Tensor g_means2d_abs = absgrad ? at::zeros_like(means2d) : at::Tensor();
   at::Tensor g_conics = at::zeros_like(conics);
-  at::Tensor g_features = at::zeros_like(features);
+  at::Tensor g_features = zeros_large_like(features);
   at::Tensor g_opacities = at::zeros_like(opacities);
   at::Tensor g_backgrounds = backgrounds.has_value() ? at::zeros_like(*backgrounds) : at::Tensor();
   RowLocks feature_locks;
@@ -686,7 +743,7 @@ std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tens
                                flatten_ids, num_quantiles);
   const int64_t Q = units.size(0);
   auto opts = means2d.options();
-  at::Tensor scores = at::empty({l.num_cams, height, width, Q}, opts);
+  at::Tensor scores = empty_large({l.num_cams, height, width, Q}, opts);
   at::Tensor out_alpha = at::empty({l.num_cams, height, width, 1}, opts);
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_query_cpu", [&] {
     const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
