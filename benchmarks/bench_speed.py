@@ -55,12 +55,24 @@ def rss_mib(field: str) -> float:
 
 
 def peak_rss_growth(fn) -> float:
-    """MiB the resident set grows by at its peak while fn runs (Linux: VmHWM reset via clear_refs)."""
+    """MiB the resident set grows by at its peak while fn runs (Linux: VmHWM reset via clear_refs).
+    Run it first thing in a fresh process: memory freed earlier and kept by the allocator would
+    be reused unseen."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     base = rss_mib("VmRSS")
     fn()
     return rss_mib("VmHWM") - base
+
+
+def peak_rss_in_child(args, mode: str, k) -> float:
+    """peak_rss_growth of one training-step variant, in a fresh interpreter (no warm-up there:
+    the kernels are already built, so the first call only loads them)."""
+    cmd = [sys.executable, __file__, "--memory-child", mode, "--num-gaussians", str(args.num_gaussians),
+           "--num-masks", str(args.num_masks), "--pixels-per-mask", str(args.pixels_per_mask),
+           "--train-quantiles", str(k)] + (["--before", args.before] if args.before else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def side_by_side(fns: dict, repeats: int) -> dict:
@@ -152,7 +164,8 @@ def empty_hugepages(numel: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ parts
-def bench_train(s, args, before):
+def train_steps(s, args, before, k):
+    """The feature part of a training step, per variant: {name: fn}."""
     mask_ids, embeddings = teacher_masks(args.num_masks)
     pixels, targets = sample_mask_pixels(mask_ids, args.pixels_per_mask, torch.Generator().manual_seed(0))
     table = torch.nn.Parameter(s["features"].clone())
@@ -173,18 +186,23 @@ def bench_train(s, args, before):
             paper_contrastive_loss(out, targets, embeddings).backward()
         return step
 
+    fns = {"full_map": full_map(k), "sampled_pixels": sampled(k)}
+    if before is not None:
+        module = before[0]
+
+        def today(step=full_map(k)):
+            with with_kernel(module):
+                step()
+        fns["full_map_before"] = today
+    return fns, pixels
+
+
+def bench_train(s, args, before):
     rows = []
     for k in args.train_quantiles:
-        fns = {"full_map": full_map(k), "sampled_pixels": sampled(k)}
-        if before is not None:
-            module = before[0]
-
-            def today(step=full_map(k)):
-                with with_kernel(module):
-                    step()
-            fns["full_map_before"] = today
+        fns, pixels = train_steps(s, args, before, k)
         ms = side_by_side(fns, args.repeats)
-        mem = {name: peak_rss_growth(fn) for name, fn in fns.items()}
+        mem = {name: peak_rss_in_child(args, name, k) for name in fns}
         baseline = "full_map_before" if before is not None else "full_map"
         row = dict(num_quantiles=k, sampled_pixels=int(pixels.numel()), num_masks=args.num_masks,
                    ms=ms, peak_rss_growth_mib=mem,
@@ -285,10 +303,16 @@ def main():
                         help="git commit whose CPU kernel is 'today' (built once); e.g. the merge base with main")
     parser.add_argument("--load", default="", help="machine load to record, e.g. 'shared with 4 other jobs'")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     before = load_before(args.before) if args.before else None
     s = prepare(args.num_gaussians)
+    if args.memory_child:  # one step of one variant in this fresh process: print its peak RSS growth
+        _backend.load_extension()
+        fns, _ = train_steps(s, args, before, args.train_quantiles[0])
+        print(peak_rss_growth(fns[args.memory_child]))
+        return
     print(f"N={args.num_gaussians}: {s['flatten_ids'].numel() / (WIDTH * HEIGHT / TILE**2):.0f} Gaussians per tile, "
           f"{torch.get_num_threads()} threads", flush=True)
     load_start = os.getloadavg()
@@ -311,8 +335,9 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
     merged = {**previous.get("results", {}), **results}
+    meta_by_part = {**previous.get("meta_by_part", {}), **{part: meta for part in results}}
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, results=merged), indent=2))
+    tmp.write_text(json.dumps(dict(meta_by_part=meta_by_part, results=merged), indent=2))
     tmp.replace(out)
     print(f"wrote {out}")
 
