@@ -28,8 +28,8 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from .gsnet.gsnet import GSNetConfig
 from .losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
-from .query import relevancy
-from .render import rasterize_to_pixels
+from .query import relevancy, relevancy_from_cosines
+from .render import rasterize_query_scores, rasterize_to_pixels
 from .render.binning import isect_offset_encode, isect_tiles
 from .metrics import mean_class_iou
 from .render.rasterize import check_num_quantiles, project_gaussians
@@ -118,6 +118,9 @@ class QSplatModel(SplatfactoModel):
         self.units_per_metre = float(metadata.get("qsplat_units_per_metre") or 1.0)  # GS-Net voxels are in metres
         self._text_encoder = None
         self.query_text = ""
+        # Eval outputs carry the [H, W, C] feature map ("features", "feature_alpha"); callers that
+        # only need scores (relevancy, class maps: query-space renders) switch it off.
+        self.feature_map_outputs = True
         self._add_viewer_controls()
 
     def _init_colors_from_seed(self, rgb: torch.Tensor) -> None:
@@ -137,6 +140,16 @@ class QSplatModel(SplatfactoModel):
         self.viewer_query = ViewerText(
             "Query (relevancy)", default_value="", cb_hook=lambda element: self.set_query(element.value),
             hint="Text to localise, e.g. 'chair': the 'relevancy' output shows where it matches")
+
+    @contextlib.contextmanager
+    def scores_only(self):
+        """Within: eval outputs skip the [H, W, C] feature map (relevancy / class maps are rendered
+        in query space from the last view's projection, see relevancy_maps)."""
+        previous, self.feature_map_outputs = self.feature_map_outputs, False
+        try:
+            yield self
+        finally:
+            self.feature_map_outputs = previous
 
     def set_query(self, text: str) -> None:
         self.query_text = text.strip()
@@ -211,10 +224,13 @@ class QSplatModel(SplatfactoModel):
             outputs = super().get_outputs(camera)
         else:
             outputs = self._get_outputs_cpu(camera, crop_ids)
-        if self._wants_features():
-            outputs.update(self.render_features(crop_ids, self.config.num_quantiles))
-            if not self.training and self.query_text:
-                outputs["relevancy"] = self.relevancy_map(outputs["features"], self.query_text)
+        # Training renders no feature map: the feature loss renders its sampled pixels only
+        # (get_loss_dict). Relevancy is a query-space render, not a function of the map.
+        if not self.training:
+            if self.feature_map_outputs:
+                outputs.update(self.render_features(crop_ids, self.config.num_quantiles))
+            if self.query_text:
+                outputs["relevancy"] = self.relevancy_map(self.query_text, crop_ids=crop_ids)
         return outputs
 
     def _wants_features(self) -> bool:
@@ -277,44 +293,100 @@ class QSplatModel(SplatfactoModel):
         dirs = means[None] - campos[:, None]
         return torch.clamp_min(_spherical_harmonics(degree, dirs, colors[None].expand(dirs.shape[0], -1, -1, -1)) + 0.5, 0.0)
 
-    def render_features(self, crop_ids, num_quantiles: Optional[int]) -> Dict[str, torch.Tensor]:
-        """Feature map of the last projected view (same projection and tiles as its RGB)."""
+    def _feature_inputs(self, crop_ids):
+        """Projected geometry of the last view (self.info, shared with its RGB) and the features."""
         info = self.info
         feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
         geometry = [info["means2d"], info["conics"], info["opacities"]]
         if self.config.detach_geometry_for_features:
             geometry = [t.detach() for t in geometry]
+        return (geometry[0], geometry[1], feats, geometry[2], int(info["width"]), int(info["height"]),
+                int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"])
+
+    def render_features(self, crop_ids, num_quantiles: Optional[int],
+                        pixel_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Feature map of the last projected view (same projection and tiles as its RGB):
+        {"features": [H, W, C], "feature_alpha": [H, W, 1]}, or [P, C] / [P, 1] at the flat
+        pixel indices `pixel_ids` (y * W + x) only, forward and backward (training losses)."""
         out, alpha = rasterize_to_pixels(
-            geometry[0], geometry[1], feats, geometry[2], int(info["width"]), int(info["height"]),
-            int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"], num_quantiles=num_quantiles,
-            backend=self.config.rasterizer_backend, validate_values=False)  # NaNs surface in the losses
+            *self._feature_inputs(crop_ids), num_quantiles=num_quantiles, backend=self.config.rasterizer_backend,
+            validate_values=False, pixel_ids=pixel_ids)  # NaNs surface in the losses
+        if pixel_ids is not None:
+            return {"features": out, "feature_alpha": alpha}
         return {"features": out[0], "feature_alpha": alpha[0]}
 
-    def relevancy_map(self, features: torch.Tensor, text: str) -> torch.Tensor:
+    @torch.no_grad()
+    def render_query_scores(self, queries: torch.Tensor, crop_ids=None,
+                            num_quantiles: Optional[int] = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos(F(p), t_q) of the last projected view against embeddings `queries` [Q, C]:
+        (scores [H, W, Q], feature_alpha [H, W, 1]), rendered in query space (no [H, W, C] map;
+        equal to normalising the feature map and multiplying). num_quantiles -1: the model's K."""
+        k = self.config.num_quantiles if num_quantiles == -1 else num_quantiles
+        scores, alpha = rasterize_query_scores(
+            *self._feature_inputs(crop_ids), queries.to(self.info["means2d"]), num_quantiles=k,
+            backend=self.config.rasterizer_backend, validate_values=False)
+        return scores[0], alpha[0]
+
+    def relevancy_maps(self, texts: List[str], crop_ids=None) -> torch.Tensor:
+        """LERF relevancy [H, W, len(texts)] of every text in the last projected view, from one
+        query-space render of the texts and the canonical negatives (0 where nothing rendered)."""
+        negatives = list(self.config.relevancy_negatives)
+        embeddings = self.text_encoder.encode([*texts, *negatives])
+        scores, alpha = self.render_query_scores(embeddings, crop_ids)
+        pos, neg = scores[..., : len(texts)], scores[..., len(texts):]
+        rel = relevancy_from_cosines(pos, neg[..., None, :].expand(*pos.shape, len(negatives)))
+        return torch.where(alpha > 0, rel, torch.zeros_like(rel))
+
+    def relevancy_map(self, text, features: Optional[torch.Tensor] = None, crop_ids=None) -> torch.Tensor:
+        """[H, W, 1] relevancy of `text`: query-space render of the last projected view, or from a
+        given feature map `features` [H, W, C]. (The old argument order (features, text) still works.)"""
+        if isinstance(text, torch.Tensor):
+            text, features = features, text
+        if features is None:
+            return self.relevancy_maps([text], crop_ids)
         embeddings = self.text_encoder.encode([text, *self.config.relevancy_negatives]).to(features)
         return relevancy(features, embeddings[0], embeddings[1:])[..., None]
 
     # ------------------------------------------------------------------ losses
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if "features" in outputs and "mask_ids" in batch and self.training:
-            loss = self.feature_loss(outputs["features"], batch["mask_ids"], batch["mask_embeddings"])
+        if self.training and self._wants_features() and "mask_ids" in batch:
+            loss = self.sampled_feature_loss(batch["mask_ids"], batch["mask_embeddings"])
             if loss is not None:
                 loss_dict["feature_loss"] = self.config.feature_loss_weight * loss
         return loss_dict
 
-    def feature_loss(self, features: torch.Tensor, mask_ids: torch.Tensor, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
-        """Contrastive loss at sampled pixels of every teacher mask (None if < 2 masks)."""
-        H, W = features.shape[:2]
-        if mask_ids.shape != (H, W):  # training at a downscaled resolution: nearest neighbour
-            rows = (torch.arange(H, device=mask_ids.device) * mask_ids.shape[0]) // H
-            cols = (torch.arange(W, device=mask_ids.device) * mask_ids.shape[1]) // W
+    def _sample_targets(self, mask_ids: torch.Tensor, height: int, width: int):
+        """Pixels (flat y * W + x at the render size) sampled per teacher mask, and their mask ids;
+        None if fewer than 2 masks are present."""
+        if mask_ids.shape != (height, width):  # training at a downscaled resolution: nearest neighbour
+            rows = (torch.arange(height, device=mask_ids.device) * mask_ids.shape[0]) // height
+            cols = (torch.arange(width, device=mask_ids.device) * mask_ids.shape[1]) // width
             mask_ids = mask_ids[rows][:, cols]
         pixels, targets = sample_mask_pixels(mask_ids, self.config.pixels_per_mask)
-        present = torch.unique(targets)
-        if present.numel() < 2:
+        if torch.unique(targets).numel() < 2:
             return None
-        pixel_feats = features.reshape(-1, features.shape[-1])[pixels]
+        return pixels, targets
+
+    def sampled_feature_loss(self, mask_ids: torch.Tensor, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
+        """Contrastive loss of the last projected view, rendering only the sampled pixels (forward
+        and backward): no [H, W, C] feature map exists in a training step. None if < 2 masks."""
+        sample = self._sample_targets(mask_ids, int(self.info["height"]), int(self.info["width"]))
+        if sample is None:
+            return None
+        pixels, targets = sample
+        pixel_feats = self.render_features(None, self.config.num_quantiles, pixel_ids=pixels)["features"]
+        return self._contrastive_loss(pixel_feats, targets, embeddings)
+
+    def feature_loss(self, features: torch.Tensor, mask_ids: torch.Tensor, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
+        """Contrastive loss at sampled pixels of every teacher mask of a rendered map [H, W, C] (None if < 2 masks)."""
+        sample = self._sample_targets(mask_ids, *features.shape[:2])
+        if sample is None:
+            return None
+        pixels, targets = sample
+        return self._contrastive_loss(features.reshape(-1, features.shape[-1])[pixels], targets, embeddings)
+
+    def _contrastive_loss(self, pixel_feats: torch.Tensor, targets: torch.Tensor, embeddings: torch.Tensor):
         if self.config.feature_loss == "paper":
             loss = paper_contrastive_loss(pixel_feats, targets, embeddings)
         else:
@@ -338,11 +410,11 @@ class QSplatModel(SplatfactoModel):
         metrics, images = super().get_image_metrics_and_images(outputs, batch)
         if not self.lpips_available:
             metrics.pop("lpips", None)
-        if "features" not in outputs:
+        if not hasattr(self, "info"):
             return metrics, images
         metrics.update(self._feature_speed_metrics(outputs))
         if "gt_classes" in batch and self.class_names and self.teacher_cache_root:
-            miou, prediction = self.class_miou(outputs["features"], outputs["feature_alpha"], batch["gt_classes"])
+            miou, prediction = self.class_miou(None, None, batch["gt_classes"])  # query-space class scores
             metrics["feature_miou"] = miou
             images["classes"] = _colorize_classes(prediction, len(self.class_names))
         return metrics, images
@@ -368,9 +440,13 @@ class QSplatModel(SplatfactoModel):
                 "feature_cosine_quantile_vs_dense": float(cos.mean()) if cos.numel() else float("nan")}
 
     def class_miou(self, features, feature_alpha, gt_classes) -> Tuple[float, torch.Tensor]:
-        """2D mIoU of the class argmax of rendered features (class id = index + 1, 0 = none)."""
-        text = self.text_encoder.encode(self.class_names).to(features)
-        logits = F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
+        """2D mIoU of the class argmax of rendered features (class id = index + 1, 0 = none).
+        features / feature_alpha None: class scores rendered in query space for the last view."""
+        text = self.text_encoder.encode(self.class_names)
+        if features is None:
+            logits, feature_alpha = self.render_query_scores(text, self._crop_ids())
+        else:
+            logits = F.normalize(features, dim=-1) @ F.normalize(text.to(features), dim=-1).T
         prediction = logits.argmax(-1) + 1
         prediction = torch.where(feature_alpha[..., 0] > 0, prediction, torch.zeros_like(prediction))
         if gt_classes.shape != prediction.shape:

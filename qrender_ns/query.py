@@ -17,5 +17,10 @@ def relevancy(features: Tensor, query: Tensor, negatives: Tensor, temperature: f
     f = F.normalize(features, dim=-1)
     pos = f @ F.normalize(query, dim=-1)
     neg = f @ F.normalize(negatives, dim=-1).T  # [..., J]
+    return relevancy_from_cosines(pos, neg, temperature)  # a zero feature scores 0.5, as LangSplat's formula
+
+
+def relevancy_from_cosines(pos: Tensor, neg: Tensor, temperature: float = 10.0) -> Tensor:
+    """The same from cosines: pos [...], neg [..., J] (e.g. query-space renders) -> [...]."""
     pair = torch.softmax(temperature * torch.stack([pos[..., None].expand_as(neg), neg], dim=-1), dim=-1)
     return pair[..., 0].min(dim=-1).values

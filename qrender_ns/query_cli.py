@@ -105,7 +105,8 @@ def run_query(cfg: Query) -> dict:
         if not 0 <= index < len(eval_data):
             raise SystemExit(f"--cameras {index}: the eval split has {len(eval_data)} cameras (0..{len(eval_data) - 1})")
         camera, _ = eval_data[index]
-        outputs = model.get_outputs_for_camera(camera)
+        with model.scores_only():  # the relevancy output is a query-space render
+            outputs = model.get_outputs_for_camera(camera)
         png = ply_path.parent / f"{safe}_relevancy_eval{index}.png"
         image = (_relevancy_panel(outputs["rgb"], outputs["relevancy"]) * 255).astype(np.uint8)
         tmp = png.with_suffix(".tmp.png")

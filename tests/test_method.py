@@ -107,6 +107,28 @@ def _truncated_newer_checkpoint(config) -> Path:
     return bad
 
 
+def test_training_step_renders_only_sampled_feature_pixels(trained, monkeypatch):
+    """The feature loss renders its sampled pixels: no [H, W, 512] map exists in a training step."""
+    import qrender_ns.model as model_module
+
+    renders = []
+    real = model_module.rasterize_to_pixels
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        renders.append((kwargs.get("pixel_ids") is not None, tuple(out[0].shape)))
+        return out
+
+    monkeypatch.setattr(model_module, "rasterize_to_pixels", spy)
+    trainer = trained["trainer"]
+    assert trainer.pipeline.model.training
+    _, loss_dict, _ = trainer.train_iteration(trainer._start_step + 120)
+    assert "feature_loss" in loss_dict
+    sampled = [shape for is_sampled, shape in renders if is_sampled]
+    assert sampled and all(len(shape) == 2 and shape[1] == 512 for shape in sampled)
+    assert all(shape[-1] <= 4 for is_sampled, shape in renders if not is_sampled)  # RGB (+depth) only
+
+
 def test_ns_eval_writes_metrics(trained, tmp_path):
     out = tmp_path / "metrics.json"
     bad = _truncated_newer_checkpoint(trained["config"])

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from qrender_ns.render import _backend, rasterize_to_pixels
+from qrender_ns.render import _backend, rasterize_query_scores, rasterize_to_pixels
 from scenes import make_scene
 
 
@@ -16,7 +16,8 @@ def test_cuda_sources_compile_and_link():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     module = _backend.load_extension(with_cuda=True)
-    assert hasattr(module, "rasterize_forward_cuda") and hasattr(module, "rasterize_backward_cuda")
+    for name in ("forward", "backward", "pixels_forward", "pixels_backward", "query"):
+        assert hasattr(module, f"rasterize_{name}_cuda"), name
     assert module.MAX_QUANTILES == 128
 
 
@@ -77,3 +78,32 @@ def test_cuda_gradcheck_float64(num_quantiles):
                                    num_quantiles=num_quantiles, backend="cuda")
 
     assert torch.autograd.gradcheck(render, tuple(leaves), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_quantiles", [None, 8])
+def test_cuda_sampled_pixels_and_query_scores_match_cpu(num_quantiles):
+    scene = make_scene(num_cams=2, num_gs=60, width=37, height=29, channels=64, seed=4)
+    bg = torch.rand(2, 64)
+    pid = torch.randint(0, 2 * 37 * 29, (300,), generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(5, 64)
+    leaves_cpu = [t.clone().requires_grad_() for t in (scene.means2d, scene.conics, scene.features, scene.opacities)]
+    cpu = rasterize_to_pixels(*leaves_cpu[:3], leaves_cpu[3], scene.width, scene.height, scene.tile_size,
+                              scene.isect_offsets, scene.flatten_ids, backgrounds=bg, num_quantiles=num_quantiles,
+                              backend="cpu", pixel_ids=pid)
+    cpu_scores = rasterize_query_scores(*scene.args(), queries, backgrounds=bg, num_quantiles=num_quantiles,
+                                        backend="cpu")
+    gpu_scene = _to_cuda(scene)
+    leaves_gpu = [t.detach().cuda().requires_grad_() for t in leaves_cpu]
+    gpu = rasterize_to_pixels(*leaves_gpu[:3], leaves_gpu[3], scene.width, scene.height, scene.tile_size,
+                              gpu_scene.isect_offsets, gpu_scene.flatten_ids, backgrounds=bg.cuda(),
+                              num_quantiles=num_quantiles, backend="cuda", pixel_ids=pid.cuda())
+    gpu_scores = rasterize_query_scores(*gpu_scene.args(), queries.cuda(), backgrounds=bg.cuda(),
+                                        num_quantiles=num_quantiles, backend="cuda")
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu_scores[0].cpu(), cpu_scores[0], atol=1e-5, rtol=0)
+    weights = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(torch.autograd.grad((gpu[0] * weights.cuda()).sum(), leaves_gpu),
+                         torch.autograd.grad((cpu[0] * weights).sum(), leaves_cpu)):
+        scale = want.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got.cpu() / scale, want / scale, atol=5e-5, rtol=1e-4)

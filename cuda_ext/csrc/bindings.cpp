@@ -7,10 +7,14 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_QUANTILES") = qrender::kMaxQuantiles;
-  m.def("rasterize_forward_cpu", &qrender::rasterize_forward_cpu);
-  m.def("rasterize_backward_cpu", &qrender::rasterize_backward_cpu);
+#define QRENDER_BIND(SUFFIX)                                                        \
+  m.def("rasterize_forward_" #SUFFIX, &qrender::rasterize_forward_##SUFFIX);               \
+  m.def("rasterize_backward_" #SUFFIX, &qrender::rasterize_backward_##SUFFIX);             \
+  m.def("rasterize_pixels_forward_" #SUFFIX, &qrender::rasterize_pixels_forward_##SUFFIX); \
+  m.def("rasterize_pixels_backward_" #SUFFIX, &qrender::rasterize_pixels_backward_##SUFFIX); \
+  m.def("rasterize_query_" #SUFFIX, &qrender::rasterize_query_##SUFFIX);
+  QRENDER_BIND(cpu)
 #ifdef WITH_CUDA
-  m.def("rasterize_forward_cuda", &qrender::rasterize_forward_cuda);
-  m.def("rasterize_backward_cuda", &qrender::rasterize_backward_cuda);
+  QRENDER_BIND(cuda)
 #endif
 }

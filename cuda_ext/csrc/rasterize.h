@@ -24,11 +24,28 @@ namespace qrender {
       const at::Tensor &last_ids, const at::Tensor &sel_ids, const at::Tensor &sel_count,    \
       const at::Tensor &grad_feat, const at::Tensor &grad_alpha, bool absgrad
 
-std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS);
-std::vector<at::Tensor> rasterize_backward_cpu(QRENDER_BACKWARD_ARGS);
+// Sampled pixels: pixel_ids int64 [P], flat (camera, y, x) indices into V*H*W; every
+// per-pixel tensor above is [P, ...] instead of [V, H, W, ...]. Same tiles, pixel centres and
+// quantile selection as the whole image.
+//
+// Query space: units [Q, C] unit text embeddings T, proj [N, Q+1] or [V, N, Q+1] =
+// [features . T^T, |features|], bg_proj [V, Q+1] = [backgrounds . T^T, |backgrounds|]; returns {scores [V,H,W,Q] = cos(F(p), t_q), alphas
+// [V,H,W,1]} without a feature map (forward only).
+#define QRENDER_DECLARE(SUFFIX)                                                              \
+  std::vector<at::Tensor> rasterize_forward_##SUFFIX(QRENDER_FORWARD_ARGS);                 \
+  std::vector<at::Tensor> rasterize_backward_##SUFFIX(QRENDER_BACKWARD_ARGS);               \
+  std::vector<at::Tensor> rasterize_pixels_forward_##SUFFIX(QRENDER_FORWARD_ARGS,           \
+                                                            const at::Tensor &pixel_ids);   \
+  std::vector<at::Tensor> rasterize_pixels_backward_##SUFFIX(QRENDER_BACKWARD_ARGS,         \
+                                                             const at::Tensor &pixel_ids);  \
+  std::vector<at::Tensor> rasterize_query_##SUFFIX(QRENDER_FORWARD_ARGS,                    \
+                                                   const at::Tensor &units,                 \
+                                                   const at::Tensor &proj,                  \
+                                                   const c10::optional<at::Tensor> &bg_proj);
+
+QRENDER_DECLARE(cpu)
 #ifdef WITH_CUDA
-std::vector<at::Tensor> rasterize_forward_cuda(QRENDER_FORWARD_ARGS);
-std::vector<at::Tensor> rasterize_backward_cuda(QRENDER_BACKWARD_ARGS);
+QRENDER_DECLARE(cuda)
 #endif
 
 }  // namespace qrender

@@ -426,12 +426,12 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                     pngs.append(str(path))
                 rows.append(row)
             continue
-        with torch.no_grad():
+        with torch.no_grad(), model.scores_only():  # relevancy rendered in query space, no feature map
             outputs = model.get_outputs_for_camera(camera)
-            features = outputs["features"]
             rgb = outputs["rgb"].clamp(0, 1).cpu().numpy()
-            relevancies = {c: model.relevancy_map(features, cfg.prompt_template.format(c))[..., 0].float().cpu().numpy()
-                           for c in queries}
+            names = list(queries)
+            maps = model.relevancy_maps([cfg.prompt_template.format(c) for c in names], crop_ids=model._crop_ids())
+            relevancies = {c: maps[..., j].float().cpu().numpy() for j, c in enumerate(names)}
         resized = rgb.shape[:2] != (frame.height, frame.width)
         if resized:
             counts["frames_resized"] += 1

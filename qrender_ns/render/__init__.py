@@ -5,15 +5,18 @@ from .rasterize import (
     MAX_QUANTILES,
     project_gaussians,
     rasterize_features,
+    rasterize_query_scores,
     rasterize_to_pixels,
 )
-from .reference import rasterize_to_pixels_reference
+from .reference import rasterize_query_reference, rasterize_to_pixels_reference
 
 __all__ = [
     "BACKENDS",
     "MAX_QUANTILES",
     "project_gaussians",
     "rasterize_features",
+    "rasterize_query_scores",
     "rasterize_to_pixels",
+    "rasterize_query_reference",
     "rasterize_to_pixels_reference",
 ]

@@ -65,6 +65,18 @@ def _check_image(image_width: int, image_height: int, tile_size: int) -> None:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
+def _check_pixel_ids(pixel_ids: Any, num_pixels: int, device: torch.device) -> Tensor:
+    """Sampled pixels: a 1-D integer tensor of flat (camera, y, x) indices in [0, V*H*W)."""
+    if not isinstance(pixel_ids, Tensor) or pixel_ids.dim() != 1:
+        raise ValueError("`pixel_ids` must be a 1-D integer tensor of flat (camera, y, x) pixel indices, "
+                         f"got {type(pixel_ids).__name__}{list(pixel_ids.shape) if isinstance(pixel_ids, Tensor) else ''}")
+    if pixel_ids.is_floating_point() or pixel_ids.is_complex() or pixel_ids.dtype == torch.bool:
+        raise ValueError(f"`pixel_ids` must be an integer tensor, got {pixel_ids.dtype}")
+    if pixel_ids.numel() and (int(pixel_ids.min()) < 0 or int(pixel_ids.max()) >= num_pixels):
+        raise ValueError(f"`pixel_ids` must lie in [0, V*H*W) = [0, {num_pixels}) (index = (camera * H + y) * W + x)")
+    return pixel_ids.to(device=device, dtype=torch.int64).contiguous()
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
@@ -77,73 +89,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# ------------------------------------------------------------------------------- autograd
-class _RasterizeToPixels(torch.autograd.Function):
-    """Thin wrapper around the compiled forward/backward (CPU or CUDA)."""
-
-    @staticmethod
-    def forward(ctx, means2d, conics, features, opacities, backgrounds, width, height, tile_size,
-                isect_offsets, flatten_ids, num_quantiles, absgrad, kind):
-        ext = _backend.load_extension(with_cuda=kind == "cuda")
-        fwd = getattr(ext, f"rasterize_forward_{kind}")
-        out_feat, out_alpha, last_ids, sel_ids, sel_count = fwd(
-            means2d, conics, features, opacities, backgrounds, width, height, tile_size,
-            isect_offsets, flatten_ids, num_quantiles)
-        ctx.config = (width, height, tile_size, num_quantiles, absgrad, kind, backgrounds is not None)
-        ctx.save_for_backward(means2d, conics, features, opacities, backgrounds, isect_offsets,
-                              flatten_ids, out_feat, out_alpha, last_ids, sel_ids, sel_count)
-        return out_feat, out_alpha
-
-    @staticmethod
-    def backward(ctx, grad_feat, grad_alpha):
-        width, height, tile_size, num_quantiles, absgrad, kind, has_bg = ctx.config
-        (means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
-         out_feat, out_alpha, last_ids, sel_ids, sel_count) = ctx.saved_tensors
-        ext = _backend.load_extension(with_cuda=kind == "cuda")
-        bwd = getattr(ext, f"rasterize_backward_{kind}")
-        g_means, g_conics, g_feat, g_opac, g_bg, g_abs = bwd(
-            means2d, conics, features, opacities, backgrounds if has_bg else None, width, height,
-            tile_size, isect_offsets, flatten_ids, num_quantiles, out_feat, out_alpha, last_ids,
-            sel_ids, sel_count, grad_feat.contiguous(), grad_alpha.contiguous(), absgrad)
-        if absgrad:
-            ctx.saved_means2d_absgrad = g_abs  # read by the caller through the hook below
-        return (g_means, g_conics, g_feat, g_opac, g_bg if has_bg else None,
-                None, None, None, None, None, None, None, None)
-
-
-def rasterize_to_pixels(
-    means2d: Tensor,
-    conics: Tensor,
-    features: Tensor,
-    opacities: Tensor,
-    image_width: int,
-    image_height: int,
-    tile_size: int,
-    isect_offsets: Tensor,
-    flatten_ids: Tensor,
-    backgrounds: Optional[Tensor] = None,
-    num_quantiles: Optional[int] = None,
-    backend: str = "auto",
-    absgrad: bool = False,
-    validate_values: bool = True,
-) -> Tuple[Tensor, Tensor]:
-    """Blend C-channel features of tile-binned projected Gaussians into images.
-
-    Args (gsplat 1.4 shapes): means2d [V,N,2], conics [V,N,3], features [N,C] (shared by the
-    cameras) or [V,N,C], opacities [V,N] or [N], isect_offsets int32 [V,th,tw], flatten_ids
-    int32 [M] into the flattened V*N Gaussians, backgrounds [V,C]. `num_quantiles=None` is
-    dense alpha blending; K selects the K quantile Gaussians per pixel (Q-Render).
-    `backend`: "auto" (compiled kernel of the tensors' device), "cpu", "cuda", "torch" (the
-    pure-torch reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
-    over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
-    `validate_values=False` skips the NaN/Inf scan of the float inputs (shapes and index
-    ranges are always checked): a full pass over `features`, ~0.3 s for 1e6 x 512 on 2 CPU
-    cores, which hot loops that guard their losses can skip.
-
-    Returns (features [V,H,W,C], alphas [V,H,W,1]).
-    """
+def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height, tile_size,
+                        isect_offsets, flatten_ids, backgrounds, validate_values) -> Tuple[int, int]:
+    """Shapes, dtypes and index ranges of rasterize_to_pixels' inputs -> (V, N)."""
     _check_image(image_width, image_height, tile_size)
-    k = check_num_quantiles(num_quantiles)
     fin = validate_values
     _check_tensor("means2d", means2d, (None, None, 2), finite=fin)
     num_cams, num_gs = means2d.shape[:2]
@@ -181,11 +130,94 @@ def rasterize_to_pixels(
     for name, t in zip(("conics", "features", "opacities", "backgrounds"), tensors[1:]):
         if t.dtype != dtype or t.device != device:
             raise ValueError(f"`{name}` must match means2d's dtype/device ({dtype}, {device}), got ({t.dtype}, {t.device})")
+    return num_cams, num_gs
+
+
+# ------------------------------------------------------------------------------- autograd
+class _RasterizeToPixels(torch.autograd.Function):
+    """Thin wrapper around the compiled forward/backward (CPU or CUDA), whole images or the
+    sampled pixels `pixel_ids` (int64 [P], or None)."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+                isect_offsets, flatten_ids, num_quantiles, absgrad, kind, pixel_ids=None):
+        ext = _backend.load_extension(with_cuda=kind == "cuda")
+        sampled = pixel_ids is not None
+        fwd = getattr(ext, f"rasterize_pixels_forward_{kind}" if sampled else f"rasterize_forward_{kind}")
+        extra = (pixel_ids,) if sampled else ()
+        out_feat, out_alpha, last_ids, sel_ids, sel_count = fwd(
+            means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+            isect_offsets, flatten_ids, num_quantiles, *extra)
+        ctx.config = (width, height, tile_size, num_quantiles, absgrad, kind, backgrounds is not None, sampled)
+        ctx.save_for_backward(means2d, conics, features, opacities, backgrounds, isect_offsets,
+                              flatten_ids, out_feat, out_alpha, last_ids, sel_ids, sel_count,
+                              pixel_ids)
+        return out_feat, out_alpha
+
+    @staticmethod
+    def backward(ctx, grad_feat, grad_alpha):
+        width, height, tile_size, num_quantiles, absgrad, kind, has_bg, sampled = ctx.config
+        (means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
+         out_feat, out_alpha, last_ids, sel_ids, sel_count, pixel_ids) = ctx.saved_tensors
+        ext = _backend.load_extension(with_cuda=kind == "cuda")
+        bwd = getattr(ext, f"rasterize_pixels_backward_{kind}" if sampled else f"rasterize_backward_{kind}")
+        extra = (pixel_ids,) if sampled else ()
+        g_means, g_conics, g_feat, g_opac, g_bg, g_abs = bwd(
+            means2d, conics, features, opacities, backgrounds if has_bg else None, width, height,
+            tile_size, isect_offsets, flatten_ids, num_quantiles, out_feat, out_alpha, last_ids,
+            sel_ids, sel_count, grad_feat.contiguous(), grad_alpha.contiguous(), absgrad, *extra)
+        if absgrad:
+            ctx.saved_means2d_absgrad = g_abs  # read by the caller through the hook below
+        return (g_means, g_conics, g_feat, g_opac, g_bg if has_bg else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def rasterize_to_pixels(
+    means2d: Tensor,
+    conics: Tensor,
+    features: Tensor,
+    opacities: Tensor,
+    image_width: int,
+    image_height: int,
+    tile_size: int,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    backgrounds: Optional[Tensor] = None,
+    num_quantiles: Optional[int] = None,
+    backend: str = "auto",
+    absgrad: bool = False,
+    validate_values: bool = True,
+    pixel_ids: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Blend C-channel features of tile-binned projected Gaussians into images.
+
+    Args (gsplat 1.4 shapes): means2d [V,N,2], conics [V,N,3], features [N,C] (shared by the
+    cameras) or [V,N,C], opacities [V,N] or [N], isect_offsets int32 [V,th,tw], flatten_ids
+    int32 [M] into the flattened V*N Gaussians, backgrounds [V,C]. `num_quantiles=None` is
+    dense alpha blending; K selects the K quantile Gaussians per pixel (Q-Render).
+    `backend`: "auto" (compiled kernel of the tensors' device), "cpu", "cuda", "torch" (the
+    pure-torch reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
+    over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
+    `validate_values=False` skips the NaN/Inf scan of the float inputs (shapes and index
+    ranges are always checked): a full pass over `features`, ~0.3 s for 1e6 x 512 on 2 CPU
+    cores, which hot loops that guard their losses can skip.
+    `pixel_ids` (int [P], flat (camera, y, x) indices into V*H*W, repeats allowed) blends only
+    those pixels, forward and backward: the same tiles, pixel centres and quantile selection as
+    the whole image, without its [V,H,W,C] map (training losses that read a few pixels).
+
+    Returns (features [V,H,W,C], alphas [V,H,W,1]), or ([P,C], [P,1]) with `pixel_ids`.
+    """
+    k = check_num_quantiles(num_quantiles)
+    num_cams, num_gs = _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height,
+                                           tile_size, isect_offsets, flatten_ids, backgrounds, validate_values)
+    device = means2d.device
+    if pixel_ids is not None:
+        pixel_ids = _check_pixel_ids(pixel_ids, num_cams * image_height * image_width, device)
     kind = _resolve_backend(backend, device)
     if kind == "torch":
         return rasterize_to_pixels_reference(
             means2d, conics, features, opacities, image_width, image_height, tile_size,
-            isect_offsets, flatten_ids, backgrounds, num_quantiles)
+            isect_offsets, flatten_ids, backgrounds, num_quantiles, pixel_ids=pixel_ids)
 
     if opacities.dim() == 1:
         opacities = opacities.expand(num_cams, num_gs)  # cheap: features stay un-expanded
@@ -193,7 +225,7 @@ def rasterize_to_pixels(
     bg = backgrounds.contiguous() if backgrounds is not None else None
     out = _RasterizeToPixels.apply(
         *args, bg, image_width, image_height, tile_size, isect_offsets.int().contiguous(),
-        flatten_ids.int().contiguous(), k, absgrad, kind)
+        flatten_ids.int().contiguous(), k, absgrad, kind, pixel_ids)
     if absgrad and means2d.requires_grad:
         _attach_absgrad(means2d, out[0])
     return out
@@ -210,6 +242,67 @@ def _attach_absgrad(means2d: Tensor, output: Tensor) -> None:
             means2d.absgrad = absgrad if prev is None else prev + absgrad
 
     node.register_hook(hook)
+
+
+# ----------------------------------------------------------------------------- query space
+@torch.no_grad()
+def rasterize_query_scores(
+    means2d: Tensor,
+    conics: Tensor,
+    features: Tensor,
+    opacities: Tensor,
+    image_width: int,
+    image_height: int,
+    tile_size: int,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    queries: Tensor,
+    backgrounds: Optional[Tensor] = None,
+    num_quantiles: Optional[int] = None,
+    backend: str = "auto",
+    validate_values: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """Cosine scores cos(F(p), t_q) of every pixel's blended feature against queries [Q, C].
+
+    Same inputs and blending as `rasterize_to_pixels` (dense or quantile), but no [V,H,W,C] map
+    is made: each pixel blends its rows in a small buffer for |F(p)|, and its scores come from
+    the per-Gaussian projections features @ T^T (one [N, Q] matmul; where the blended rows
+    cancel, from the buffer instead, so float32 rounding stays that of the full map). Equal to
+    `F.normalize(features_map) @ F.normalize(queries).T` (zero features score 0).
+    Inference only (no gradients). Returns (scores [V,H,W,Q], alphas [V,H,W,1]).
+    """
+    k = check_num_quantiles(num_quantiles)
+    num_cams, num_gs = _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height,
+                                           tile_size, isect_offsets, flatten_ids, backgrounds, validate_values)
+    channels = features.shape[-1]
+    _check_tensor("queries", queries, (None, channels), finite=validate_values)
+    if queries.shape[0] == 0:
+        raise ValueError("`queries` must hold at least one embedding, got Q=0")
+    device = means2d.device
+    queries = queries.to(device=device, dtype=means2d.dtype)
+    kind = _resolve_backend(backend, device)
+    if kind == "torch":
+        from .reference import rasterize_query_reference
+
+        return rasterize_query_reference(means2d, conics, features, opacities, image_width, image_height,
+                                         tile_size, isect_offsets, flatten_ids, queries, backgrounds,
+                                         num_quantiles)
+    unit = torch.nn.functional.normalize(queries, dim=-1).contiguous()
+
+    def project(rows):  # [..., C] -> [..., Q + 1]: projections, then the row norm
+        return torch.cat([rows @ unit.T, rows.norm(dim=-1, keepdim=True)], dim=-1).contiguous()
+
+    proj = project(features.detach())
+    bg_proj = project(backgrounds.detach()) if backgrounds is not None else None
+    if opacities.dim() == 1:
+        opacities = opacities.expand(num_cams, num_gs)
+    ext = _backend.load_extension(with_cuda=kind == "cuda")
+    args = [t.detach().contiguous() for t in (means2d, conics, features, opacities)]
+    bg = backgrounds.detach().contiguous() if backgrounds is not None else None
+    scores, alphas = getattr(ext, f"rasterize_query_{kind}")(
+        *args, bg, image_width, image_height, tile_size, isect_offsets.int().contiguous(),
+        flatten_ids.int().contiguous(), k, unit, proj, bg_proj)
+    return scores, alphas
 
 
 # ------------------------------------------------------------------------------ high level

@@ -2,7 +2,7 @@
 
 Semantics: docs/quantile_rendering.md. Vectorised over pixels (each pixel gathers the
 padded Gaussian list of its tile), differentiable by autograd. It materialises
-[pixels, list, C], so it is for tests and small images only.
+[pixels, list, C], so it is for tests and small images (or a few sampled pixels) only.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # float32-rounded, as the kernels' `constexpr float` constants (identical in float64 runs too)
@@ -51,21 +52,28 @@ def rasterize_to_pixels_reference(
     flatten_ids: Tensor,
     backgrounds: Optional[Tensor] = None,
     num_quantiles: Optional[int] = None,
+    pixel_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Same signature and result as `qrender_ns.render.rasterize_to_pixels` (validated inputs)."""
+    """Same signature and result as `qrender_ns.render.rasterize_to_pixels` (validated inputs).
+
+    With `pixel_ids` (int64 [P], flat (camera, y, x) indices into V*H*W) only those pixels are
+    blended: returns ([P, C], [P, 1]), equal to the whole image's rows at those pixels.
+    """
+    pixel_ids_given = pixel_ids is not None
     num_cams, num_gs = means2d.shape[:2]
     channels = features.shape[-1]
     tiles_h, tiles_w = isect_offsets.shape[1:]
     lists = _tile_lists(isect_offsets, flatten_ids)
-
-    ys, xs = torch.meshgrid(
-        torch.arange(image_height, device=means2d.device),
-        torch.arange(image_width, device=means2d.device),
-        indexing="ij",
-    )
-    pixel_tile = ((ys // tile_size) * tiles_w + xs // tile_size).reshape(-1)
-    px = (xs.reshape(-1, 1) + 0.5).to(means2d.dtype)
-    py = (ys.reshape(-1, 1) + 0.5).to(means2d.dtype)
+    device = means2d.device
+    if pixel_ids is None:
+        pixel_ids = torch.arange(num_cams * image_height * image_width, device=device)
+    pixel_ids = pixel_ids.to(device=device, dtype=torch.int64)
+    cams = pixel_ids // (image_height * image_width)
+    ys = (pixel_ids % (image_height * image_width)) // image_width
+    xs = pixel_ids % image_width
+    pixel_tile = (cams * tiles_h + ys // tile_size) * tiles_w + xs // tile_size
+    px = (xs[:, None] + 0.5).to(means2d.dtype)
+    py = (ys[:, None] + 0.5).to(means2d.dtype)
 
     flat_means = means2d.reshape(-1, 2)
     flat_conics = conics.reshape(-1, 3)
@@ -73,14 +81,13 @@ def rasterize_to_pixels_reference(
     flat_feat = features.reshape(-1, channels)
     feat_per_cam = features.dim() == 3
 
-    out_feats, out_alphas = [], []
-    for cam in range(num_cams):
-        ids = lists[cam * tiles_h * tiles_w + pixel_tile]  # [P, L]
+    def blend(chunk):
+        ids = lists[pixel_tile[chunk]]  # [P, L]
         valid = ids >= 0
         gid = ids.clamp(min=0)
         fid = gid if feat_per_cam else gid % num_gs
-        dx = flat_means[gid, 0] - px
-        dy = flat_means[gid, 1] - py
+        dx = flat_means[gid, 0] - px[chunk]
+        dy = flat_means[gid, 1] - py[chunk]
         conic = flat_conics[gid]
         sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
         alpha = torch.clamp(flat_opac[gid] * torch.exp(-sigma), max=ALPHA_MAX)
@@ -88,7 +95,7 @@ def rasterize_to_pixels_reference(
         alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
         trans_incl = torch.cumprod(1 - alpha, dim=-1)
         trans_excl = torch.cat([torch.ones_like(trans_incl[:, :1]), trans_incl[:, :-1]], dim=-1)
-        bg = backgrounds[cam] if backgrounds is not None else None
+        bg = backgrounds[cams[chunk]] if backgrounds is not None else None  # [P, C]
 
         if num_quantiles is None:
             used = trans_incl > T_EPS  # a prefix: T only decreases
@@ -111,10 +118,39 @@ def rasterize_to_pixels_reference(
             any_sel = selected.any(dim=-1)
             safe = torch.where(any_sel, norm, torch.ones_like(norm))
             feat = torch.einsum("pl,plc->pc", weights, flat_feat[fid]) / safe[:, None]
-            fill = bg if bg is not None else torch.zeros_like(feat[0])
-            feat = torch.where(any_sel[:, None], feat, fill.expand_as(feat))
+            fill = bg if bg is not None else torch.zeros_like(feat)
+            feat = torch.where(any_sel[:, None], feat, fill)
             out_alpha = torch.where(any_sel, norm, torch.zeros_like(norm))
-        out_feats.append(feat.reshape(image_height, image_width, channels))
-        out_alphas.append(out_alpha.reshape(image_height, image_width, 1))
-    return torch.stack(out_feats), torch.stack(out_alphas)
+        return feat, out_alpha
 
+    # Chunks of one image's size: [chunk, list, C] stays as large as for one camera.
+    step = max(image_height * image_width, 1)
+    parts = [blend(slice(i, i + step)) for i in range(0, pixel_ids.numel(), step)]
+    if parts:
+        feat = torch.cat([f for f, _ in parts])
+        out_alpha = torch.cat([a for _, a in parts])
+    else:
+        feat = features.new_zeros(0, channels)
+        out_alpha = features.new_zeros(0)
+    if pixel_ids_given:
+        return feat, out_alpha[:, None]
+    return (feat.reshape(num_cams, image_height, image_width, channels),
+            out_alpha.reshape(num_cams, image_height, image_width, 1))
+
+
+def query_scores(features: Tensor, queries: Tensor) -> Tensor:
+    """cos(f, t_q) as F.normalize(f) @ F.normalize(T).T: features [..., C], queries [Q, C]."""
+    return F.normalize(features, dim=-1) @ F.normalize(queries, dim=-1).T
+
+
+def rasterize_query_reference(means2d, conics, features, opacities, image_width, image_height, tile_size,
+                              isect_offsets, flatten_ids, queries, backgrounds=None, num_quantiles=None
+                              ) -> Tuple[Tensor, Tensor]:
+    """Query-space oracle: the full feature map, normalised, times the normalised queries.
+
+    Returns (scores [V, H, W, Q], alphas [V, H, W, 1]).
+    """
+    feat, alpha = rasterize_to_pixels_reference(
+        means2d, conics, features, opacities, image_width, image_height, tile_size, isect_offsets,
+        flatten_ids, backgrounds, num_quantiles)
+    return query_scores(feat, queries), alpha

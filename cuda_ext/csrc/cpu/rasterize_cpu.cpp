@@ -1,18 +1,42 @@
-// CPU rasterizer: dense and quantile feature blending, forward and backward.
-// OpenMP over (camera, tile); one pixel at a time inside a tile. Semantics:
-// docs/quantile_rendering.md (the reference in qrender_ns/render/reference.py is the oracle).
+// CPU rasterizer: dense and quantile feature blending, forward and backward, for whole images,
+// for a list of sampled pixels, and straight into query space (cosine scores against text
+// embeddings, no feature map). Semantics: docs/quantile_rendering.md (the reference in
+// qrender_ns/render/reference.py is the oracle).
+//
+// Every path blends one pixel at a time through the same function (blend_pixel), so a sampled
+// pixel or a query score sees exactly the Gaussians, the order and the selection of the full
+// image. Each pixel accumulates its feature in a small per-thread buffer (L1) and writes its
+// output row once (a streaming store for wide rows): no read-modify-write of output rows.
+// OpenMP threads follow torch's intra-op thread count (torch.set_num_threads / OMP_NUM_THREADS).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdint>
+#include <cstdlib>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
 
 #include "../common.h"
 #include "../rasterize.h"
 
 namespace qrender {
 namespace {
+
+// Threads for one kernel call: torch's intra-op count, never more than the work items.
+inline int num_threads_for(int64_t work_items) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work_items));
+  return static_cast<int>(n);
+}
 
 template <typename scalar_t>
 inline void atomic_add(scalar_t* dst, scalar_t v) {
@@ -72,6 +96,30 @@ inline int64_t feature_row(const Layout& l, int32_t flat_id) {
   return l.feat_per_cam ? flat_id : flat_id % l.num_gs;
 }
 
+// A pixel of a whole-image or sampled-pixel call: its position, tile list, and output row.
+template <typename scalar_t>
+struct PixelRef {
+  int64_t cam, start, end;
+  int64_t row;  // output row (flat pixel for images, index into pixel_ids for samples)
+  scalar_t px, py;
+};
+
+// Pixel `pid` (flat over V*H*W) as a sample: same tile list and pixel centre as the image.
+template <typename scalar_t>
+inline PixelRef<scalar_t> sampled_pixel(const Layout& l, const int32_t* offsets, int64_t pid,
+                                        int64_t row) {
+  PixelRef<scalar_t> r;
+  const int64_t hw = l.height * l.width;
+  r.cam = pid / hw;
+  const int64_t y = (pid % hw) / l.width, x = pid % l.width;
+  const int64_t tile = (r.cam * l.tiles_h + y / l.tile_size) * l.tiles_w + x / l.tile_size;
+  tile_range(offsets, l, tile, &r.start, &r.end);
+  r.row = row;
+  r.px = scalar_t(x) + scalar_t(0.5);
+  r.py = scalar_t(y) + scalar_t(0.5);
+  return r;
+}
+
 // A tile's Gaussians copied contiguously ([x, y, a, b, c, o] each), like the CUDA kernel's
 // shared memory: every pixel of the tile walks this list, so random reads happen once per tile.
 // `reject[j]` = ln(255 o) + margin: sigma above it means alpha < 1/255 for sure, so the exp
@@ -114,106 +162,255 @@ struct TileCache {
   }
 };
 
+// The same alphas read straight from the inputs (sampled pixels: a tile has a few of them).
+template <typename scalar_t>
+struct DirectAlphas {
+  const scalar_t *means2d, *conics, *opacities;
+  const int32_t* flatten_ids;
+  int64_t start;
+
+  PixelAlpha<scalar_t> alpha(int64_t j, scalar_t px, scalar_t py) const {
+    const int64_t g = flatten_ids[start + j];
+    return pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], px, py);
+  }
+};
+
+// Row kernels (C = 512: the hot loops of every path). Wide rows run through clones built for
+// AVX2 + FMA and for baseline x86-64, picked once at load time by the CPU (GCC target_clones),
+// so one build is portable and still uses 8-wide FMAs where the CPU has them. Rows of a few
+// channels (RGB) stay inline: a call per Gaussian would cost more than the row.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define QR_CLONES
+#endif
+constexpr int64_t kWideRow = 16;
+
+#define QR_ROW_KERNELS(T)                                                                    \
+  QR_CLONES void axpy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) {       \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];                 \
+  }                                                                                          \
+  QR_CLONES void scale_copy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) { \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];                  \
+  }                                                                                          \
+  QR_CLONES T dot_wide(const T* a, const T* b, int64_t n) {                                  \
+    T s = 0;                                                                                 \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];  \
+    return s;                                                                                \
+  }
+QR_ROW_KERNELS(float)
+QR_ROW_KERNELS(double)
+
 template <typename scalar_t>
 inline void axpy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f, int64_t n) {
-#pragma omp simd
+  if (n >= kWideRow) return axpy_wide(out, w, f, n);
   for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];
 }
 
-// One quantile Gaussian picked by one pixel, blended in the tile's second pass.
 template <typename scalar_t>
-struct Pick {
-  int64_t entry;  // index into the tile's Gaussian list
-  int64_t pixel;  // flat output pixel
-  scalar_t weight;  // T_Q alpha / (1 - T_Q)
-  bool operator<(const Pick& o) const { return entry < o.entry || (entry == o.entry && pixel < o.pixel); }
-};
+inline void scale_copy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f,
+                       int64_t n) {
+  if (n >= kWideRow) return scale_copy_wide(out, w, f, n);
+  for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];
+}
 
 template <typename scalar_t>
-void forward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
-                  const scalar_t* features, const scalar_t* opacities,
-                  const scalar_t* backgrounds, const int32_t* offsets,
-                  const int32_t* flatten_ids, scalar_t* out_feat, scalar_t* out_alpha,
-                  int32_t* last_ids, int32_t* sel_ids, int32_t* sel_count) {
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  if (n >= kWideRow) return dot_wide(a, b, n);
+  scalar_t s = 0;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// One output row written once. Rows of whole cache lines bypass the cache (streaming
+// stores): a 640x480x512 map is 630 MB, which no cache holds, so reading the lines before
+// writing them (what plain stores do) would double the memory traffic.
+inline bool streams(int64_t bytes) { return bytes % 64 == 0; }
+
+inline void store_row(float* dst, const float* src, int64_t n) {
+#if defined(__SSE2__)
+  if (streams(n * 4) && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (int64_t c = 0; c < n; c += 4) _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+
+inline void store_row(double* dst, const double* src, int64_t n) {
+#if defined(__SSE2__)
+  if (streams(n * 8) && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (int64_t c = 0; c < n; c += 2) _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+
+// Makes this thread's streaming stores visible before the parallel region ends.
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Per-pixel results besides the feature (what backward needs, and the alpha).
+template <typename scalar_t>
+struct BlendOut {
+  scalar_t alpha;    // dense: 1 - T_final; quantile: 1 - T_Q (0 if nothing selected)
+  int64_t last;      // dense: last blended isect index (start - 1 if none)
+  int count;         // quantile: selected count; dense: number of blended Gaussians
+};
+
+// Blends pixel `p` into `acc` [C] (background and quantile normalisation included).
+// Quantile mode writes the selected isect indices to `sel` [K] (-1 padded) and, if given,
+// their flat ids and blending weights (normalised) to `sel_g` / `sel_w` (query space).
+// Dense mode reports every blended Gaussian to `on_dense(flat id, weight)` if given.
+template <typename scalar_t, typename Alphas>
+inline BlendOut<scalar_t> blend_pixel(const Layout& l, const Alphas& alphas,
+                                      const scalar_t* features, const int32_t* flatten_ids,
+                                      const scalar_t* bg, const PixelRef<scalar_t>& p,
+                                      scalar_t* __restrict acc, int32_t* sel,
+                                      int32_t* sel_g = nullptr, scalar_t* sel_w = nullptr) {
+  const int64_t C = l.channels;
+  const int K = l.num_quantiles;
+  BlendOut<scalar_t> r;
+  r.last = p.start - 1;
+  r.count = 0;
+  scalar_t trans = 1;
+  if (K == 0) {
+    std::fill(acc, acc + C, scalar_t(0));
+    for (int64_t i = p.start; i < p.end; ++i) {
+      const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
+      if (!a.used) continue;
+      const scalar_t next_trans = trans * (1 - a.alpha);
+      if (next_trans <= scalar_t(kTransEps)) break;  // gsplat's stop
+      axpy(acc, a.alpha * trans, features + feature_row(l, flatten_ids[i]) * C, C);
+      trans = next_trans;
+      r.last = i;
+      ++r.count;
+    }
+    if (bg) axpy(acc, trans, bg, C);
+    r.alpha = 1 - trans;
+    return r;
+  }
+  // Quantile mode, pass 1: scalars only, pick the <= K quantile Gaussians.
+  scalar_t weight[kMaxQuantiles];
+  int32_t ids[kMaxQuantiles];
+  scalar_t trans_q = 1;
+  int next_level = 1;
+  for (int64_t i = p.start; i < p.end; ++i) {
+    const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
+    if (!a.used) continue;
+    const scalar_t next_trans = trans * (1 - a.alpha);
+    if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
+      weight[r.count] = a.alpha * trans_q;
+      ids[r.count] = flatten_ids[i];
+      sel[r.count++] = static_cast<int32_t>(i);  // <= K: every pick crosses a boundary
+      trans_q *= 1 - a.alpha;
+      while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
+        ++next_level;
+      if (next_level > K) break;
+    }
+    trans = next_trans;
+  }
+  for (int j = r.count; j < K; ++j) sel[j] = -1;
+  // Pass 2: the selected rows, normalised by 1 - T_Q, into the L1 buffer.
+  if (r.count == 0) {
+    if (bg)
+      std::copy(bg, bg + C, acc);
+    else
+      std::fill(acc, acc + C, scalar_t(0));
+    r.alpha = 0;
+    return r;
+  }
+  const scalar_t norm = 1 - trans_q;
+  for (int j = 0; j < r.count; ++j) weight[j] /= norm;
+  scale_copy(acc, weight[0], features + feature_row(l, ids[0]) * C, C);
+  for (int j = 1; j < r.count; ++j) axpy(acc, weight[j], features + feature_row(l, ids[j]) * C, C);
+  if (sel_g)
+    for (int j = 0; j < r.count; ++j) {
+      sel_g[j] = ids[j];
+      sel_w[j] = weight[j];
+    }
+  r.alpha = norm;
+  return r;
+}
+
+// Output arrays of a forward call, indexed by the pixel's output row.
+template <typename scalar_t>
+struct ForwardOut {
+  scalar_t *feat, *alpha;
+  int32_t *last_ids, *sel_ids, *sel_count;
+};
+
+template <typename scalar_t, typename Alphas>
+inline void forward_pixel(const Layout& l, const Alphas& alphas, const scalar_t* features,
+                          const int32_t* flatten_ids, const scalar_t* backgrounds,
+                          const PixelRef<scalar_t>& p, scalar_t* acc,
+                          const ForwardOut<scalar_t>& o) {
   const int64_t C = l.channels, K = l.num_quantiles;
+  const scalar_t* bg = backgrounds ? backgrounds + p.cam * C : nullptr;
+  int32_t* sel = K > 0 ? o.sel_ids + p.row * K : nullptr;
+  const BlendOut<scalar_t> b = blend_pixel(l, alphas, features, flatten_ids, bg, p, acc, sel);
+  store_row(o.feat + p.row * C, acc, C);
+  o.alpha[p.row] = b.alpha;
+  o.last_ids[p.row] = static_cast<int32_t>(b.last);
+  o.sel_count[p.row] = b.count;
+}
+
+// Calls visit(PixelRef, alphas) for every pixel of the image, tile by tile (OpenMP over
+// (camera, tile)); the tile's Gaussians are cached once per tile.
+template <typename scalar_t, typename Visit>
+void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
+                          const scalar_t* opacities, const int32_t* offsets,
+                          const int32_t* flatten_ids, bool cache_tile, Visit&& visit) {
   const int64_t total_tiles = l.num_cams * l.tiles_h * l.tiles_w;
-  // Quantile mode with wide features blends Gaussian-major per tile (below); with a few
-  // channels the sort costs more than it saves, so pixels blend as they walk.
-  const bool gaussian_major = K > 0 && C > 32;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t tile = 0; tile < total_tiles; ++tile) {
-    const int64_t cam = tile / (l.tiles_h * l.tiles_w);
-    const int64_t ty = (tile / l.tiles_w) % l.tiles_h, tx = tile % l.tiles_w;
-    int64_t start, end;
-    tile_range(offsets, l, tile, &start, &end);
-    const scalar_t* bg = backgrounds ? backgrounds + cam * C : nullptr;
+#pragma omp parallel num_threads(num_threads_for(total_tiles))
+  {
     TileCache<scalar_t> cache;
-    cache.fill(means2d, conics, opacities, flatten_ids, start, end);
-    std::vector<Pick<scalar_t>> picks;
-    for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
-      for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
-        const int64_t pix = (cam * l.height + y) * l.width + x;
-        const scalar_t px = scalar_t(x) + scalar_t(0.5), py = scalar_t(y) + scalar_t(0.5);
-        scalar_t* out = out_feat + pix * C;
-        std::fill(out, out + C, scalar_t(0));
-        scalar_t trans = 1, trans_q = 1;
-        int next_level = 1, count = 0;
-        int64_t last = start - 1;
-        for (int64_t i = start; i < end; ++i) {
-          const PixelAlpha<scalar_t> a = cache.alpha(i - start, px, py);
-          if (!a.used) continue;
-          const scalar_t next_trans = trans * (1 - a.alpha);
-          if (K == 0) {
-            if (next_trans <= scalar_t(kTransEps)) break;
-            axpy(out, a.alpha * trans, features + feature_row(l, flatten_ids[i]) * C, C);
-            trans = next_trans;
-            last = i;
-            ++count;
-            continue;
-          }
-          // Quantile mode: only the scalar walk here; feature rows are blended per tile below.
-          if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
-            if (gaussian_major)
-              picks.push_back({i - start, pix, a.alpha * trans_q});
-            else
-              axpy(out, a.alpha * trans_q, features + feature_row(l, flatten_ids[i]) * C, C);
-            trans_q *= 1 - a.alpha;
-            sel_ids[pix * K + count++] = static_cast<int32_t>(i);
-            while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
-              ++next_level;
-            if (next_level > K) break;
-          }
-          trans = next_trans;
+    std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t tile = 0; tile < total_tiles; ++tile) {
+      const int64_t cam = tile / (l.tiles_h * l.tiles_w);
+      const int64_t ty = (tile / l.tiles_w) % l.tiles_h, tx = tile % l.tiles_w;
+      PixelRef<scalar_t> p;
+      p.cam = cam;
+      tile_range(offsets, l, tile, &p.start, &p.end);
+      if (cache_tile) cache.fill(means2d, conics, opacities, flatten_ids, p.start, p.end);
+      for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
+        for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
+          p.row = (cam * l.height + y) * l.width + x;
+          p.px = scalar_t(x) + scalar_t(0.5);
+          p.py = scalar_t(y) + scalar_t(0.5);
+          visit(p, cache, acc.data());
         }
-        sel_count[pix] = count;  // dense: number of blended Gaussians (for benchmarks)
-        if (K == 0) {
-          if (bg)
-            for (int64_t c = 0; c < C; ++c) out[c] += trans * bg[c];
-          out_alpha[pix] = 1 - trans;
-          last_ids[pix] = static_cast<int32_t>(last);
-          continue;
-        }
-        for (int j = count; j < K; ++j) sel_ids[pix * K + j] = -1;
-        const scalar_t norm = 1 - trans_q;
-        if (gaussian_major)
-          for (int j = 0; j < count; ++j) picks[picks.size() - 1 - j].weight /= norm;
-        else if (count > 0)
-          for (int64_t c = 0; c < C; ++c) out[c] /= norm;
-        out_alpha[pix] = count > 0 ? norm : scalar_t(0);
-        if (count == 0 && bg) std::copy(bg, bg + C, out);
       }
     }
-    // Gaussian-major blending: each picked feature row is read once per tile and added to
-    // every pixel that picked it (rows of a tile's pixels stay in cache). Per pixel the
-    // order is still front to back, since list entries are depth-sorted.
-    std::sort(picks.begin(), picks.end());
-    for (size_t p = 0; p < picks.size(); ++p) {
-      const scalar_t* f = features + feature_row(l, flatten_ids[start + picks[p].entry]) * C;
-      axpy(out_feat + picks[p].pixel * C, picks[p].weight, f, C);
-    }
+    store_fence();
   }
 }
 
+// Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples).
+template <typename scalar_t, typename Visit>
+void for_each_sampled_pixel(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
+                            const scalar_t* opacities, const int32_t* offsets,
+                            const int32_t* flatten_ids, const int64_t* pixel_ids,
+                            int64_t num_pixels, Visit&& visit) {
+#pragma omp parallel num_threads(num_threads_for(num_pixels / 64 + 1))
+  {
+    std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t s = 0; s < num_pixels; ++s) {
+      const PixelRef<scalar_t> p = sampled_pixel<scalar_t>(l, offsets, pixel_ids[s], s);
+      const DirectAlphas<scalar_t> alphas{means2d, conics, opacities, flatten_ids, p.start};
+      visit(p, alphas, acc.data());
+    }
+    store_fence();
+  }
+}
+
+// ------------------------------------------------------------------------------ backward
 template <typename scalar_t>
 struct Grads {
   scalar_t *means2d, *means2d_abs, *conics, *features, *opacities, *backgrounds;
@@ -242,149 +439,327 @@ inline void scatter_gaussian(const Layout& l, const Grads<scalar_t>& grads, int3
   atomic_add(grads.opacities + g, v_opac);
 }
 
+// Saved forward outputs and incoming gradients, indexed by the pixel's output row.
 template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
+struct BackwardIn {
+  const scalar_t *out_feat, *out_alpha;
+  const int32_t *last_ids, *sel_ids, *sel_count;
+  const scalar_t *grad_feat, *grad_alpha;
+};
 
-template <typename scalar_t>
-void backward_impl(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
-                   const scalar_t* features, const scalar_t* opacities,
-                   const scalar_t* backgrounds, const int32_t* offsets,
-                   const int32_t* flatten_ids, const scalar_t* out_feat,
-                   const scalar_t* out_alpha, const int32_t* last_ids, const int32_t* sel_ids,
-                   const int32_t* sel_count, const scalar_t* grad_feat,
-                   const scalar_t* grad_alpha, Grads<scalar_t> grads) {
+template <typename scalar_t, typename Alphas>
+inline void backward_pixel(const Layout& l, const Alphas& alphas, const scalar_t* means2d,
+                           const scalar_t* conics, const scalar_t* features,
+                           const scalar_t* opacities, const scalar_t* backgrounds,
+                           const int32_t* flatten_ids, const PixelRef<scalar_t>& p,
+                           const BackwardIn<scalar_t>& in, const Grads<scalar_t>& grads) {
   const int64_t C = l.channels, K = l.num_quantiles;
-  const int64_t total_tiles = l.num_cams * l.tiles_h * l.tiles_w;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t tile = 0; tile < total_tiles; ++tile) {
-    const int64_t cam = tile / (l.tiles_h * l.tiles_w);
-    const int64_t ty = (tile / l.tiles_w) % l.tiles_h, tx = tile % l.tiles_w;
-    int64_t start, end;
-    tile_range(offsets, l, tile, &start, &end);
-    const scalar_t* bg = backgrounds ? backgrounds + cam * C : nullptr;
-    scalar_t sel_alpha_buf[kMaxQuantiles], sel_trans_buf[kMaxQuantiles];
-    TileCache<scalar_t> cache;
-    if (K == 0) cache.fill(means2d, conics, opacities, flatten_ids, start, end);
-    for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
-      for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
-        const int64_t pix = (cam * l.height + y) * l.width + x;
-        const scalar_t px = scalar_t(x) + scalar_t(0.5), py = scalar_t(y) + scalar_t(0.5);
-        const scalar_t* g_out = grad_feat + pix * C;
-        const scalar_t g_alpha = grad_alpha[pix];
-        if (K == 0) {
-          const scalar_t t_final = 1 - out_alpha[pix];
-          scalar_t v_final = g_alpha;  // dL/dT_final * (-1) folded below
-          if (bg) {
-            v_final -= dot(bg, g_out, C);
-            for (int64_t c = 0; c < C; ++c) atomic_add(grads.backgrounds + cam * C + c, t_final * g_out[c]);
-          }
-          scalar_t trans = t_final, behind = 0;  // behind = sum_{l>i} w_l (f_l . g)
-          for (int64_t i = last_ids[pix]; i >= start; --i) {
-            const PixelAlpha<scalar_t> a = cache.alpha(i - start, px, py);
-            if (!a.used) continue;
-            const int32_t g = flatten_ids[i];
-            const scalar_t ra = 1 / (1 - a.alpha);
-            trans *= ra;
-            const scalar_t w = a.alpha * trans;
-            const scalar_t fg = dot(features + feature_row(l, g) * C, g_out, C);
-            const scalar_t v_alpha = trans * fg - behind * ra + t_final * ra * v_final;
-            behind += w * fg;
-            scatter_gaussian(l, grads, g, a, conics + 3 * g, opacities[g], v_alpha, w, g_out);
-          }
-          continue;
-        }
-        const int count = sel_count[pix];
-        if (count == 0) {
-          if (bg)
-            for (int64_t c = 0; c < C; ++c) atomic_add(grads.backgrounds + cam * C + c, g_out[c]);
-          continue;
-        }
-        const int32_t* sel = sel_ids + pix * K;
-        scalar_t trans_q = 1;
-        for (int j = 0; j < count; ++j) {
-          const int32_t g = flatten_ids[sel[j]];
-          sel_alpha_buf[j] =
-              pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], px, py).alpha;
-          sel_trans_buf[j] = trans_q;
-          trans_q *= 1 - sel_alpha_buf[j];
-        }
-        const scalar_t norm = 1 - trans_q;
-        const scalar_t v_norm = g_alpha - dot(g_out, out_feat + pix * C, C) / norm;
-        scalar_t behind = 0;
-        for (int j = count - 1; j >= 0; --j) {
-          const int32_t g = flatten_ids[sel[j]];
-          const PixelAlpha<scalar_t> a =
-              pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], px, py);
-          const scalar_t ra = 1 / (1 - a.alpha);
-          const scalar_t w = a.alpha * sel_trans_buf[j];
-          const scalar_t fg = dot(features + feature_row(l, g) * C, g_out, C);
-          const scalar_t v_alpha =
-              (sel_trans_buf[j] * fg - behind * ra) / norm + trans_q * ra * v_norm;
-          behind += w * fg;
-          scatter_gaussian(l, grads, g, a, conics + 3 * g, opacities[g], v_alpha, w / norm, g_out);
-        }
-      }
+  const scalar_t* bg = backgrounds ? backgrounds + p.cam * C : nullptr;
+  const scalar_t* g_out = in.grad_feat + p.row * C;
+  const scalar_t g_alpha = in.grad_alpha[p.row];
+  if (K == 0) {
+    const scalar_t t_final = 1 - in.out_alpha[p.row];
+    scalar_t v_final = g_alpha;  // dL/dT_final * (-1) folded below
+    if (bg) {
+      v_final -= dot(bg, g_out, C);
+      for (int64_t c = 0; c < C; ++c)
+        atomic_add(grads.backgrounds + p.cam * C + c, t_final * g_out[c]);
     }
+    scalar_t trans = t_final, behind = 0;  // behind = sum_{l>i} w_l (f_l . g)
+    for (int64_t i = in.last_ids[p.row]; i >= p.start; --i) {
+      const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
+      if (!a.used) continue;
+      const int32_t g = flatten_ids[i];
+      const scalar_t ra = 1 / (1 - a.alpha);
+      trans *= ra;
+      const scalar_t w = a.alpha * trans;
+      const scalar_t fg = dot(features + feature_row(l, g) * C, g_out, C);
+      const scalar_t v_alpha = trans * fg - behind * ra + t_final * ra * v_final;
+      behind += w * fg;
+      scatter_gaussian(l, grads, g, a, conics + 3 * g, opacities[g], v_alpha, w, g_out);
+    }
+    return;
+  }
+  const int count = in.sel_count[p.row];
+  if (count == 0) {
+    if (bg)
+      for (int64_t c = 0; c < C; ++c) atomic_add(grads.backgrounds + p.cam * C + c, g_out[c]);
+    return;
+  }
+  scalar_t sel_alpha[kMaxQuantiles], sel_trans[kMaxQuantiles];
+  const int32_t* sel = in.sel_ids + p.row * K;
+  scalar_t trans_q = 1;
+  for (int j = 0; j < count; ++j) {
+    const int32_t g = flatten_ids[sel[j]];
+    sel_alpha[j] = pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], p.px, p.py).alpha;
+    sel_trans[j] = trans_q;
+    trans_q *= 1 - sel_alpha[j];
+  }
+  const scalar_t norm = 1 - trans_q;
+  const scalar_t v_norm = g_alpha - dot(g_out, in.out_feat + p.row * C, C) / norm;
+  scalar_t behind = 0;
+  for (int j = count - 1; j >= 0; --j) {
+    const int32_t g = flatten_ids[sel[j]];
+    const PixelAlpha<scalar_t> a =
+        pixel_alpha(means2d + 2 * g, conics + 3 * g, opacities[g], p.px, p.py);
+    const scalar_t ra = 1 / (1 - a.alpha);
+    const scalar_t w = a.alpha * sel_trans[j];
+    const scalar_t fg = dot(features + feature_row(l, g) * C, g_out, C);
+    const scalar_t v_alpha = (sel_trans[j] * fg - behind * ra) / norm + trans_q * ra * v_norm;
+    behind += w * fg;
+    scatter_gaussian(l, grads, g, a, conics + 3 * g, opacities[g], v_alpha, w / norm, g_out);
   }
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------- query space
+// cos(F(p), t_q) for every pixel from the per-Gaussian projections G = features . T^T:
+// F(p) = sum_i w_i f_i (+ T bg), so F(p) . t_q = sum_i w_i G_iq (+ T bg . t_q); the blended
+// row is only needed for |F(p)|. Scores are F.normalize(F(p)) . t_q (t_q unit vectors):
+// |F| is clamped at 1e-12 as F.normalize does, zero features score 0.
+// The projected sum is exact up to rounding of sum_i |w_i| |f_i|; where that mass exceeds
+// kCancel * |F(p)| (the rows cancel), the scores are recomputed as F(p) . t_q from the row.
+constexpr double kCancel = 16;
 
-std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS) {
+template <typename scalar_t>
+struct QueryIn {
+  const scalar_t* proj;     // [N or V*N, Q + 1]: G, then |f| in the last column
+  const scalar_t* bg_proj;  // [V, Q + 1]: bg . T^T, then |bg| (null without backgrounds)
+  const scalar_t* units;    // [Q, C] unit query embeddings
+  int64_t num_queries;
+  bool proj_per_cam;
+};
+
+template <typename scalar_t, typename Alphas>
+inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* features,
+                        const int32_t* flatten_ids, const scalar_t* backgrounds,
+                        const QueryIn<scalar_t>& q, const PixelRef<scalar_t>& p,
+                        scalar_t* acc, scalar_t* out_scores, scalar_t* out_alpha) {
+  const int64_t C = l.channels, Q = q.num_queries;
+  const scalar_t* bg = backgrounds ? backgrounds + p.cam * C : nullptr;
+  const scalar_t* bg_proj = q.bg_proj ? q.bg_proj + p.cam * (Q + 1) : nullptr;
+  scalar_t* score = out_scores + p.row * Q;
+  std::fill(score, score + Q, scalar_t(0));
+  auto proj_row = [&](int32_t g) {
+    return q.proj + (q.proj_per_cam ? int64_t(g) : int64_t(g) % l.num_gs) * (Q + 1);
+  };
+  scalar_t mass = 0;  // sum_i |w_i| |f_i|
+  BlendOut<scalar_t> b;
+  if (l.num_quantiles == 0) {
+    // Dense: the weights are re-derived in a second walk (cheap scalars) rather than stored.
+    b = blend_pixel(l, alphas, features, flatten_ids, bg, p, acc, nullptr);
+    scalar_t trans = 1;
+    for (int64_t i = p.start; i <= b.last; ++i) {
+      const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
+      if (!a.used) continue;
+      const scalar_t* r = proj_row(flatten_ids[i]);
+      axpy(score, a.alpha * trans, r, Q);
+      mass += a.alpha * trans * r[Q];
+      trans *= 1 - a.alpha;
+    }
+    if (bg_proj) {
+      axpy(score, 1 - b.alpha, bg_proj, Q);
+      mass += (1 - b.alpha) * bg_proj[Q];
+    }
+  } else {
+    int32_t sel[kMaxQuantiles], sel_g[kMaxQuantiles];
+    scalar_t sel_w[kMaxQuantiles];
+    b = blend_pixel(l, alphas, features, flatten_ids, bg, p, acc, sel, sel_g, sel_w);
+    for (int j = 0; j < b.count; ++j) {
+      const scalar_t* r = proj_row(sel_g[j]);
+      axpy(score, sel_w[j], r, Q);
+      mass += sel_w[j] * r[Q];
+    }
+    if (b.count == 0 && bg_proj) {
+      std::copy(bg_proj, bg_proj + Q, score);
+      mass = bg_proj[Q];
+    }
+  }
+  const scalar_t length = std::sqrt(dot(acc, acc, C));
+  const scalar_t inv = 1 / std::max(length, scalar_t(1e-12));
+  if (mass > scalar_t(kCancel) * length)
+    for (int64_t k = 0; k < Q; ++k) score[k] = dot(acc, q.units + k * C, C) * inv;
+  else
+    for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
+  out_alpha[p.row] = b.alpha;
+}
+
+// --------------------------------------------------------------------------- entry points
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t *means2d, *conics, *features, *opacities, *backgrounds;
+  const int32_t *offsets, *flatten_ids;
+};
+
+template <typename scalar_t>
+Inputs<scalar_t> inputs_of(const at::Tensor& means2d, const at::Tensor& conics,
+                           const at::Tensor& features, const at::Tensor& opacities,
+                           const c10::optional<at::Tensor>& backgrounds,
+                           const at::Tensor& isect_offsets, const at::Tensor& flatten_ids) {
+  return {means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
+          features.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(),
+          backgrounds.has_value() ? backgrounds->data_ptr<scalar_t>() : nullptr,
+          isect_offsets.data_ptr<int32_t>(), flatten_ids.data_ptr<int32_t>()};
+}
+
+// at::empty for outputs of many MB (a 640x480x512 map is 630 MB). With QSPLAT_HUGEPAGES=1 it
+// asks Linux for transparent huge pages on it before the first write, so that first touch
+// faults once per 2 MB instead of once per 4 KB: allocating + writing such a map measured 3.6x
+// faster alone, but in a process that also frees many 4 KB-page buffers the kernel had to
+// compact memory on those faults and the same render got 1.6x slower; hence opt-in.
+at::Tensor empty_large(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.numel() * t.element_size();
+  static const bool enabled = [] {
+    const char* v = std::getenv("QSPLAT_HUGEPAGES");
+    return v && v[0] == '1';
+  }();
+  if (enabled && bytes >= 4 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+at::Tensor zeros_large_like(const at::Tensor& like) {
+  return empty_large(like.sizes(), like.options()).zero_();
+}
+
+// Shapes of per-pixel outputs: [V, H, W, ...] for images, [P, ...] for sampled pixels.
+std::vector<int64_t> pixel_shape(const Layout& l, const c10::optional<at::Tensor>& pixel_ids,
+                                 std::initializer_list<int64_t> tail) {
+  std::vector<int64_t> shape;
+  if (pixel_ids.has_value())
+    shape = {pixel_ids->size(0)};
+  else
+    shape = {l.num_cams, l.height, l.width};
+  shape.insert(shape.end(), tail.begin(), tail.end());
+  return shape;
+}
+
+std::vector<at::Tensor> forward_any(QRENDER_FORWARD_ARGS,
+                                    const c10::optional<at::Tensor>& pixel_ids) {
   const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
                                flatten_ids, num_quantiles);
   auto opts = means2d.options();
   auto iopts = opts.dtype(at::kInt);
-  at::Tensor out_feat = at::empty({l.num_cams, height, width, l.channels}, opts);
-  at::Tensor out_alpha = at::empty({l.num_cams, height, width, 1}, opts);
-  const int64_t k_store = std::max<int64_t>(num_quantiles, 1);
-  at::Tensor last_ids = at::empty({l.num_cams, height, width}, iopts);
-  at::Tensor sel_ids = at::empty({l.num_cams, height, width, num_quantiles > 0 ? k_store : 0}, iopts);
-  at::Tensor sel_count = at::empty({l.num_cams, height, width}, iopts);
+  at::Tensor out_feat = empty_large(pixel_shape(l, pixel_ids, {l.channels}), opts);
+  at::Tensor out_alpha = at::empty(pixel_shape(l, pixel_ids, {1}), opts);
+  at::Tensor last_ids = at::empty(pixel_shape(l, pixel_ids, {}), iopts);
+  at::Tensor sel_ids = at::empty(pixel_shape(l, pixel_ids, {num_quantiles}), iopts);
+  at::Tensor sel_count = at::empty(pixel_shape(l, pixel_ids, {}), iopts);
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_forward_cpu", [&] {
-    forward_impl<scalar_t>(
-        l, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
-        features.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(),
-        backgrounds.has_value() ? backgrounds->data_ptr<scalar_t>() : nullptr,
-        isect_offsets.data_ptr<int32_t>(), flatten_ids.data_ptr<int32_t>(),
-        out_feat.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>(),
-        last_ids.data_ptr<int32_t>(), sel_ids.data_ptr<int32_t>(), sel_count.data_ptr<int32_t>());
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
+                                                    backgrounds, isect_offsets, flatten_ids);
+    const ForwardOut<scalar_t> o{out_feat.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>(),
+                                 last_ids.data_ptr<int32_t>(), sel_ids.data_ptr<int32_t>(),
+                                 sel_count.data_ptr<int32_t>()};
+    auto visit = [&](const PixelRef<scalar_t>& p, const auto& alphas, scalar_t* acc) {
+      forward_pixel(l, alphas, in.features, in.flatten_ids, in.backgrounds, p, acc, o);
+    };
+    if (pixel_ids.has_value())
+      for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
+                                       in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
+                                       pixel_ids->size(0), visit);
+    else
+      for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
+                                     in.flatten_ids, true, visit);
   });
   return {out_feat, out_alpha, last_ids, sel_ids, sel_count};
 }
 
-std::vector<at::Tensor> rasterize_backward_cpu(QRENDER_BACKWARD_ARGS) {
+std::vector<at::Tensor> backward_any(QRENDER_BACKWARD_ARGS,
+                                     const c10::optional<at::Tensor>& pixel_ids) {
   const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
                                flatten_ids, num_quantiles);
   at::Tensor g_means2d = at::zeros_like(means2d);
   at::Tensor g_means2d_abs = absgrad ? at::zeros_like(means2d) : at::Tensor();
   at::Tensor g_conics = at::zeros_like(conics);
-  at::Tensor g_features = at::zeros_like(features);
+  at::Tensor g_features = zeros_large_like(features);
   at::Tensor g_opacities = at::zeros_like(opacities);
   at::Tensor g_backgrounds = backgrounds.has_value() ? at::zeros_like(*backgrounds) : at::Tensor();
   RowLocks feature_locks;
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_backward_cpu", [&] {
-    Grads<scalar_t> grads{g_means2d.data_ptr<scalar_t>(),
-                          absgrad ? g_means2d_abs.data_ptr<scalar_t>() : nullptr,
-                          g_conics.data_ptr<scalar_t>(), g_features.data_ptr<scalar_t>(),
-                          g_opacities.data_ptr<scalar_t>(),
-                          backgrounds.has_value() ? g_backgrounds.data_ptr<scalar_t>() : nullptr,
-                          &feature_locks};
-    backward_impl<scalar_t>(
-        l, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
-        features.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(),
-        backgrounds.has_value() ? backgrounds->data_ptr<scalar_t>() : nullptr,
-        isect_offsets.data_ptr<int32_t>(), flatten_ids.data_ptr<int32_t>(),
-        out_feat.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>(),
-        last_ids.data_ptr<int32_t>(), sel_ids.data_ptr<int32_t>(), sel_count.data_ptr<int32_t>(),
-        grad_feat.data_ptr<scalar_t>(), grad_alpha.data_ptr<scalar_t>(), grads);
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
+                                                    backgrounds, isect_offsets, flatten_ids);
+    const Grads<scalar_t> grads{g_means2d.data_ptr<scalar_t>(),
+                                absgrad ? g_means2d_abs.data_ptr<scalar_t>() : nullptr,
+                                g_conics.data_ptr<scalar_t>(), g_features.data_ptr<scalar_t>(),
+                                g_opacities.data_ptr<scalar_t>(),
+                                backgrounds.has_value() ? g_backgrounds.data_ptr<scalar_t>() : nullptr,
+                                &feature_locks};
+    const BackwardIn<scalar_t> saved{out_feat.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>(),
+                                     last_ids.data_ptr<int32_t>(), sel_ids.data_ptr<int32_t>(),
+                                     sel_count.data_ptr<int32_t>(), grad_feat.data_ptr<scalar_t>(),
+                                     grad_alpha.data_ptr<scalar_t>()};
+    auto visit = [&](const PixelRef<scalar_t>& p, const auto& alphas, scalar_t*) {
+      backward_pixel(l, alphas, in.means2d, in.conics, in.features, in.opacities, in.backgrounds,
+                     in.flatten_ids, p, saved, grads);
+    };
+    if (pixel_ids.has_value())
+      for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
+                                       in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
+                                       pixel_ids->size(0), visit);
+    else  // the quantile backward reads its few selected Gaussians directly
+      for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
+                                     in.flatten_ids, num_quantiles == 0, visit);
   });
   return {g_means2d, g_conics, g_features, g_opacities, g_backgrounds, g_means2d_abs};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS) {
+  return forward_any(means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+                     isect_offsets, flatten_ids, num_quantiles, c10::nullopt);
+}
+
+std::vector<at::Tensor> rasterize_backward_cpu(QRENDER_BACKWARD_ARGS) {
+  return backward_any(means2d, conics, features, opacities, backgrounds, width, height,
+                      tile_size, isect_offsets, flatten_ids, num_quantiles, out_feat, out_alpha,
+                      last_ids, sel_ids, sel_count, grad_feat, grad_alpha, absgrad, c10::nullopt);
+}
+
+std::vector<at::Tensor> rasterize_pixels_forward_cpu(QRENDER_FORWARD_ARGS,
+                                                     const at::Tensor& pixel_ids) {
+  return forward_any(means2d, conics, features, opacities, backgrounds, width, height, tile_size,
+                     isect_offsets, flatten_ids, num_quantiles, pixel_ids);
+}
+
+std::vector<at::Tensor> rasterize_pixels_backward_cpu(QRENDER_BACKWARD_ARGS,
+                                                      const at::Tensor& pixel_ids) {
+  return backward_any(means2d, conics, features, opacities, backgrounds, width, height,
+                      tile_size, isect_offsets, flatten_ids, num_quantiles, out_feat, out_alpha,
+                      last_ids, sel_ids, sel_count, grad_feat, grad_alpha, absgrad, pixel_ids);
+}
+
+std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tensor& units,
+                                            const at::Tensor& proj,
+                                            const c10::optional<at::Tensor>& bg_proj) {
+  const Layout l = make_layout(means2d, features, width, height, tile_size, isect_offsets,
+                               flatten_ids, num_quantiles);
+  const int64_t Q = units.size(0);
+  auto opts = means2d.options();
+  at::Tensor scores = empty_large({l.num_cams, height, width, Q}, opts);
+  at::Tensor out_alpha = at::empty({l.num_cams, height, width, 1}, opts);
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_query_cpu", [&] {
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
+                                                    backgrounds, isect_offsets, flatten_ids);
+    const QueryIn<scalar_t> q{proj.data_ptr<scalar_t>(),
+                              bg_proj.has_value() ? bg_proj->data_ptr<scalar_t>() : nullptr,
+                              units.data_ptr<scalar_t>(), Q, proj.dim() == 3};
+    scalar_t* s = scores.data_ptr<scalar_t>();
+    scalar_t* a = out_alpha.data_ptr<scalar_t>();
+    for_each_image_pixel<scalar_t>(
+        l, in.means2d, in.conics, in.opacities, in.offsets, in.flatten_ids, true,
+        [&](const PixelRef<scalar_t>& p, const auto& alphas, scalar_t* acc) {
+          query_pixel(l, alphas, in.features, in.flatten_ids, in.backgrounds, q, p, acc, s, a);
+        });
+  });
+  return {scores, out_alpha};
 }
 
 }  // namespace qrender

@@ -446,6 +446,383 @@ __global__ void backward_quantile_kernel(Params<scalar_t> p, const scalar_t* __r
   }
 }
 
+// ------------------------------------------------------------------------ sampled pixels
+// One thread per sampled pixel (pixel_ids: flat (camera, y, x)); the tile list is read from
+// global memory (a tile holds a few samples, staging it in shared memory would not pay).
+// Same tile, pixel centre, skip rule and selection as the whole-image kernels above.
+template <typename scalar_t>
+__device__ Pixel<scalar_t> sampled_pixel(const Params<scalar_t>& p, int64_t pid) {
+  Pixel<scalar_t> r;
+  const int64_t hw = int64_t(p.height) * p.width;
+  r.cam = static_cast<int>(pid / hw);
+  const int y = static_cast<int>((pid % hw) / p.width), x = static_cast<int>(pid % p.width);
+  r.inside = true;
+  r.pix = pid;
+  r.px = scalar_t(x) + scalar_t(0.5);
+  r.py = scalar_t(y) + scalar_t(0.5);
+  const int64_t tile =
+      (int64_t(r.cam) * p.tiles_h + y / p.tile_size) * p.tiles_w + x / p.tile_size;
+  const int64_t total_tiles = int64_t(p.num_cams) * p.tiles_h * p.tiles_w;
+  r.start = p.offsets[tile];
+  r.end = tile + 1 < total_tiles ? int64_t(p.offsets[tile + 1]) : p.num_isects;
+  return r;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ PixelAlpha<scalar_t> direct_alpha(const Params<scalar_t>& p, int32_t g,
+                                                             const Pixel<scalar_t>& px) {
+  const int64_t gi = g;
+  return pixel_alpha(p.means2d + 2 * gi, p.conics + 3 * gi, p.opacities[gi], px.px, px.py);
+}
+
+// Quantile pass 1 over global memory: selected isect indices, flat ids and weights (not yet
+// normalised); returns the count and T_Q.
+template <typename scalar_t>
+__device__ int select_quantiles_direct(const Params<scalar_t>& p, const Pixel<scalar_t>& px,
+                                       int32_t* sel, int32_t* sel_g, scalar_t* sel_w,
+                                       scalar_t* trans_q_out) {
+  const int K = p.num_quantiles;
+  scalar_t trans = 1, trans_q = 1;
+  int next_level = 1, count = 0;
+  for (int64_t i = px.start; i < px.end; ++i) {
+    const int32_t g = p.flatten_ids[i];
+    const PixelAlpha<scalar_t> a = direct_alpha(p, g, px);
+    if (!a.used) continue;
+    const scalar_t next_trans = trans * (1 - a.alpha);
+    if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
+      sel_w[count] = a.alpha * trans_q;
+      sel_g[count] = g;
+      sel[count] = static_cast<int32_t>(i);
+      ++count;
+      trans_q *= 1 - a.alpha;
+      while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
+        ++next_level;
+      if (next_level > K) break;
+    }
+    trans = next_trans;
+  }
+  for (int j = count; j < K; ++j) sel[j] = -1;
+  *trans_q_out = trans_q;
+  return count;
+}
+
+template <typename scalar_t>
+__global__ void forward_pixels_kernel(Params<scalar_t> p, const int64_t* __restrict__ pixel_ids,
+                                      int64_t num_pixels, scalar_t* __restrict__ out_feat,
+                                      scalar_t* __restrict__ out_alpha,
+                                      int32_t* __restrict__ last_ids,
+                                      int32_t* __restrict__ sel_ids,
+                                      int32_t* __restrict__ sel_count) {
+  constexpr int CHUNK = chunk_size<scalar_t>();
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= num_pixels) return;
+  const Pixel<scalar_t> px = sampled_pixel(p, pixel_ids[s]);
+  const int64_t C = p.channels;
+  const int K = p.num_quantiles;
+  const scalar_t* bg = p.background(px.cam);
+  scalar_t* out = out_feat + s * C;
+  if (K == 0) {
+    for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += CHUNK) {
+      const int64_t n = min(int64_t(CHUNK), C - c0);
+      scalar_t acc[CHUNK];
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+      scalar_t trans = 1;
+      int64_t last = px.start - 1;
+      int count = 0;
+      for (int64_t i = px.start; i < px.end; ++i) {
+        const int32_t g = p.flatten_ids[i];
+        const PixelAlpha<scalar_t> a = direct_alpha(p, g, px);
+        if (!a.used) continue;
+        const scalar_t next_trans = trans * (1 - a.alpha);
+        if (next_trans <= scalar_t(kTransEps)) break;
+        accumulate_chunk(acc, a.alpha * trans, p.feature(g) + c0, n);
+        trans = next_trans;
+        last = i;
+        ++count;
+      }
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k)
+        if (k < n) out[c0 + k] = bg ? acc[k] + trans * bg[c0 + k] : acc[k];
+      if (c0 == 0) {
+        out_alpha[s] = 1 - trans;
+        last_ids[s] = static_cast<int32_t>(last);
+        sel_count[s] = count;
+      }
+    }
+    return;
+  }
+  scalar_t sel_w[kMaxQuantiles];
+  int32_t sel_g[kMaxQuantiles];
+  scalar_t trans_q;
+  const int count = select_quantiles_direct(p, px, sel_ids + s * K, sel_g, sel_w, &trans_q);
+  sel_count[s] = count;
+  if (count == 0) {
+    for (int64_t c = 0; c < C; ++c) out[c] = bg ? bg[c] : scalar_t(0);
+    out_alpha[s] = 0;
+    return;
+  }
+  const scalar_t norm = 1 - trans_q;
+  for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+    const int64_t n = min(int64_t(CHUNK), C - c0);
+    scalar_t acc[CHUNK];
+#pragma unroll
+    for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+    for (int j = 0; j < count; ++j) accumulate_chunk(acc, sel_w[j], p.feature(sel_g[j]) + c0, n);
+#pragma unroll
+    for (int k = 0; k < CHUNK; ++k)
+      if (k < n) out[c0 + k] = acc[k] / norm;
+  }
+  out_alpha[s] = norm;
+}
+
+template <typename scalar_t>
+__global__ void backward_pixels_kernel(Params<scalar_t> p, const int64_t* __restrict__ pixel_ids,
+                                       int64_t num_pixels, const scalar_t* __restrict__ out_feat,
+                                       const scalar_t* __restrict__ out_alpha,
+                                       const int32_t* __restrict__ last_ids,
+                                       const int32_t* __restrict__ sel_ids,
+                                       const int32_t* __restrict__ sel_count,
+                                       const scalar_t* __restrict__ grad_feat,
+                                       const scalar_t* __restrict__ grad_alpha,
+                                       Grads<scalar_t> grads) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= num_pixels) return;
+  const Pixel<scalar_t> px = sampled_pixel(p, pixel_ids[s]);
+  const int64_t C = p.channels;
+  const int K = p.num_quantiles;
+  const scalar_t* bg = p.background(px.cam);
+  const scalar_t* g_out = grad_feat + s * C;
+  if (K == 0) {
+    const scalar_t t_final = 1 - out_alpha[s];
+    scalar_t v_final = grad_alpha[s];
+    if (bg) {
+      v_final -= dot(bg, g_out, C);
+      for (int64_t c = 0; c < C; ++c)
+        atomicAdd(grads.backgrounds + int64_t(px.cam) * C + c, t_final * g_out[c]);
+    }
+    scalar_t trans = t_final, behind = 0;
+    for (int64_t i = last_ids[s]; i >= px.start; --i) {
+      const int32_t g = p.flatten_ids[i];
+      const PixelAlpha<scalar_t> a = direct_alpha(p, g, px);
+      if (!a.used) continue;
+      const scalar_t ra = 1 / (1 - a.alpha);
+      trans *= ra;
+      const scalar_t w = a.alpha * trans;
+      const scalar_t fg = dot(p.feature(g), g_out, C);
+      const scalar_t v_alpha = trans * fg - behind * ra + t_final * ra * v_final;
+      behind += w * fg;
+      add_gaussian(p, grads, g, a, v_alpha, w, g_out);
+    }
+    return;
+  }
+  const int count = sel_count[s];
+  if (count == 0) {
+    if (grads.backgrounds)
+      for (int64_t c = 0; c < C; ++c) atomicAdd(grads.backgrounds + int64_t(px.cam) * C + c, g_out[c]);
+    return;
+  }
+  const int32_t* sel = sel_ids + s * K;
+  scalar_t sel_trans[kMaxQuantiles];
+  scalar_t trans_q = 1;
+  for (int j = 0; j < count; ++j) {
+    const scalar_t alpha = direct_alpha(p, p.flatten_ids[sel[j]], px).alpha;
+    sel_trans[j] = trans_q;
+    trans_q *= 1 - alpha;
+  }
+  const scalar_t norm = 1 - trans_q;
+  const scalar_t v_norm = grad_alpha[s] - dot(g_out, out_feat + s * C, C) / norm;
+  scalar_t behind = 0;
+  for (int j = count - 1; j >= 0; --j) {
+    const int32_t g = p.flatten_ids[sel[j]];
+    const PixelAlpha<scalar_t> a = direct_alpha(p, g, px);
+    const scalar_t ra = 1 / (1 - a.alpha);
+    const scalar_t w = a.alpha * sel_trans[j];
+    const scalar_t fg = dot(p.feature(g), g_out, C);
+    const scalar_t v_alpha = (sel_trans[j] * fg - behind * ra) / norm + trans_q * ra * v_norm;
+    behind += w * fg;
+    add_gaussian(p, grads, g, a, v_alpha, w / norm, g_out);
+  }
+}
+
+// ---------------------------------------------------------------------------- query space
+// scores[q] = F(p) . t_q / max(|F(p)|, 1e-12) with F(p) . t_q = sum_i w_i proj[g_i, q]
+// (+ T bg_proj[q]); |F(p)| from the blended row, chunk by chunk in registers. Where the rows
+// cancel (sum_i |w_i| |f_i| > kCancel |F(p)|) the scores are F(p) . t_q from the row. As the CPU.
+constexpr double kCancel = 16;
+
+template <typename scalar_t>
+struct QueryParams {
+  const scalar_t *proj, *bg_proj;  // [N or V*N, Q + 1], [V, Q + 1] (may be null): G, then |f|
+  const scalar_t* units;           // [Q, C]
+  int64_t num_queries;
+  bool per_cam;
+  __device__ const scalar_t* row(const Params<scalar_t>& p, int32_t g) const {
+    return proj + (per_cam ? int64_t(g) : int64_t(g) % p.num_gs) * (num_queries + 1);
+  }
+  __device__ const scalar_t* bg_row(int cam) const {
+    return bg_proj ? bg_proj + int64_t(cam) * (num_queries + 1) : nullptr;
+  }
+};
+
+// score[k] += acc . t_k over one channel chunk.
+template <typename scalar_t, int CHUNK>
+__device__ __forceinline__ void project_chunk(scalar_t* score, const scalar_t (&acc)[CHUNK],
+                                              const QueryParams<scalar_t>& q, int64_t C,
+                                              int64_t c0, int64_t n) {
+  for (int64_t k = 0; k < q.num_queries; ++k) {
+    const scalar_t* t = q.units + k * C + c0;
+    scalar_t v = 0;
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j)
+      if (j < n) v += acc[j] * t[j];
+    score[k] += v;
+  }
+}
+
+template <typename scalar_t>
+__global__ void query_dense_kernel(Params<scalar_t> p, QueryParams<scalar_t> q,
+                                   scalar_t* __restrict__ scores,
+                                   scalar_t* __restrict__ out_alpha) {
+  constexpr int CHUNK = chunk_size<scalar_t>();
+  const Pixel<scalar_t> px = this_pixel(p);
+  const int64_t C = p.channels, Q = q.num_queries;
+  const scalar_t* bg = p.background(px.cam);
+  const scalar_t* bgp = q.bg_row(px.cam);
+  scalar_t* score = scores + px.pix * Q;
+  if (px.inside)
+    for (int64_t k = 0; k < Q; ++k) score[k] = 0;
+  scalar_t length2 = 0, trans = 1, mass = 0;
+  // direct = 0: scores from the projections (first walk) and |F|; direct = 1 (only where the
+  // rows cancel): scores recomputed from the row. Every thread takes part in both walks.
+  for (int direct = 0; direct < 2; ++direct) {
+    if (direct) {
+      const bool need = px.inside && mass > scalar_t(kCancel) * sqrt(length2);
+      if (!__syncthreads_or(need)) break;
+      if (need)
+        for (int64_t k = 0; k < Q; ++k) score[k] = 0;
+    }
+    const bool need = !direct || (px.inside && mass > scalar_t(kCancel) * sqrt(length2));
+    for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+      const int64_t n = min(int64_t(CHUNK), C - c0);
+      scalar_t acc[CHUNK];
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+      trans = 1;
+      walk_front_to_back(p, px, !px.inside,
+                         [&](int64_t, int32_t g, const PixelAlpha<scalar_t>& a) -> bool {
+                           const scalar_t next_trans = trans * (1 - a.alpha);
+                           if (next_trans <= scalar_t(kTransEps)) return true;
+                           const scalar_t w = a.alpha * trans;
+                           accumulate_chunk(acc, w, p.feature(g) + c0, n);
+                           if (!direct && c0 == 0) {
+                             const scalar_t* r = q.row(p, g);
+                             for (int64_t k = 0; k < Q; ++k) score[k] += w * r[k];
+                             mass += w * r[Q];
+                           }
+                           trans = next_trans;
+                           return false;
+                         });
+      if (!px.inside) continue;
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k)
+        if (k < n && bg) acc[k] += trans * bg[c0 + k];
+      if (!direct) {
+#pragma unroll
+        for (int k = 0; k < CHUNK; ++k)
+          if (k < n) length2 += acc[k] * acc[k];
+      } else if (need) {
+        project_chunk(score, acc, q, C, c0, n);
+      }
+    }
+    if (!direct && px.inside && bgp) {
+      for (int64_t k = 0; k < Q; ++k) score[k] += trans * bgp[k];
+      mass += trans * bgp[Q];
+    }
+  }
+  if (!px.inside) return;
+  const scalar_t inv = 1 / max(sqrt(length2), scalar_t(1e-12));
+  for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
+  out_alpha[px.pix] = 1 - trans;
+}
+
+template <typename scalar_t>
+__global__ void query_quantile_kernel(Params<scalar_t> p, QueryParams<scalar_t> q,
+                                      scalar_t* __restrict__ scores,
+                                      scalar_t* __restrict__ out_alpha) {
+  constexpr int CHUNK = chunk_size<scalar_t>();
+  const Pixel<scalar_t> px = this_pixel(p);
+  const int64_t C = p.channels, Q = q.num_queries;
+  const int K = p.num_quantiles;
+  scalar_t sel_w[kMaxQuantiles];
+  int32_t sel_g[kMaxQuantiles];
+  scalar_t trans = 1, trans_q = 1;
+  int next_level = 1, count = 0;
+  walk_front_to_back(p, px, !px.inside,
+                     [&](int64_t, int32_t g, const PixelAlpha<scalar_t>& a) -> bool {
+                       const scalar_t next_trans = trans * (1 - a.alpha);
+                       if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
+                         sel_w[count] = a.alpha * trans_q;
+                         sel_g[count] = g;
+                         ++count;
+                         trans_q *= 1 - a.alpha;
+                         while (next_level <= K &&
+                                next_trans < quantile_boundary<scalar_t>(next_level, K))
+                           ++next_level;
+                         if (next_level > K) return true;
+                       }
+                       trans = next_trans;
+                       return false;
+                     });
+  if (!px.inside) return;  // no block-wide syncs below
+  scalar_t* score = scores + px.pix * Q;
+  if (count == 0) {  // the background (or zero) feature, a single row: no cancellation
+    const scalar_t* bgp = q.bg_row(px.cam);
+    const scalar_t inv = bgp ? 1 / max(bgp[Q], scalar_t(1e-12)) : scalar_t(0);
+    for (int64_t k = 0; k < Q; ++k) score[k] = bgp ? bgp[k] * inv : scalar_t(0);
+    out_alpha[px.pix] = 0;
+    return;
+  }
+  const scalar_t norm = 1 - trans_q;
+  scalar_t mass = 0;
+  for (int j = 0; j < count; ++j) {
+    sel_w[j] /= norm;
+    mass += sel_w[j] * q.row(p, sel_g[j])[Q];
+  }
+  scalar_t length2 = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+    const int64_t n = min(int64_t(CHUNK), C - c0);
+    scalar_t acc[CHUNK];
+#pragma unroll
+    for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+    for (int j = 0; j < count; ++j) accumulate_chunk(acc, sel_w[j], p.feature(sel_g[j]) + c0, n);
+#pragma unroll
+    for (int k = 0; k < CHUNK; ++k)
+      if (k < n) length2 += acc[k] * acc[k];
+  }
+  const scalar_t length = sqrt(length2);
+  const scalar_t inv = 1 / max(length, scalar_t(1e-12));
+  if (mass > scalar_t(kCancel) * length) {
+    for (int64_t k = 0; k < Q; ++k) score[k] = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
+      const int64_t n = min(int64_t(CHUNK), C - c0);
+      scalar_t acc[CHUNK];
+#pragma unroll
+      for (int k = 0; k < CHUNK; ++k) acc[k] = scalar_t(0);
+      for (int j = 0; j < count; ++j) accumulate_chunk(acc, sel_w[j], p.feature(sel_g[j]) + c0, n);
+      project_chunk(score, acc, q, C, c0, n);
+    }
+  } else {
+    for (int64_t k = 0; k < Q; ++k) {
+      scalar_t v = 0;
+      for (int j = 0; j < count; ++j) v += sel_w[j] * q.row(p, sel_g[j])[k];
+      score[k] = v;
+    }
+  }
+  for (int64_t k = 0; k < Q; ++k) score[k] *= inv;
+  out_alpha[px.pix] = norm;
+}
+
 // --------------------------------------------------------------------------------- host
 template <typename scalar_t>
 Params<scalar_t> make_params(const at::Tensor& means2d, const at::Tensor& conics,
@@ -610,6 +987,130 @@ std::vector<at::Tensor> rasterize_backward_cuda(QRENDER_BACKWARD_ARGS) {
     }
   });
   return {g_means2d, g_conics, g_features, g_opacities, g_backgrounds, g_means2d_abs};
+}
+
+namespace {
+constexpr int kSampleThreads = 128;
+
+void check_common(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& features,
+                  const at::Tensor& opacities, const c10::optional<at::Tensor>& backgrounds,
+                  const at::Tensor& isect_offsets, const at::Tensor& flatten_ids,
+                  int64_t num_quantiles) {
+  check_cuda(means2d, "means2d");
+  check_cuda(conics, "conics");
+  check_cuda(features, "features");
+  check_cuda(opacities, "opacities");
+  check_cuda(isect_offsets, "isect_offsets");
+  check_cuda(flatten_ids, "flatten_ids");
+  if (backgrounds.has_value()) check_cuda(*backgrounds, "backgrounds");
+  TORCH_CHECK(num_quantiles >= 0 && num_quantiles <= kMaxQuantiles,
+              "num_quantiles must be in 0..", kMaxQuantiles);
+}
+}  // namespace
+
+std::vector<at::Tensor> rasterize_pixels_forward_cuda(QRENDER_FORWARD_ARGS,
+                                                      const at::Tensor& pixel_ids) {
+  check_common(means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
+               num_quantiles);
+  check_cuda(pixel_ids, "pixel_ids");
+  const c10::cuda::OptionalCUDAGuard guard(device_of(means2d));
+  const int64_t P = pixel_ids.size(0), C = features.size(-1);
+  auto opts = means2d.options();
+  auto iopts = opts.dtype(at::kInt);
+  at::Tensor out_feat = at::empty({P, C}, opts);
+  at::Tensor out_alpha = at::empty({P, 1}, opts);
+  at::Tensor last_ids = at::empty({P}, iopts);
+  at::Tensor sel_ids = at::empty({P, num_quantiles}, iopts);
+  at::Tensor sel_count = at::empty({P}, iopts);
+  if (P == 0) return {out_feat, out_alpha, last_ids, sel_ids, sel_count};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_pixels_forward_cuda", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, features, opacities,
+                                                     backgrounds, width, height, tile_size,
+                                                     isect_offsets, flatten_ids, num_quantiles);
+    const unsigned blocks = static_cast<unsigned>((P + kSampleThreads - 1) / kSampleThreads);
+    forward_pixels_kernel<scalar_t><<<blocks, kSampleThreads, 0, stream>>>(
+        p, pixel_ids.data_ptr<int64_t>(), P, out_feat.data_ptr<scalar_t>(),
+        out_alpha.data_ptr<scalar_t>(), last_ids.data_ptr<int32_t>(),
+        sel_ids.data_ptr<int32_t>(), sel_count.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out_feat, out_alpha, last_ids, sel_ids, sel_count};
+}
+
+std::vector<at::Tensor> rasterize_pixels_backward_cuda(QRENDER_BACKWARD_ARGS,
+                                                       const at::Tensor& pixel_ids) {
+  check_common(means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
+               num_quantiles);
+  check_cuda(pixel_ids, "pixel_ids");
+  check_cuda(grad_feat, "grad_feat");
+  check_cuda(grad_alpha, "grad_alpha");
+  const c10::cuda::OptionalCUDAGuard guard(device_of(means2d));
+  at::Tensor g_means2d = at::zeros_like(means2d);
+  at::Tensor g_means2d_abs = absgrad ? at::zeros_like(means2d) : at::Tensor();
+  at::Tensor g_conics = at::zeros_like(conics);
+  at::Tensor g_features = at::zeros_like(features);
+  at::Tensor g_opacities = at::zeros_like(opacities);
+  at::Tensor g_backgrounds =
+      backgrounds.has_value() ? at::zeros_like(*backgrounds) : at::Tensor();
+  const int64_t P = pixel_ids.size(0);
+  if (P == 0) return {g_means2d, g_conics, g_features, g_opacities, g_backgrounds, g_means2d_abs};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_pixels_backward_cuda", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, features, opacities,
+                                                     backgrounds, width, height, tile_size,
+                                                     isect_offsets, flatten_ids, num_quantiles);
+    Grads<scalar_t> grads{g_means2d.data_ptr<scalar_t>(),
+                          absgrad ? g_means2d_abs.data_ptr<scalar_t>() : nullptr,
+                          g_conics.data_ptr<scalar_t>(), g_features.data_ptr<scalar_t>(),
+                          g_opacities.data_ptr<scalar_t>(),
+                          backgrounds.has_value() ? g_backgrounds.data_ptr<scalar_t>() : nullptr};
+    const unsigned blocks = static_cast<unsigned>((P + kSampleThreads - 1) / kSampleThreads);
+    backward_pixels_kernel<scalar_t><<<blocks, kSampleThreads, 0, stream>>>(
+        p, pixel_ids.data_ptr<int64_t>(), P, out_feat.data_ptr<scalar_t>(),
+        out_alpha.data_ptr<scalar_t>(), last_ids.data_ptr<int32_t>(),
+        sel_ids.data_ptr<int32_t>(), sel_count.data_ptr<int32_t>(),
+        grad_feat.data_ptr<scalar_t>(), grad_alpha.data_ptr<scalar_t>(), grads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {g_means2d, g_conics, g_features, g_opacities, g_backgrounds, g_means2d_abs};
+}
+
+std::vector<at::Tensor> rasterize_query_cuda(QRENDER_FORWARD_ARGS, const at::Tensor& units,
+                                             const at::Tensor& proj,
+                                             const c10::optional<at::Tensor>& bg_proj) {
+  check_common(means2d, conics, features, opacities, backgrounds, isect_offsets, flatten_ids,
+               num_quantiles);
+  check_cuda(units, "units");
+  check_cuda(proj, "proj");
+  if (bg_proj.has_value()) check_cuda(*bg_proj, "bg_proj");
+  const c10::cuda::OptionalCUDAGuard guard(device_of(means2d));
+  const int64_t V = means2d.size(0), Q = units.size(0);
+  auto opts = means2d.options();
+  at::Tensor scores = at::empty({V, height, width, Q}, opts);
+  at::Tensor out_alpha = at::empty({V, height, width, 1}, opts);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_query_cuda", [&] {
+    const Params<scalar_t> p = make_params<scalar_t>(means2d, conics, features, opacities,
+                                                     backgrounds, width, height, tile_size,
+                                                     isect_offsets, flatten_ids, num_quantiles);
+    const QueryParams<scalar_t> q{proj.data_ptr<scalar_t>(),
+                                  bg_proj.has_value() ? bg_proj->data_ptr<scalar_t>() : nullptr,
+                                  units.data_ptr<scalar_t>(), Q, proj.dim() == 3};
+    if (num_quantiles == 0) {
+      const Launch l = make_launch(query_dense_kernel<scalar_t>, p, true);
+      if (l.empty) return;
+      query_dense_kernel<scalar_t><<<l.grid, l.block, l.shmem, stream>>>(
+          p, q, scores.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>());
+    } else {
+      const Launch l = make_launch(query_quantile_kernel<scalar_t>, p, true);
+      if (l.empty) return;
+      query_quantile_kernel<scalar_t><<<l.grid, l.block, l.shmem, stream>>>(
+          p, q, scores.data_ptr<scalar_t>(), out_alpha.data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {scores, out_alpha};
 }
 
 }  // namespace qrender
