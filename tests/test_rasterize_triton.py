@@ -205,3 +205,32 @@ def test_auto_picks_triton_on_cuda_and_triton_needs_cuda_or_interpreter(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         _resolve_backend("triton", torch.device("cpu"))
+
+
+def _gsplat_built() -> bool:
+    """gsplat's CUDA extension is already compiled (importing it otherwise starts a long build)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.exists(os.path.join(_get_build_directory("gsplat_cuda", False), "gsplat_cuda.so"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_quantiles", [None, 8])
+def test_rasterize_features_with_gsplat_projection(num_quantiles):
+    """The model's path on CUDA: gsplat's fused projection, our binning, Triton == reference."""
+    if not _gsplat_built():
+        pytest.skip("gsplat's CUDA extension is not built (scripts/gpu_check.sh builds it, then runs this)")
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    means = (torch.rand(n, 3, generator=gen) - 0.5) * torch.tensor([2.0, 1.5, 1.0]) + torch.tensor([0, 0, 4.0])
+    args = [t.cuda() for t in (means, torch.randn(n, 4, generator=gen), 0.05 + 0.1 * torch.rand(n, 3, generator=gen),
+                               0.1 + 0.8 * torch.rand(n, generator=gen), torch.randn(n, 16, generator=gen),
+                               torch.eye(4)[None], torch.tensor([[[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]]]))]
+    out = {}
+    for backend in ("triton", "torch"):
+        leaves = [a.clone().requires_grad_() if i == 4 else a for i, a in enumerate(args)]
+        feats, alphas, meta = rasterize_features(*leaves, 64, 48, num_quantiles=num_quantiles, backend=backend)
+        assert meta["backend"] == backend
+        out[backend] = (feats, alphas, torch.autograd.grad(feats.square().sum(), leaves[4])[0])
+    for got, want in zip(out["triton"], out["torch"]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
