@@ -30,12 +30,12 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # float32-rounded, as reference.py and the C++/CUDA kernels' `constexpr float` constants
-ALPHA_MAX: tl.constexpr = float(np.float32(0.999))
-ALPHA_MIN: tl.constexpr = float(np.float32(1.0) / np.float32(255.0))
-T_EPS: tl.constexpr = float(np.float32(1e-4))
+ALPHA_MAX = tl.constexpr(float(np.float32(0.999)))
+ALPHA_MIN = tl.constexpr(float(np.float32(1.0) / np.float32(255.0)))
+T_EPS = tl.constexpr(float(np.float32(1e-4)))
 # Stop a walk once every lane is done: a block reduction per step, cheap compiled, but half the
 # interpreter's time; it never changes a result (compiled GPU runs of the same tests take it).
-EARLY_EXIT: tl.constexpr = not INTERPRET
+EARLY_EXIT = tl.constexpr(not INTERPRET)
 
 
 # ----------------------------------------------------------------------------- helpers
