@@ -38,6 +38,11 @@ T_EPS = tl.constexpr(float(np.float32(1e-4)))
 EARLY_EXIT = tl.constexpr(not INTERPRET)
 
 
+# Image/list sizes change per call: no recompile for each value (Triton specialises ints equal to
+# 1 or divisible by 16 by default). C stays specialised: 512 % 16 == 0 gives vector loads.
+_SIZES = ["num_gs", "K", "W", "H", "TS", "tiles_w", "tiles_h"]
+
+
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
 def _lanes(prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h,
@@ -111,7 +116,7 @@ def _feature_row(g, num_gs, FEAT_PER_CAM: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
                chunk_ptr, pix_ptr, out_feat_ptr, out_alpha_ptr, last_ptr,
                num_gs, C, W, H, TS, tiles_w, tiles_h,
@@ -155,7 +160,7 @@ def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, i
     tl.store(last_ptr + row, last, mask=first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_quantile_select(means_ptr, conics_ptr, opac_ptr, bounds_ptr, offsets_ptr, ids_ptr,
                          chunk_ptr, pix_ptr, out_alpha_ptr, sel_ptr, count_ptr,
                          K, W, H, TS, tiles_w, tiles_h,
@@ -197,7 +202,7 @@ def _fwd_quantile_select(means_ptr, conics_ptr, opac_ptr, bounds_ptr, offsets_pt
     tl.store(out_alpha_ptr + row, tl.where(count > 0, 1 - trans_q, 0.0), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_quantile_blend(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
                         chunk_ptr, pix_ptr, sel_ptr, count_ptr, out_feat_ptr,
                         num_gs, C, K, W, H, TS, tiles_w, tiles_h,
@@ -235,7 +240,7 @@ def _fwd_quantile_blend(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offse
 
 
 # ----------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
                chunk_ptr, pix_ptr, out_alpha_ptr, last_ptr, grad_feat_ptr, grad_alpha_ptr,
                g_means_ptr, g_abs_ptr, g_conics_ptr, g_feat_ptr, g_opac_ptr, g_bg_ptr,
@@ -298,7 +303,7 @@ def _bwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, i
                 tl.atomic_add(g_abs_ptr + 2 * g2 + 1, tl.sum(tl.abs(v_my), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_quantile(means_ptr, conics_ptr, opac_ptr, feat_ptr, offsets_ptr, ids_ptr,
                   chunk_ptr, pix_ptr, out_feat_ptr, sel_ptr, count_ptr, grad_feat_ptr, grad_alpha_ptr,
                   g_means_ptr, g_abs_ptr, g_conics_ptr, g_feat_ptr, g_opac_ptr, g_bg_ptr,
