@@ -59,9 +59,10 @@ say "$(nvidia-smi -L | head -1); python $PY; TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_AR
 GSPLAT_PID=""
 if [[ "$GSPLAT_BUILD_S" -gt 0 ]]; then
   say "building gsplat's CUDA extension in the background (limit ${GSPLAT_BUILD_S} s)"
-  ( t0=$(date +%s)
-    timeout "$GSPLAT_BUILD_S" "$PY" -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat build failed'"
-    rc=$?; echo "gsplat build: exit $rc in $(( $(date +%s) - t0 )) s"; exit $rc ) > "$LOGS/build_gsplat.log" 2>&1 &
+  GSPLAT_T0=$(date +%s)
+  # Own session, so that a timeout ends the whole build (ninja, nvcc), not just python.
+  setsid "$PY" -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat build failed'" \
+    > "$LOGS/build_gsplat.log" 2>&1 &
   GSPLAT_PID=$!
 else
   NOTE[gsplat]="skipped: GSPLAT_BUILD_S=0"
@@ -81,8 +82,15 @@ step test_gpu "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 # ---- 4. gsplat: wait for its build (bounded by its timeout), then the model on CUDA
 GSPLAT_OK=0
 if [[ -n "$GSPLAT_PID" ]]; then
-  wait "$GSPLAT_PID"; RC[build_gsplat]=$?
-  say "$(tail -n 1 "$LOGS/build_gsplat.log")"
+  while kill -0 "$GSPLAT_PID" 2> /dev/null && (( $(date +%s) - GSPLAT_T0 < GSPLAT_BUILD_S )); do sleep 2; done
+  if kill -0 "$GSPLAT_PID" 2> /dev/null; then
+    kill -TERM -- "-$GSPLAT_PID" 2> /dev/null; sleep 3; kill -KILL -- "-$GSPLAT_PID" 2> /dev/null
+    wait "$GSPLAT_PID" 2> /dev/null; RC[build_gsplat]=124
+  else
+    wait "$GSPLAT_PID"; RC[build_gsplat]=$?
+  fi
+  SECS[build_gsplat]=$(( $(date +%s) - GSPLAT_T0 ))
+  say "gsplat build: exit ${RC[build_gsplat]} after ${SECS[build_gsplat]} s (124: stopped at the limit; log: $LOGS/build_gsplat.log)"
   if [[ ${RC[build_gsplat]} -eq 0 ]]; then GSPLAT_OK=1
   elif [[ ${RC[build_gsplat]} -eq 124 ]]; then NOTE[gsplat]="build did not finish within ${GSPLAT_BUILD_S} s: no ns-train, no gsplat baseline"
   else NOTE[gsplat]="build failed (exit ${RC[build_gsplat]}; $LOGS/build_gsplat.log)"; fi
@@ -90,7 +98,7 @@ fi
 if [[ $GSPLAT_OK -eq 1 ]]; then
   step test_gsplat_projection "$PY" -m pytest -q -p no:cacheprovider tests/test_rasterize_triton.py -k gsplat_projection
   SCENE=$LOGS/scene
-  step make_scene "$BIN/qsplat" make-scene --out "$SCENE" --layout scannet --seed 2 --num-images 12 --overwrite
+  step make_scene "$BIN/qsplat" make-scene --out "$SCENE" --layout scannet --seed 2 --num-images 16 --overwrite
   step extract_features "$BIN/qsplat" extract-features --data "$SCENE" --teacher synthetic
   step ns_train "$BIN/ns-train" q-splat --data "$SCENE" --vis tensorboard --max-num-iterations 200 \
     --pipeline.model.feature-warmup-steps 50 --pipeline.model.num-quantiles 8 \
