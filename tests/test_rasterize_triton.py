@@ -151,6 +151,30 @@ def test_sampled_pixels_are_rows_of_the_full_render(num_quantiles):
     _compare_grads(grads["triton"], grads["torch"])
 
 
+@pytest.mark.parametrize("num_quantiles", [None, 8])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_query_scores_equal_cosine_of_the_reference_render(num_quantiles, sampled):
+    """Query space: [V,H,W,Q] (or [P,Q]) cosines against Q queries, F never written; C = 40 spans
+    two 32-channel blocks on the GPU."""
+    from qrender_ns.render.triton_kernels import query_scores_triton
+
+    scene = _small_scene(40, seed=17)
+    bg = torch.rand(2, 40, device=DEVICE)
+    queries = torch.randn(5, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    total = 2 * scene.height * scene.width
+    pixel_ids = torch.tensor([3, total - 1, 77, 3, 200], device=DEVICE) if sampled else None
+    scores = query_scores_triton(scene.means2d, scene.conics, scene.features, scene.opacities, scene.width,
+                                 scene.height, scene.tile_size, scene.isect_offsets, scene.flatten_ids, queries,
+                                 backgrounds=bg, num_quantiles=num_quantiles or 0, pixel_ids=pixel_ids)
+    feats, _ = _render(scene, [scene.means2d, scene.conics, scene.features, scene.opacities, bg], num_quantiles,
+                       "torch")
+    want = feats @ torch.nn.functional.normalize(queries, dim=-1).T / feats.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if sampled:
+        want = want.reshape(total, 5)[pixel_ids]
+    assert scores.shape == want.shape
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+
+
 def test_sampled_pixels_reject_bad_ids():
     from qrender_ns.render.triton_kernels import rasterize_pixels_triton
 
@@ -251,4 +275,4 @@ def test_kernels_compile_for_a_gpu_without_one(mode):
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_compile_check.py")), mode],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 14, proc.stdout
+    assert proc.stdout.count("ok ") == 18, proc.stdout

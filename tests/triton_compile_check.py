@@ -27,6 +27,8 @@ CASES = [
     (tk._fwd_quantile_blend, FLAGS),
     (tk._bwd_dense, dict(FLAGS, ABSGRAD=True)),
     (tk._bwd_quantile, dict(FLAGS, ABSGRAD=True, PIXEL_LIST=True)),
+    (tk._fwd_query, dict(FLAGS, QUANTILE=True, USE_DOT=True, BLOCK_Q=16)),
+    (tk._fwd_query, dict(FLAGS, QUANTILE=False, USE_DOT=False, BLOCK_Q=16)),
 ]
 
 

@@ -116,21 +116,11 @@ def _feature_row(g, num_gs, FEAT_PER_CAM: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=_SIZES)
-def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
-               chunk_ptr, pix_ptr, out_feat_ptr, out_alpha_ptr, last_ptr,
-               num_gs, C, W, H, TS, tiles_w, tiles_h,
-               FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr, PIXEL_LIST: tl.constexpr,
-               BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    prog = tl.program_id(0)
-    cblk = tl.program_id(1)
-    tile, row, x, y, valid, cam, start, end = _lanes(
-        prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h, PIXEL_LIST, BLOCK)
+@triton.jit
+def _dense_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, ids_ptr, start, end, px, py, valid, chan, cmask,
+                 num_gs, C, FEAT_PER_CAM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Dense blend of one channel block: (F without background, T_final, last isect used)."""
     dtype = means_ptr.dtype.element_ty
-    px = x.to(dtype) + 0.5
-    py = y.to(dtype) + 0.5
-    chan = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chan < C
     trans = tl.full([BLOCK], 1.0, dtype)
     done = ~valid
     last = tl.full([BLOCK], -1, tl.int32) + start
@@ -150,6 +140,26 @@ def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, i
         trans = tl.where(take, next_trans, trans)
         last = tl.where(take, i, last)
         i += 1
+    return acc, trans, last
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
+               chunk_ptr, pix_ptr, out_feat_ptr, out_alpha_ptr, last_ptr,
+               num_gs, C, W, H, TS, tiles_w, tiles_h,
+               FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr, PIXEL_LIST: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    prog = tl.program_id(0)
+    cblk = tl.program_id(1)
+    tile, row, x, y, valid, cam, start, end = _lanes(
+        prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h, PIXEL_LIST, BLOCK)
+    dtype = means_ptr.dtype.element_ty
+    px = x.to(dtype) + 0.5
+    py = y.to(dtype) + 0.5
+    chan = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chan < C
+    acc, trans, last = _dense_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, ids_ptr, start, end, px, py, valid,
+                                    chan, cmask, num_gs, C, FEAT_PER_CAM, BLOCK, BLOCK_C)
     if HAS_BG:
         bg = tl.load(bg_ptr + cam.to(tl.int64) * C + chan, mask=cmask, other=0.0)
         acc += trans[:, None] * bg[None, :]
@@ -202,22 +212,12 @@ def _fwd_quantile_select(means_ptr, conics_ptr, opac_ptr, bounds_ptr, offsets_pt
     tl.store(out_alpha_ptr + row, tl.where(count > 0, 1 - trans_q, 0.0), mask=valid)
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _fwd_quantile_blend(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
-                        chunk_ptr, pix_ptr, sel_ptr, count_ptr, out_feat_ptr,
-                        num_gs, C, K, W, H, TS, tiles_w, tiles_h,
-                        FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr, PIXEL_LIST: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """F_Q / (1 - T_Q) from the <= K selected rows of each pixel."""
-    prog = tl.program_id(0)
-    cblk = tl.program_id(1)
-    tile, row, x, y, valid, cam, start, end = _lanes(
-        prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h, PIXEL_LIST, BLOCK)
+@triton.jit
+def _quantile_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, ids_ptr, sel_ptr, count_ptr, row, cam,
+                    px, py, valid, chan, cmask, num_gs, C, K, FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One channel block of F_Q / (1 - T_Q) from the <= K selected rows (background where none)."""
     dtype = means_ptr.dtype.element_ty
-    px = x.to(dtype) + 0.5
-    py = y.to(dtype) + 0.5
-    chan = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chan < C
     count = tl.load(count_ptr + row, mask=valid, other=0)
     trans_q = tl.full([BLOCK], 1.0, dtype)
     acc = tl.zeros([BLOCK, BLOCK_C], dtype)
@@ -236,7 +236,66 @@ def _fwd_quantile_blend(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offse
     if HAS_BG:
         bg = tl.load(bg_ptr + cam.to(tl.int64) * C + chan, mask=cmask, other=0.0)
         out = tl.where((count > 0)[:, None], out, bg[None, :])
+    return out
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_quantile_blend(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr,
+                        chunk_ptr, pix_ptr, sel_ptr, count_ptr, out_feat_ptr,
+                        num_gs, C, K, W, H, TS, tiles_w, tiles_h,
+                        FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr, PIXEL_LIST: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """F_Q / (1 - T_Q) from the <= K selected rows of each pixel."""
+    prog = tl.program_id(0)
+    cblk = tl.program_id(1)
+    tile, row, x, y, valid, cam, start, end = _lanes(
+        prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h, PIXEL_LIST, BLOCK)
+    dtype = means_ptr.dtype.element_ty
+    px = x.to(dtype) + 0.5
+    py = y.to(dtype) + 0.5
+    chan = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chan < C
+    out = _quantile_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, ids_ptr, sel_ptr, count_ptr, row, cam,
+                          px, py, valid, chan, cmask, num_gs, C, K, FEAT_PER_CAM, HAS_BG, BLOCK, BLOCK_C)
     tl.store(out_feat_ptr + row[:, None] * C + chan[None, :], out, mask=valid[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=_SIZES + ["Q"])
+def _fwd_query(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, ids_ptr, chunk_ptr, pix_ptr,
+               sel_ptr, count_ptr, query_ptr, out_ptr, num_gs, C, K, Q, W, H, TS, tiles_w, tiles_h,
+               FEAT_PER_CAM: tl.constexpr, HAS_BG: tl.constexpr, PIXEL_LIST: tl.constexpr, QUANTILE: tl.constexpr,
+               USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Query space: cos(F, e_q) for Q unit queries, channel block by channel block, F never written."""
+    prog = tl.program_id(0)
+    tile, row, x, y, valid, cam, start, end = _lanes(
+        prog, offsets_ptr, chunk_ptr, pix_ptr, W, H, TS, tiles_w, tiles_h, PIXEL_LIST, BLOCK)
+    dtype = means_ptr.dtype.element_ty
+    px = x.to(dtype) + 0.5
+    py = y.to(dtype) + 0.5
+    qi = tl.arange(0, BLOCK_Q)
+    qmask = qi < Q
+    scores = tl.zeros([BLOCK, BLOCK_Q], dtype)
+    sq = tl.zeros([BLOCK], dtype)
+    for c0 in range(0, C, BLOCK_C):
+        chan = c0 + tl.arange(0, BLOCK_C)
+        cmask = chan < C
+        if QUANTILE:
+            f = _quantile_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, ids_ptr, sel_ptr, count_ptr, row,
+                                cam, px, py, valid, chan, cmask, num_gs, C, K, FEAT_PER_CAM, HAS_BG, BLOCK, BLOCK_C)
+        else:
+            f, trans, last = _dense_block(means_ptr, conics_ptr, opac_ptr, feat_ptr, ids_ptr, start, end, px, py,
+                                          valid, chan, cmask, num_gs, C, FEAT_PER_CAM, BLOCK, BLOCK_C)
+            if HAS_BG:
+                bg = tl.load(bg_ptr + cam.to(tl.int64) * C + chan, mask=cmask, other=0.0)
+                f += trans[:, None] * bg[None, :]
+        e = tl.load(query_ptr + qi[:, None] * C + chan[None, :], mask=qmask[:, None] & cmask[None, :], other=0.0)
+        if USE_DOT:
+            scores += tl.dot(f, tl.trans(e), input_precision="ieee")
+        else:
+            scores += tl.sum(f[:, None, :] * e[None, :, :], axis=2)
+        sq += tl.sum(f * f, axis=1)
+    out = scores / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]
+    tl.store(out_ptr + row[:, None] * Q + qi[None, :], out, mask=valid[:, None] & qmask[None, :])
 
 
 # ----------------------------------------------------------------------------- backward
@@ -551,3 +610,45 @@ def rasterize_pixels_triton(means2d: Tensor, conics: Tensor, features: Tensor, o
 def _contig(means2d, conics, features, opacities, backgrounds):
     return (means2d.contiguous(), conics.contiguous(), features.contiguous(), opacities.contiguous(),
             backgrounds.contiguous() if backgrounds is not None else None)
+
+
+@torch.no_grad()
+def query_scores_triton(means2d: Tensor, conics: Tensor, features: Tensor, opacities: Tensor,
+                        image_width: int, image_height: int, tile_size: int, isect_offsets: Tensor,
+                        flatten_ids: Tensor, queries: Tensor, backgrounds: Optional[Tensor] = None,
+                        num_quantiles: int = 0, pixel_ids: Optional[Tensor] = None) -> Tensor:
+    """Query space (forward only): cosine of each pixel's rendered feature F with Q queries [Q, C],
+    `F . e_q / (|F| |e_q|)` (0 where F = 0), without writing F. Returns [V, H, W, Q], or [P, Q]
+    for `pixel_ids` (as `rasterize_pixels_triton`). Same inputs otherwise as the full render."""
+    _check_device(means2d)
+    num_cams, channels = means2d.shape[0], features.shape[-1]
+    if queries.dim() != 2 or queries.shape[1] != channels:
+        raise ValueError(f"`queries` must have shape [Q, {channels}] (C of `features`), got {list(queries.shape)}")
+    lay = _Layout(num_cams, image_width, image_height, tile_size, isect_offsets, flatten_ids,
+                  None if pixel_ids is None else pixel_ids.to(means2d.device))
+    means2d, conics, features, opacities, backgrounds = _contig(means2d, conics, features, opacities, backgrounds)
+    unit = torch.nn.functional.normalize(queries.to(means2d.dtype), dim=-1).contiguous()
+    num_q = unit.shape[0]
+    out = torch.zeros(lay.rows, num_q, dtype=means2d.dtype, device=means2d.device)
+    if lay.programs and num_q:
+        sel = count = lay.offsets
+        if num_quantiles:
+            sel = torch.full((lay.rows, num_quantiles), -1, dtype=torch.int32, device=means2d.device)
+            count = torch.empty(lay.rows, dtype=torch.int32, device=means2d.device)
+            alpha = torch.empty(lay.rows, dtype=means2d.dtype, device=means2d.device)
+            bounds = 1 - torch.arange(1, num_quantiles + 1, dtype=means2d.dtype, device=means2d.device) / (
+                num_quantiles + 1)
+            _fwd_quantile_select[(lay.programs,)](
+                means2d, conics, opacities, bounds, lay.offsets, lay.ids, lay.chunks, lay.pixels, alpha, sel, count,
+                num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block)
+        block_c = max(16, _block_c(channels, means2d.dtype))
+        use_dot = means2d.dtype == torch.float32 and lay.block >= 16  # tl.dot: fp32, all dims >= 16
+        _fwd_query[(lay.programs,)](
+            means2d, conics, opacities, features, backgrounds if backgrounds is not None else means2d, lay.offsets,
+            lay.ids, lay.chunks, lay.pixels, sel, count, unit, out, means2d.shape[1], channels, num_quantiles, num_q,
+            *lay.geometry(), FEAT_PER_CAM=features.dim() == 3, HAS_BG=backgrounds is not None,
+            PIXEL_LIST=lay.pixel_list, QUANTILE=num_quantiles > 0, USE_DOT=use_dot, BLOCK=lay.block,
+            BLOCK_C=block_c, BLOCK_Q=max(16, triton.next_power_of_2(num_q)))
+    if lay.pixel_list:
+        out = out[lay.inverse]
+    return out.reshape(*lay.out_shape, num_q)
