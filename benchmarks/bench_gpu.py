@@ -9,7 +9,7 @@ footprints per pixel, opacities U(0.05, 0.6)); each ratio is measured side by si
 
 Rows: forward ms and forward+backward ms (CUDA events: median of --repeats after a warm-up)
 and peak memory of dense and quantile rendering per backend, gsplat's dense blending at the same
-C, and the peak memory of one feature training step (projection + binning + Q-Render + cosine
+C, Triton's query space (cosines against Q queries, the [H, W, C] map never written), and the peak memory of one feature training step (projection + binning + Q-Render + cosine
 loss + backward). Backends that cannot run here (no CUDA toolkit for our CUDA kernel, gsplat not
 built) are recorded as skipped with the reason, not silently left out.
 """
@@ -179,6 +179,17 @@ def run(args):
                     results.append(dict(num_gaussians=int(num_gs), channels=channels,
                                         check=f"cuda vs triton K={k}", max_abs_diff=diff))
             del outputs
+            if "triton" in args.backends and args.queries:  # query space: [H,W,Q] scores, F never written
+                from qrender_ns.render.triton_kernels import query_scores_triton
+
+                queries = torch.randn(args.queries, channels, device=device)
+                for k in [None] + list(args.quantiles):
+                    ms = cuda_ms(lambda: query_scores_triton(means2d, conics, feats, opac2, WIDTH, HEIGHT, TILE, offsets,
+                                                             ids, queries, num_quantiles=k or 0), args.repeats)
+                    results.append(dict(num_gaussians=int(num_gs), channels=channels, backend="triton",
+                                        num_quantiles=k, mode="query_space", num_queries=args.queries, forward_ms=ms))
+                    print(f"  C={channels} triton query Q={args.queries} {'dense' if k is None else f'K={k}'}: "
+                          f"{ms:8.2f} ms", flush=True)
             if args.train_step:
                 for backend in args.backends:
                     try:
@@ -207,6 +218,7 @@ def main():
                         help="skip gsplat's own rasterizer (it JIT-builds all of gsplat on first use)")
     parser.add_argument("--no-train-step", dest="train_step", action="store_false")
     parser.add_argument("--train-k", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=16, help="query-space rows with Q queries (0: none)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
