@@ -175,6 +175,22 @@ def test_query_scores_equal_cosine_of_the_reference_render(num_quantiles, sample
     torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_quantiles", [None, 2])
+def test_early_exit_of_the_compiled_walk(monkeypatch, num_quantiles):
+    """The interpreter skips the all-lanes-done exit of the walks (half its time); compiled runs take
+    it. Forced on here, so its condition is checked on the CPU too. Opaque Gaussians: most lanes
+    finish early."""
+    import triton.language as tl
+
+    from qrender_ns.render import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "EARLY_EXIT", tl.constexpr(True))
+    scene = _small_scene(3, seed=23, num_gs=40, opacity_range=(0.7, 1.0), scale_range=(3.0, 6.0))
+    leaves = [scene.means2d, scene.conics, scene.features, scene.opacities, None]
+    for got, want in zip(_render(scene, leaves, num_quantiles, "triton"), _render(scene, leaves, num_quantiles, "torch")):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
 def test_sampled_pixels_reject_bad_ids():
     from qrender_ns.render.triton_kernels import rasterize_pixels_triton
 
