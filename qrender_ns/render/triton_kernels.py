@@ -436,13 +436,19 @@ def _bwd_quantile(means_ptr, conics_ptr, opac_ptr, feat_ptr, offsets_ptr, ids_pt
 
 
 # ----------------------------------------------------------------------------- launchers
-def _block_c(channels: int, dtype: torch.dtype) -> int:
-    """Channels per program: registers on the GPU (32 floats / 16 doubles, as the CUDA kernel);
+def _block_c(channels: int, dtype: torch.dtype, narrow: bool = False) -> int:
+    """Channels per program: registers on the GPU (32 floats / 16 doubles, as the CUDA kernel; half
+    in the backward and dense query kernels, which spill at 32 per the sm_90 resource usage);
     all of them in the interpreter, where each op costs Python overhead, not registers."""
     full = triton.next_power_of_2(channels)
     if INTERPRET:
         return min(full, 1024)
-    return min(full, 16 if dtype == torch.float64 else 32)
+    return min(full, (16 if dtype == torch.float64 else 32) // (2 if narrow else 1))
+
+
+def _warps(block: int) -> int:
+    """One warp per 32 lanes (a 16x16 tile: 8 warps, as gsplat's 256 threads): 4 warps spilled."""
+    return max(1, min(8, block // 32))
 
 
 class _Layout:
@@ -503,17 +509,18 @@ def _forward(lay: _Layout, means2d, conics, features, opacities, backgrounds, nu
     if num_quantiles == 0:
         last = torch.empty(lay.rows, dtype=torch.int32, device=means2d.device)
         _fwd_dense[grid2](means2d, conics, opacities, features, bg, lay.offsets, lay.ids, lay.chunks, lay.pixels,
-                          out_feat, out_alpha, last, num_gs, channels, *lay.geometry(), BLOCK_C=block_c, **flags)
+                          out_feat, out_alpha, last, num_gs, channels, *lay.geometry(), BLOCK_C=block_c,
+                          num_warps=_warps(lay.block), **flags)
         return out_feat, out_alpha, last, None
     sel = torch.full((lay.rows, num_quantiles), -1, dtype=torch.int32, device=means2d.device)
     count = torch.empty(lay.rows, dtype=torch.int32, device=means2d.device)
     bounds = 1 - torch.arange(1, num_quantiles + 1, **opts) / (num_quantiles + 1)  # as reference.py
     _fwd_quantile_select[(lay.programs,)](
         means2d, conics, opacities, bounds, lay.offsets, lay.ids, lay.chunks, lay.pixels, out_alpha, sel, count,
-        num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block)
+        num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block, num_warps=_warps(lay.block))
     _fwd_quantile_blend[grid2](means2d, conics, opacities, features, bg, lay.offsets, lay.ids, lay.chunks,
                                lay.pixels, sel, count, out_feat, num_gs, channels, num_quantiles, *lay.geometry(),
-                               BLOCK_C=block_c, **flags)
+                               BLOCK_C=block_c, num_warps=_warps(lay.block), **flags)
     return out_feat, out_alpha, sel, count
 
 
@@ -548,7 +555,8 @@ class _TritonRasterize(torch.autograd.Function):
             grad_feat, grad_alpha = grad_feat[lay.order], grad_alpha[lay.order]
         grad_feat, grad_alpha = grad_feat.contiguous(), grad_alpha.contiguous()
         flags = dict(FEAT_PER_CAM=features.dim() == 3, HAS_BG=ctx.has_bg, ABSGRAD=ctx.absgrad,
-                     PIXEL_LIST=lay.pixel_list, BLOCK=lay.block, BLOCK_C=_block_c(channels, means2d.dtype))
+                     PIXEL_LIST=lay.pixel_list, BLOCK=lay.block, BLOCK_C=_block_c(channels, means2d.dtype, narrow=True),
+                     num_warps=_warps(lay.block))
         grads = (g_means, g_abs, g_conics, g_feat, g_opac, g_bg)
         if lay.programs == 0:
             pass
@@ -640,15 +648,16 @@ def query_scores_triton(means2d: Tensor, conics: Tensor, features: Tensor, opaci
                 num_quantiles + 1)
             _fwd_quantile_select[(lay.programs,)](
                 means2d, conics, opacities, bounds, lay.offsets, lay.ids, lay.chunks, lay.pixels, alpha, sel, count,
-                num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block)
-        block_c = max(16, _block_c(channels, means2d.dtype))
+                num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block,
+                num_warps=_warps(lay.block))
+        block_c = max(16, _block_c(channels, means2d.dtype, narrow=not num_quantiles))
         use_dot = means2d.dtype == torch.float32 and lay.block >= 16  # tl.dot: fp32, all dims >= 16
         _fwd_query[(lay.programs,)](
             means2d, conics, opacities, features, backgrounds if backgrounds is not None else means2d, lay.offsets,
             lay.ids, lay.chunks, lay.pixels, sel, count, unit, out, means2d.shape[1], channels, num_quantiles, num_q,
             *lay.geometry(), FEAT_PER_CAM=features.dim() == 3, HAS_BG=backgrounds is not None,
             PIXEL_LIST=lay.pixel_list, QUANTILE=num_quantiles > 0, USE_DOT=use_dot, BLOCK=lay.block,
-            BLOCK_C=block_c, BLOCK_Q=max(16, triton.next_power_of_2(num_q)))
+            BLOCK_C=block_c, BLOCK_Q=max(16, triton.next_power_of_2(num_q)), num_warps=_warps(lay.block))
     if lay.pixel_list:
         out = out[lay.inverse]
     return out.reshape(*lay.out_shape, num_q)
