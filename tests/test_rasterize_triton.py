@@ -280,7 +280,7 @@ def test_rasterize_features_with_gsplat_projection(num_quantiles):
 def test_kernels_compile_for_a_gpu_without_one(mode):
     """The interpreter never runs Triton's compiler: compile every kernel variant for sm_90 in a
     subprocess without TRITON_INTERPRET (frontend: Python -> Triton IR, ~0.2 s per kernel, what
-    rejected the first version's globals; full: down to a cubin with Triton's own ptxas, ~1 min)."""
+    rejected the first version's globals; full: down to a cubin with Triton's own ptxas, minutes: ~8 on 2 loaded cores)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -289,6 +289,6 @@ def test_kernels_compile_for_a_gpu_without_one(mode):
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_compile_check.py")), mode],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 18, proc.stdout
+    assert proc.stdout.count("ok ") == 20, proc.stdout

@@ -28,7 +28,8 @@ CASES = [
     (tk._bwd_dense, dict(FLAGS, ABSGRAD=True)),
     (tk._bwd_quantile, dict(FLAGS, ABSGRAD=True, PIXEL_LIST=True)),
     (tk._fwd_query, dict(FLAGS, QUANTILE=True, USE_DOT=True, BLOCK_Q=16)),
-    (tk._fwd_query, dict(FLAGS, QUANTILE=False, USE_DOT=False, BLOCK_Q=16)),
+    (tk._fwd_query, dict(FLAGS, QUANTILE=False, USE_DOT=True, BLOCK_Q=16)),
+    (tk._fwd_query, dict(FLAGS, QUANTILE=False, USE_DOT=False, BLOCK=8, BLOCK_Q=16)),  # tiles < 4x4
 ]
 
 

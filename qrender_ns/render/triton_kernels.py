@@ -651,7 +651,7 @@ def query_scores_triton(means2d: Tensor, conics: Tensor, features: Tensor, opaci
                 num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block,
                 num_warps=_warps(lay.block))
         block_c = max(16, _block_c(channels, means2d.dtype, narrow=not num_quantiles))
-        use_dot = means2d.dtype == torch.float32 and lay.block >= 16  # tl.dot: fp32, all dims >= 16
+        use_dot = lay.block >= 16  # tl.dot needs all dims >= 16; the broadcast fallback is for tiny tiles only
         _fwd_query[(lay.programs,)](
             means2d, conics, opacities, features, backgrounds if backgrounds is not None else means2d, lay.offsets,
             lay.ids, lay.chunks, lay.pixels, sel, count, unit, out, means2d.shape[1], channels, num_quantiles, num_q,
