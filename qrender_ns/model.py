@@ -66,7 +66,7 @@ class QSplatModelConfig(SplatfactoModelConfig):
     infonce_init_temperature: float = 0.07
     detach_geometry_for_features: bool = True
     """The feature loss updates features only, never the Gaussians' geometry/opacity."""
-    rasterizer_backend: Literal["auto", "cpu", "cuda", "torch"] = "auto"
+    rasterizer_backend: Literal["auto", "cpu", "cuda", "triton", "torch"] = "auto"
     """Feature rasterizer implementation (auto: the compiled kernel of the device)."""
     relevancy_negatives: Tuple[str, ...] = ("object", "things", "stuff", "texture")
     """Canonical negatives for relevancy maps (as LERF)."""

@@ -73,7 +73,7 @@ class TrainGSNet:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_cached_scenes: int = 16
     """Scenes kept in memory per process (others are re-read from disk when drawn)."""
-    rasterizer_backend: Literal["auto", "cpu", "cuda", "torch"] = "auto"
+    rasterizer_backend: Literal["auto", "cpu", "cuda", "triton", "torch"] = "auto"
     progress: bool = True
     tensorboard: bool = True
 

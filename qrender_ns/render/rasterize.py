@@ -8,6 +8,7 @@ Semantics of both modes: docs/quantile_rendering.md.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from .binning import isect_offset_encode, isect_tiles
 from .reference import rasterize_to_pixels_reference
 
 MAX_QUANTILES = 128
-BACKENDS = ("auto", "cpu", "cuda", "torch")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float64)  # what the compiled kernels are built for
 
 
@@ -80,8 +81,11 @@ def _check_pixel_ids(pixel_ids: Any, num_pixels: int, device: torch.device) -> T
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "cuda" if device.type == "cuda" else "cpu"
+    if backend == "auto":  # on CUDA: Triton, the GPU path CI verifies (README, "GPU backends")
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, "
+                         "for tests); use backend='cpu' for CPU tensors")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError("backend='cuda' needs CUDA tensors; move the inputs with .cuda() or use backend='cpu'")
     if backend == "cpu" and device.type != "cpu":
@@ -195,8 +199,9 @@ def rasterize_to_pixels(
     cameras) or [V,N,C], opacities [V,N] or [N], isect_offsets int32 [V,th,tw], flatten_ids
     int32 [M] into the flattened V*N Gaussians, backgrounds [V,C]. `num_quantiles=None` is
     dense alpha blending; K selects the K quantile Gaussians per pixel (Q-Render).
-    `backend`: "auto" (compiled kernel of the tensors' device), "cpu", "cuda", "torch" (the
-    pure-torch reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
+    `backend`: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton"), "cpu" (C++/OpenMP),
+    "triton" (Triton, CUDA tensors), "cuda" (the hand CUDA kernel), "torch" (the pure-torch
+    reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
     over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
     `validate_values=False` skips the NaN/Inf scan of the float inputs (shapes and index
     ranges are always checked): a full pass over `features`, ~0.3 s for 1e6 x 512 on 2 CPU
@@ -221,6 +226,18 @@ def rasterize_to_pixels(
 
     if opacities.dim() == 1:
         opacities = opacities.expand(num_cams, num_gs)  # cheap: features stay un-expanded
+    if kind == "triton":
+        from .triton_kernels import rasterize_pixels_triton, rasterize_to_pixels_triton
+
+        if pixel_ids is not None:
+            out = rasterize_pixels_triton(means2d, conics, features, opacities, image_width, image_height, tile_size,
+                                          isect_offsets, flatten_ids, pixel_ids, backgrounds, k, absgrad)
+        else:
+            out = rasterize_to_pixels_triton(means2d, conics, features, opacities, image_width, image_height,
+                                             tile_size, isect_offsets, flatten_ids, backgrounds, k, absgrad)
+        if absgrad and means2d.requires_grad:
+            _attach_absgrad(means2d, out[0])
+        return out
     args = [t.contiguous() for t in (means2d, conics, features, opacities)]
     bg = backgrounds.contiguous() if backgrounds is not None else None
     out = _RasterizeToPixels.apply(
@@ -287,6 +304,19 @@ def rasterize_query_scores(
         return rasterize_query_reference(means2d, conics, features, opacities, image_width, image_height,
                                          tile_size, isect_offsets, flatten_ids, queries, backgrounds,
                                          num_quantiles)
+    if opacities.dim() == 1:
+        opacities = opacities.expand(num_cams, num_gs)
+    if kind == "triton":
+        from .triton_kernels import query_scores_triton, rasterize_to_pixels_triton
+
+        geometry = [t.detach() for t in (means2d, conics)]
+        bg = backgrounds.detach() if backgrounds is not None else None
+        scores = query_scores_triton(*geometry, features.detach(), opacities.detach(), image_width, image_height,
+                                     tile_size, isect_offsets, flatten_ids, queries, bg, k)
+        ones = torch.ones(num_gs, 1, device=device, dtype=means2d.dtype)  # alphas: a 1-channel pass
+        _, alphas = rasterize_to_pixels_triton(*geometry, ones, opacities.detach(), image_width, image_height,
+                                               tile_size, isect_offsets, flatten_ids, None, k)
+        return scores, alphas
     unit = torch.nn.functional.normalize(queries, dim=-1).contiguous()
 
     def project(rows):  # [..., C] -> [..., Q + 1]: projections, then the row norm
@@ -294,8 +324,6 @@ def rasterize_query_scores(
 
     proj = project(features.detach())
     bg_proj = project(backgrounds.detach()) if backgrounds is not None else None
-    if opacities.dim() == 1:
-        opacities = opacities.expand(num_cams, num_gs)
     ext = _backend.load_extension(with_cuda=kind == "cuda")
     args = [t.detach().contiguous() for t in (means2d, conics, features, opacities)]
     bg = backgrounds.detach().contiguous() if backgrounds is not None else None
