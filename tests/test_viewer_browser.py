@@ -1,0 +1,201 @@
+"""The real viewer page in headless Chromium: `ns-viewer` on a trained generated scene, a query typed into the
+"Query (relevancy)" box, the `relevancy` output picked in "Output type", and the image that comes back scored
+against the scene's ground-truth class map (the first view is training camera 0, so pixels correspond).
+
+Needs Debian's `chromium` (installed here with apt-get when missing and possible) and Playwright's Python
+client (the `test` extra); it never runs `playwright install`. Slow (~3-4 min on 2 shared cores): `make test-all`.
+Screenshots land in $QSPLAT_BROWSER_SHOTS (default: the test's tmp folder).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1000, "height": 700}
+
+
+def _find_chromium():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Path of Debian's chromium; apt-installs it when missing (as root with apt-get), else skips."""
+    path = _find_chromium()
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=1200)
+        path = _find_chromium()
+    if path is None:
+        pytest.skip("no chromium browser: `apt-get install chromium` (Debian) to run the viewer browser test")
+    return path
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    return pytest.importorskip("playwright.sync_api",
+                               reason="Playwright's Python client is missing: pip install '.[test]' (or playwright)")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from qrender_ns.data.dataparser import QSplatDataParserConfig
+    from qrender_ns.data.scene_generator import generate_scene
+    from qrender_ns.teachers.synthetic import SyntheticTeacher
+    from test_method import make_config, train
+
+    root = tmp_path_factory.mktemp("browser") / "room"
+    generate_scene(root, layout="scannet", seed=2, num_images=12, width=64, height=48, num_eval=2)
+    SyntheticTeacher(root).run(progress=False)
+    config = make_config(root, tmp_path_factory.mktemp("runs"), steps=150)
+    train(config, 150)
+    first = QSplatDataParserConfig(data=root).setup().get_dataparser_outputs("train").image_filenames[0]
+    gt = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(root / "gt" / "classes" / f"{first.stem}.png"))
+    return dict(config_path=config.get_base_dir() / "config.yml", gt_classes=gt, root=root, first_image=first)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def viewer_url(run):
+    port = _free_port()
+    log = open(run["root"].parent / "ns-viewer.log", "w")
+    proc = subprocess.Popen([str(BIN / "ns-viewer"), "--load-config", str(run["config_path"]),
+                             "--viewer.websocket-host", "127.0.0.1", "--viewer.websocket-port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, (run["root"].parent / "ns-viewer.log").read_text()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("ns-viewer did not open its port in 300 s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _turbo_inverse(image: np.ndarray) -> np.ndarray:
+    """Scores in [0, 1] of an RGB image drawn with nerfstudio's default float colormap (nearest LUT entry)."""
+    from nerfstudio.utils.colormaps import apply_float_colormap
+
+    lut = apply_float_colormap(torch.linspace(0, 1, 256)[:, None], colormap="default").numpy() * 255  # [256, 3]
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    nearest = np.concatenate([((chunk[:, None] - lut[None]) ** 2).sum(-1).argmin(-1)
+                              for chunk in np.array_split(pixels, max(1, len(pixels) // 20000))])
+    return (nearest / 255.0).reshape(image.shape[:2])
+
+
+def _canvas_shot(page, path: Path) -> np.ndarray:
+    from PIL import Image
+
+    page.locator("canvas").first.screenshot(path=str(path))
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _wait_for_new_stable_image(page, before: np.ndarray, path: Path, timeout: float = 180) -> np.ndarray:
+    """Poll the canvas until it differs from `before` and two shots 2 s apart agree (the static render)."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        time.sleep(2)
+        shot = _canvas_shot(page, path)
+        changed = before is None or shot.shape != before.shape or np.abs(shot.astype(int) - before).mean() > 2
+        if changed and last is not None and shot.shape == last.shape and np.abs(shot.astype(int) - last).mean() < 0.5:
+            return shot
+        last = shot
+    pytest.fail(f"the viewer image did not settle within {timeout} s (last shot: {path})")
+
+
+def _training_view_pixels(shot: np.ndarray, gt: np.ndarray):
+    """Canvas pixels that training camera 0 sees (same vertical fov, centred principal point, square pixels;
+    the canvas may be wider): (canvas rows, canvas cols, image rows, image cols), each [M]."""
+    Hc, Wc = shot.shape[:2]
+    H, W = gt.shape
+    v, u = np.mgrid[0:Hc, 0:Wc]
+    y = ((v + 0.5) * H / Hc).astype(int)
+    x = np.floor(W / 2 + (u + 0.5 - Wc / 2) * H / Hc).astype(int)
+    inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    return v[inside], u[inside], y[inside], x[inside]
+
+
+def test_query_in_the_browser_highlights_the_chair(chromium, playwright_api, run, viewer_url, tmp_path):
+    from PIL import Image
+
+    from qrender_ns.data.scene_generator import CLASS_NAMES
+
+    shots = Path(os.environ.get("QSPLAT_BROWSER_SHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    gt = run["gt_classes"]
+    chair_id = 1 + CLASS_NAMES.index("chair")
+    assert (gt == chair_id).sum() > 50, "the first training view of this scene should show the chair"
+    start = time.time()
+    with playwright_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
+                                                       headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT)
+        page = context.new_page()
+        page.goto(viewer_url)
+        box = page.get_by_label("Query (relevancy)")
+        box.wait_for(timeout=120_000)
+
+        # 3. the first view is training camera 0: its RGB matches the training image where the frames overlap
+        rgb = _wait_for_new_stable_image(page, None, shots / "1_first_view.png")
+        rows, cols, ys, xs = _training_view_pixels(rgb, gt)
+        image0 = np.asarray(Image.open(run["first_image"]).convert("RGB")).astype(float)
+        seen, expected = rgb[rows, cols].astype(float).ravel(), image0[ys, xs].ravel()
+        first_view_corr = float(np.corrcoef(seen, expected)[0, 1])
+        assert first_view_corr > 0.6, first_view_corr  # viser's default pose would show something else
+
+        # 1. an unknown word is refused next to the box
+        box.click()
+        box.press_sequentially("zebra", delay=50)
+        box.press("Enter")
+        page.get_by_text("is not a class of this scene").wait_for(timeout=60_000)
+
+        # 5. a real query (capitalised: matching ignores case), then pick `relevancy` as a user would
+        box.fill("")
+        box.press_sequentially("Chair", delay=50)
+        box.press("Enter")
+        page.get_by_text("Relevancy of").wait_for(timeout=60_000)
+        output = page.get_by_label("Output type")
+        output.click()
+        page.get_by_role("option", name="relevancy", exact=True).click()
+        heat = _wait_for_new_stable_image(page, rgb, shots / "2_relevancy_chair.png")
+        context.close()
+    elapsed = time.time() - start
+
+    rows, cols, ys, xs = _training_view_pixels(heat, gt)
+    ids, score = gt[ys, xs], _turbo_inverse(heat)[rows, cols]
+    chair, rest = score[ids == chair_id].mean(), score[(ids != chair_id) & (ids != 0)].mean()
+    print(f"browser part {elapsed:.0f} s; first view vs training image 0: corr {first_view_corr:.2f}; relevancy (colormap-decoded): chair {chair:.3f}, rest {rest:.3f}")
+    assert chair > rest + 0.25, (chair, rest)
