@@ -114,28 +114,36 @@ class QSplatViewerControl(ViewerControl):
         if len(cameras) == 0:
             return
         pose = viser_pose_of_camera(cameras[0])
+        # Message order matters to the browser: its orbit controls animate a position change relative to the
+        # current target, and a target change or an up-direction change during that animation bends the final
+        # pose. So: up direction first, then a target that viser's position setter (which shifts the target by the
+        # position's offset) turns into the wanted one just before the position itself is sent.
         with client.atomic():
-            client.camera.position = pose["position"]
             client.camera.up_direction = pose["up_direction"]
-            client.camera.wxyz = pose["wxyz"]
+            client.camera.look_at = pose["look_at"] - pose["position"] + np.asarray(client.camera.position)
+            client.camera.position = pose["position"]
             client.camera.fov = pose["fov"]
         self.viewer.current_camera_idx = 0
 
 
 def viser_pose_of_camera(camera) -> Dict[str, np.ndarray]:
-    """viser camera state (position, wxyz, up_direction, vertical fov in radians) that makes nerfstudio's viewer
-    render exactly what `camera` (one nerfstudio Cameras, OpenGL convention) sees (the inverse of
-    nerfstudio.viewer.viewer.Viewer.get_camera_state)."""
+    """viser camera state (position, wxyz, up_direction, look_at, vertical fov in radians) that makes nerfstudio's
+    viewer render exactly what `camera` (one nerfstudio Cameras, OpenGL convention) sees (the inverse of
+    nerfstudio.viewer.viewer.Viewer.get_camera_state). The orbit target is straight ahead, as far as the world
+    origin (the scene centre after nerfstudio's normalisation) is from the camera."""
     import viser.transforms as vtf
 
     from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 
     c2w = camera.camera_to_worlds.reshape(3, 4).double().cpu().numpy()
     rotation = vtf.SO3.from_matrix(c2w[:3, :3]) @ vtf.SO3.from_x_radians(np.pi)  # OpenGL -> OpenCV axes
+    axes = rotation.as_matrix()  # columns: right, down, forward
+    position = c2w[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO
+    distance = max(float(np.linalg.norm(position)), 0.1 * VISER_NERFSTUDIO_SCALE_RATIO)
     height = float(camera.height.reshape(-1)[0])
     fy = float(camera.fy.reshape(-1)[0])
-    return {"position": c2w[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO, "wxyz": rotation.wxyz,
-            "up_direction": -rotation.as_matrix()[:, 1], "fov": 2 * math.atan(height / (2 * fy))}
+    return {"position": position, "wxyz": rotation.wxyz, "up_direction": -axes[:, 1],
+            "look_at": position + distance * axes[:, 2], "fov": 2 * math.atan(height / (2 * fy))}
 
 
 class QueryPanel:

@@ -109,6 +109,8 @@ def test_first_view_is_the_first_training_camera():
     assert pose["fov"] == pytest.approx(2 * math.atan(24 / 50))
     up = torch.tensor(pose["up_direction"]).float()
     assert torch.allclose(up, c2w[:, 1], atol=1e-6)  # OpenGL camera +Y
+    ahead = torch.tensor(pose["look_at"] - pose["position"]).float()
+    assert torch.allclose(torch.nn.functional.normalize(ahead, dim=0), -c2w[:, 2], atol=1e-6)  # OpenGL looks down -Z
 
 
 def test_supervised_flags_follow_densification():
