@@ -139,17 +139,47 @@ def _wait_for_new_stable_image(page, before: np.ndarray, path: Path, timeout: fl
     pytest.fail(f"the viewer image did not settle within {timeout} s (last shot: {path})")
 
 
-def _training_view_pixels(shape, image_hw, visible_width: int):
-    """Canvas pixels (left of the control panel) that a training camera with centred principal point and square
-    pixels sees when the canvas shows it with the same vertical fov (the canvas is wider): (canvas rows, canvas
-    cols, image rows, image cols), each [M]."""
+def _canvas_to_view(shape, visible_width: int, zoom: float, dx: float, dy: float, step: int = 1):
+    """Visible canvas pixels (left of the control panel) and where they land in the canvas frame of a reference
+    render (`zoom` about the centre, then a shift): (rows, cols, reference rows, reference cols)."""
     Hc, Wc = shape[:2]
-    H, W = image_hw
-    v, u = np.mgrid[0:Hc, 0:Wc]
-    y = ((v + 0.5) * H / Hc).astype(int)
-    x = np.floor(W / 2 + (u + 0.5 - Wc / 2) * H / Hc).astype(int)
-    inside = (x >= 0) & (x < W) & (y >= 0) & (y < H) & (u < visible_width)
-    return v[inside], u[inside], y[inside], x[inside]
+    v, u = np.mgrid[0:Hc:step, 0:visible_width:step]
+    x = (u + 0.5 - Wc / 2) * zoom + Wc / 2 + dx
+    y = (v + 0.5 - Hc / 2) * zoom + Hc / 2 + dy
+    return v.ravel(), u.ravel(), y.ravel(), x.ravel()
+
+
+def _register(shot: np.ndarray, reference: np.ndarray, visible_width: int):
+    """Best (correlation, zoom, dx, dy) aligning the visible canvas with a reference render of the canvas frame
+    (reference [h, w, 3] at 1/4 of the canvas size). The registration absorbs how viser's client fits the view
+    into the part of the canvas its panel leaves free."""
+    Hc, Wc = shot.shape[:2]
+    h, w = reference.shape[:2]
+    best = (-2.0, 1.0, 0.0, 0.0)
+    for zoom in np.arange(0.5, 1.21, 0.05):
+        for dx in range(-300, 301, 20):
+            for dy in range(-120, 121, 20):
+                rows, cols, y, x = _canvas_to_view(shot.shape, visible_width, zoom, dx, dy, step=4)
+                yi, xi = (y * h / Hc).astype(int), (x * w / Wc).astype(int)
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                if inside.mean() < 0.9:
+                    continue
+                c = np.corrcoef(shot[rows[inside], cols[inside]].ravel(), reference[yi[inside], xi[inside]].ravel())[0, 1]
+                if c > best[0]:
+                    best = (float(c), float(zoom), float(dx), float(dy))
+    return best
+
+
+def _ground_truth_at(shot_shape, visible_width: int, alignment, gt: np.ndarray):
+    """Ground-truth class of each visible canvas pixel, through the alignment with the camera-0 render (whose
+    canvas frame has the training camera's vertical fov and centred principal point): (rows, cols, ids)."""
+    Hc, Wc = shot_shape[:2]
+    H, W = gt.shape
+    rows, cols, y, x = _canvas_to_view(shot_shape, visible_width, *alignment[1:])
+    yi = np.floor(y * H / Hc).astype(int)
+    xi = np.floor(W / 2 + (x - Wc / 2) * H / Hc).astype(int)
+    inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+    return rows[inside], cols[inside], gt[yi[inside], xi[inside]]
 
 
 def _render_like_the_canvas(model, camera, canvas_hw, scale: float = 0.25) -> np.ndarray:
@@ -183,7 +213,7 @@ def test_query_in_the_browser_highlights_the_chair(chromium, playwright_api, run
     shots.mkdir(parents=True, exist_ok=True)
     gt = run["gt_classes"]
     chair_id = 1 + CLASS_NAMES.index("chair")
-    assert os.environ.get("B15DEV") or (gt == chair_id).sum() > 50, "the first training view of this scene should show the chair"
+    assert (gt == chair_id).sum() > 50, "the first training view of this scene should show the chair"
     start = time.time()
     with playwright_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
@@ -199,17 +229,15 @@ def test_query_in_the_browser_highlights_the_chair(chromium, playwright_api, run
             # so from the training camera farthest from it
             rgb = _wait_for_new_stable_image(page, None, shots / "1_first_view.png")
             panel_x = _panel_left(page, page.locator("canvas").first.bounding_box())
-            small = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] // 4, rgb.shape[0] // 4), Image.BILINEAR))
-            small = small[:, : panel_x // 4].astype(float)
             cameras = run["pipeline"].datamanager.train_dataset.cameras
             far = int((cameras.camera_to_worlds[:, :, 3] - cameras.camera_to_worlds[0, :, 3]).norm(dim=-1).argmax())
-            corr = {}
+            aligned = {}
             for index in (0, far):
                 expected = _render_like_the_canvas(run["pipeline"].model, cameras[index], rgb.shape[:2])
                 Image.fromarray(expected.clip(0, 255).astype(np.uint8)).save(shots / f"1_model_render_camera{index}.png")
-                expected = expected[: small.shape[0], : small.shape[1]]
-                corr[index] = float(np.corrcoef(small[: expected.shape[0]].ravel(), expected.ravel())[0, 1])
-            assert corr[0] > 0.8 and corr[0] > corr[far] + 0.2, corr  # viser's default pose shows something else
+                aligned[index] = _register(rgb.astype(float), expected, panel_x)
+            print("first view registered on renders of training cameras (corr, zoom, dx, dy):", aligned)
+            assert aligned[0][0] > 0.7 and aligned[0][0] > aligned[far][0] + 0.15, aligned
 
             # 1. an unknown word is refused next to the box
             box.click()
@@ -234,8 +262,8 @@ def test_query_in_the_browser_highlights_the_chair(chromium, playwright_api, run
             context.close()
     elapsed = time.time() - start
 
-    rows, cols, ys, xs = _training_view_pixels(heat.shape, gt.shape, panel_x)
-    ids, score = gt[ys, xs], _turbo_inverse(heat)[rows, cols]
+    rows, cols, ids = _ground_truth_at(heat.shape, panel_x, aligned[0], gt)
+    score = _turbo_inverse(heat)[rows, cols]
     chair, rest = score[ids == chair_id].mean(), score[(ids != chair_id) & (ids != 0)].mean()
-    print(f"browser part {elapsed:.0f} s; first view vs renders of training cameras {corr}; relevancy (colormap-decoded): chair {chair:.3f}, rest {rest:.3f}")
+    print(f"browser part {elapsed:.0f} s; first view aligned {aligned}; relevancy (colormap-decoded): chair {chair:.3f}, rest {rest:.3f}")
     assert chair > rest + 0.25, (chair, rest)
