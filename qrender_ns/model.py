@@ -35,6 +35,7 @@ from .metrics import mean_class_iou
 from .render.rasterize import check_num_quantiles, project_gaussians
 
 FEATURE_PARAM = "clip_features"
+SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
 TILE_SIZE = 16
 
 
@@ -103,6 +104,11 @@ class QSplatModel(SplatfactoModel):
             self._gsnet_features = GSNetFeatures(self.gsnet, self.config.freeze_gsnet)
         else:
             self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
+        # Table head: which Gaussians a feature gradient ever reached. The others keep their random
+        # initialisation for training but read as zero features outside it (no relevancy where nothing was
+        # learnt). Carried through densification as strategy state (gsplat copies/splits/prunes its tensors).
+        self.register_buffer("feature_supervised", torch.zeros(num_points, dtype=torch.bool)
+                             if self.config.feature_head == "table" else None)
         self.log_temperature = Parameter(torch.tensor(math.log(self.config.infonce_init_temperature)))
         metadata = self.kwargs.get("metadata") or {}
         self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
@@ -117,7 +123,6 @@ class QSplatModel(SplatfactoModel):
                               self.teacher_cache_root)
         self.units_per_metre = float(metadata.get("qsplat_units_per_metre") or 1.0)  # GS-Net voxels are in metres
         self._text_encoder = None
-        self.query_text = ""
         # Eval outputs carry the [H, W, C] feature map ("features", "feature_alpha"); callers that
         # only need scores (relevancy, class maps: query-space renders) switch it off.
         self.feature_map_outputs = True
@@ -135,11 +140,13 @@ class QSplatModel(SplatfactoModel):
         self.gauss_params["features_rest"] = Parameter(shs[:, 1:, :])
 
     def _add_viewer_controls(self) -> None:
-        from nerfstudio.viewer.viewer_elements import ViewerText
+        from .viewer import QueryPanel
 
-        self.viewer_query = ViewerText(
-            "Query (relevancy)", default_value="", cb_hook=lambda element: self.set_query(element.value),
-            hint="Text to localise, e.g. 'chair': the 'relevancy' output shows where it matches")
+        self.query_panel = QueryPanel(self)  # a plain object: nerfstudio finds the elements below on the model
+        self.viewer_query = self.query_panel.box
+        self.viewer_query_run = self.query_panel.run_button
+        self.viewer_query_status = self.query_panel.status
+        self.viewer_control = self.query_panel.control
 
     @contextlib.contextmanager
     def scores_only(self):
@@ -151,8 +158,13 @@ class QSplatModel(SplatfactoModel):
         finally:
             self.feature_map_outputs = previous
 
-    def set_query(self, text: str) -> None:
-        self.query_text = text.strip()
+    def set_query(self, text: str) -> Optional[str]:
+        """Apply a relevancy query (as the viewer box does); returns why it was refused, or None."""
+        return self.query_panel.submit(text)
+
+    @property
+    def query_text(self) -> str:
+        return self.query_panel.text
 
     @property
     def text_encoder(self):
@@ -170,9 +182,38 @@ class QSplatModel(SplatfactoModel):
 
     @property
     def gaussian_features(self) -> torch.Tensor:
+        """[N, feature_dim]. Table head outside training: zero for never-supervised Gaussians."""
         if self.config.feature_head == "gsnet":
             return self._gsnet_features(self.gauss_params, self.config.sh_degree, self.units_per_metre)
-        return self.gauss_params[FEATURE_PARAM]
+        table = self.gauss_params[FEATURE_PARAM]
+        if self.training:
+            return table
+        supervised = self.feature_supervised
+        if supervised.shape[0] != table.shape[0]:
+            raise RuntimeError(f"feature_supervised has {supervised.shape[0]} entries for {table.shape[0]} Gaussians: "
+                               "whatever resized gauss_params must resize it too (it is densified as strategy state)")
+        return table * supervised[:, None].to(table.dtype)
+
+    def step_post_backward(self, step):
+        """Mark the Gaussians this step's feature loss reached, then densify (the flags follow their Gaussians)."""
+        if self.feature_supervised is None:
+            return super().step_post_backward(step)
+        grad = self.gauss_params[FEATURE_PARAM].grad
+        if grad is not None:
+            self.feature_supervised |= grad.detach().abs().amax(dim=-1) > 0
+        self.strategy_state[SUPERVISED_STATE] = self.feature_supervised
+        super().step_post_backward(step)
+        self.feature_supervised = self.strategy_state[SUPERVISED_STATE].bool()
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore
+        if self.feature_supervised is not None:
+            if "feature_supervised" in state_dict:  # resize to the checkpoint's Gaussian count
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool)
+            else:  # a checkpoint from before the flag: every feature counts as learnt (the old behaviour)
+                state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
+                                                              dtype=torch.bool)
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"])
+        return super().load_state_dict(state_dict, **kwargs)
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_gaussian_param_groups()
@@ -229,8 +270,8 @@ class QSplatModel(SplatfactoModel):
         if not self.training:
             if self.feature_map_outputs:
                 outputs.update(self.render_features(crop_ids, self.config.num_quantiles))
-            if self.query_text:
-                outputs["relevancy"] = self.relevancy_map(self.query_text, crop_ids=crop_ids)
+            # always listed, so the viewer's output choice survives an empty query
+            outputs["relevancy"] = self.query_panel.relevancy(outputs, crop_ids)
         return outputs
 
     def _wants_features(self) -> bool:
@@ -329,13 +370,13 @@ class QSplatModel(SplatfactoModel):
 
     def relevancy_maps(self, texts: List[str], crop_ids=None) -> torch.Tensor:
         """LERF relevancy [H, W, len(texts)] of every text in the last projected view, from one
-        query-space render of the texts and the canonical negatives (0 where nothing rendered)."""
+        query-space render of the texts and the canonical negatives (0.5 where the feature is zero)."""
         negatives = list(self.config.relevancy_negatives)
         embeddings = self.text_encoder.encode([*texts, *negatives])
         scores, alpha = self.render_query_scores(embeddings, crop_ids)
         pos, neg = scores[..., : len(texts)], scores[..., len(texts):]
-        rel = relevancy_from_cosines(pos, neg[..., None, :].expand(*pos.shape, len(negatives)))
-        return torch.where(alpha > 0, rel, torch.zeros_like(rel))
+        # A pixel with a zero feature (nothing rendered) scores 0.5, as LangSplat's relevancy formula gives it.
+        return relevancy_from_cosines(pos, neg[..., None, :].expand(*pos.shape, len(negatives)))
 
     def relevancy_map(self, text, features: Optional[torch.Tensor] = None, crop_ids=None) -> torch.Tensor:
         """[H, W, 1] relevancy of `text`: query-space render of the last projected view, or from a
@@ -413,6 +454,9 @@ class QSplatModel(SplatfactoModel):
         if not hasattr(self, "info"):
             return metrics, images
         metrics.update(self._feature_speed_metrics(outputs))
+        if self.feature_supervised is not None:
+            metrics["num_gaussians"] = float(self.feature_supervised.numel())
+            metrics["num_unsupervised_gaussians"] = float((~self.feature_supervised).sum())
         if "gt_classes" in batch and self.class_names and self.teacher_cache_root:
             miou, prediction = self.class_miou(None, None, batch["gt_classes"])  # query-space class scores
             metrics["feature_miou"] = miou
@@ -433,7 +477,7 @@ class QSplatModel(SplatfactoModel):
             timings[mode] = 1000 * (time.perf_counter() - t0)
         dense, alpha = maps["dense"]["features"], maps["dense"]["feature_alpha"]
         quant, quant_alpha = maps["quantile"]["features"], maps["quantile"]["feature_alpha"]
-        valid = (alpha[..., 0] > 0) & (quant_alpha[..., 0] > 0)
+        valid = (alpha[..., 0] > 0) & (quant_alpha[..., 0] > 0) & (dense.norm(dim=-1) > 0) & (quant.norm(dim=-1) > 0)
         cos = F.cosine_similarity(quant[valid], (dense / alpha.clamp(min=1e-8))[valid], dim=-1)
         return {"feature_ms_dense": timings["dense"], "feature_ms_quantile": timings["quantile"],
                 "feature_speedup_quantile_vs_dense": timings["dense"] / max(timings["quantile"], 1e-9),
@@ -445,10 +489,13 @@ class QSplatModel(SplatfactoModel):
         text = self.text_encoder.encode(self.class_names)
         if features is None:
             logits, feature_alpha = self.render_query_scores(text, self._crop_ids())
+            nonzero = logits.abs().amax(-1) > 0  # a zero feature has zero cosines
         else:
             logits = F.normalize(features, dim=-1) @ F.normalize(text.to(features), dim=-1).T
+            nonzero = features.norm(dim=-1) > 0
         prediction = logits.argmax(-1) + 1
-        prediction = torch.where(feature_alpha[..., 0] > 0, prediction, torch.zeros_like(prediction))
+        rendered = (feature_alpha[..., 0] > 0) & nonzero  # zero: only never-supervised Gaussians
+        prediction = torch.where(rendered, prediction, torch.zeros_like(prediction))
         if gt_classes.shape != prediction.shape:
             raise ValueError(f"ground-truth class map {tuple(gt_classes.shape)} != render {tuple(prediction.shape)}")
         return mean_class_iou(prediction, gt_classes), prediction

@@ -41,12 +41,12 @@ def _load_pipeline(config_path: Path):
 
 
 def _check_vocabulary(model, text: str) -> None:
-    encoder = model.text_encoder
-    if getattr(encoder, "name", "") == "synthetic" and text not in model.class_names:
-        raise SystemExit(
-            f"'{text}' is not a class of this scene, and the synthetic teacher is closed-vocabulary: "
-            f"it only knows {', '.join(model.class_names)}. Train with the CLIP teacher for open vocabulary."
-        )
+    """The viewer's rule (teachers.text.vocabulary_error): case and whitespace do not matter."""
+    from .teachers.text import vocabulary_error
+
+    error = vocabulary_error(text, model.text_encoder, model.class_names)
+    if error:
+        raise SystemExit(error)
 
 
 def gaussian_relevancy(model, text: str) -> torch.Tensor:

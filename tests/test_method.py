@@ -15,7 +15,8 @@ from qrender_ns.teachers.synthetic import SyntheticTeacher
 
 BIN = Path(sys.executable).parent
 EVAL_KEYS = {"psnr", "ssim", "feature_miou", "feature_ms_dense", "feature_ms_quantile",
-             "feature_speedup_quantile_vs_dense", "feature_cosine_quantile_vs_dense"}
+             "feature_speedup_quantile_vs_dense", "feature_cosine_quantile_vs_dense", "num_gaussians",
+             "num_unsupervised_gaussians"}
 
 
 def make_config(data: Path, out: Path, steps: int, **model):
@@ -144,6 +145,7 @@ def test_ns_eval_writes_metrics(trained, tmp_path):
     assert metrics["feature_miou"] > 0.3  # 120 steps on 64x48 images; the demo trains longer
     assert 0.5 < metrics["feature_cosine_quantile_vs_dense"] <= 1.0 + 1e-6
     assert all(math.isfinite(metrics[k]) for k in EVAL_KEYS)
+    assert 0 < metrics["num_unsupervised_gaussians"] < metrics["num_gaussians"]
 
 
 def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
@@ -163,19 +165,34 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     unknown = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
                               "--text", "spaceship"], capture_output=True, text=True, timeout=600)
     assert unknown.returncode != 0 and "closed-vocabulary" in unknown.stderr
+    capital = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
+                              "--text", " Chair", "--output", str(tmp_path / "c.ply"), "--cameras", "0"],
+                             capture_output=True, text=True, timeout=600)
+    assert capital.returncode == 0, capital.stderr[-2000:]  # the viewer's rule: case does not matter
 
 
 def test_viewer_query_renders_relevancy_without_browser(trained):
     pipeline = trained["trainer"].pipeline
     model = pipeline.model
     model.eval()
-    camera, _ = pipeline.datamanager.fixed_indices_eval_dataloader[0]
-    model.viewer_query.cb_hook(type("Element", (), {"value": "chair"})())
+    camera, batch = pipeline.datamanager.fixed_indices_eval_dataloader[0]
     outputs = model.get_outputs_for_camera(camera)
-    assert outputs["relevancy"].shape == (*outputs["rgb"].shape[:2], 1)
-    assert 0 <= float(outputs["relevancy"].min()) and float(outputs["relevancy"].max()) <= 1
+    assert not outputs["relevancy"].any()  # listed before any query: neutral
+    model.viewer_query.cb_hook(type("Element", (), {"value": "Chair "})())  # case/whitespace-insensitive
+    assert model.query_text == "chair"
+    outputs = model.get_outputs_for_camera(camera)
+    rel = outputs["relevancy"]
+    assert rel.shape == (*outputs["rgb"].shape[:2], 1)
+    assert 0 <= float(rel.min()) and float(rel.max()) <= 1
+    chair = batch["gt_classes"] == 1 + model.class_names.index("chair")
+    if chair.any():
+        assert float(rel[..., 0][chair].mean()) > float(rel[..., 0][~chair].mean()) + 0.1
+    for word in ("zebra", "cha"):  # refused in the panel, and no map
+        model.viewer_query.cb_hook(type("Element", (), {"value": word})())
+        assert model.query_text == "" and "closed-vocabulary" in model.viewer_query_status.content
+        assert not model.get_outputs_for_camera(camera)["relevancy"].any()
     model.viewer_query.cb_hook(type("Element", (), {"value": ""})())
-    assert "relevancy" not in model.get_outputs_for_camera(camera)
+    assert "relevancy" in model.get_outputs_for_camera(camera)  # stays listed (neutral) after clearing
     model.train()
 
 
@@ -187,6 +204,20 @@ def test_ns_eval_checks_output_path_first(trained, tmp_path):
                             timeout=600)
     assert result.returncode != 0 and "cannot write --output-path" in result.stderr, result.stderr[-3000:]
     assert "Loading latest checkpoint" not in result.stdout  # refused before any work
+
+
+def test_never_supervised_gaussians_have_zero_features(trained):
+    model = trained["trainer"].pipeline.model
+    flags = model.feature_supervised
+    assert flags.dtype == torch.bool and flags.shape == (model.num_points,)  # in sync after densification
+    assert 0 < int(flags.sum()) < model.num_points, int(flags.sum())
+    model.eval()
+    features = model.gaussian_features
+    assert (features[~flags] == 0).all() and (features[flags].norm(dim=-1) > 0).all()
+    model.train()
+    assert (model.gaussian_features[~flags] != 0).any()  # training still sees (and can reach) them
+    state = torch.load(trained["config"].get_checkpoint_dir() / "step-000000119.ckpt", weights_only=False)
+    assert torch.equal(state["pipeline"]["_model.feature_supervised"].cpu(), flags.cpu())
 
 
 def test_resume_from_checkpoint(trained, tmp_path, capfd):

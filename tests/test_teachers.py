@@ -226,7 +226,8 @@ def test_class_embedding_is_deterministic_across_calls_and_processes():
     a = class_embedding("chair")
     assert a.shape == (512,) and a.dtype == torch.float32
     assert torch.equal(a, class_embedding("chair")) and abs(float(a.norm()) - 1) < 1e-6
-    assert not torch.allclose(a, class_embedding("Chair"))
+    assert torch.equal(a, class_embedding("Chair")) and torch.equal(a, class_embedding("  CHAIR "))  # normalised
+    assert not torch.allclose(a, class_embedding("chairs"))
     assert class_embedding("chair", dim=8).shape == (8,)
     code = ("from qrender_ns.teachers.synthetic import class_embedding; "
             "print(class_embedding('chair').double().tolist())")

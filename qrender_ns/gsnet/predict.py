@@ -87,6 +87,7 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     seconds = time.perf_counter() - start
     if model.config.feature_head == "table":
         model.gauss_params[FEATURE_PARAM] = Parameter(features.detach().clone())
+        model.feature_supervised = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)  # predicted
     else:
         model.gsnet.load_weights(net.state_dict(), str(cfg.gsnet_checkpoint))
     after = _eval_miou(pipeline) if cfg.evaluate else None

@@ -336,4 +336,8 @@ class ClipTextEncoder:
         self.dim = clip.dim
 
     def encode(self, texts: List[str]) -> torch.Tensor:
-        return self.clip.encode_text(texts)
+        from .text import normalize_text
+
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not a single string")
+        return self.clip.encode_text([normalize_text(t) for t in texts])

@@ -26,7 +26,7 @@ from ..data.scene_generator import BACKGROUND_ID
 from .cache import FillStats, default_cache_root, image_sha256
 
 NAME = "synthetic"
-VERSION = 1  # bump when the masks or embeddings it computes change: the cache then redoes everything
+VERSION = 2  # 2: class names normalised (text.normalize_text). Bump when the masks or embeddings it computes change: the cache then redoes everything
 
 
 def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
@@ -39,8 +39,11 @@ def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
 
 
 def class_embedding(name: str, dim: int = 512) -> torch.Tensor:
-    """The fixed random unit vector [dim] of a class name (the exact, case-sensitive string)."""
-    return _seeded_unit_vector(name, dim)
+    """The fixed random unit vector [dim] of a class name, after normalize_text ("Chair", " chair" and "chair"
+    are one vector)."""
+    from .text import normalize_text
+
+    return _seeded_unit_vector(normalize_text(name), dim)
 
 
 def _noise_direction(image_key: str, instance_id: int, dim: int) -> torch.Tensor:
@@ -151,9 +154,10 @@ class SyntheticTeacher:
 class SyntheticTextEncoder:
     """The text side of SyntheticTeacher: encode(texts)[i] = class_embedding(texts[i]).
 
-    A class name maps to exactly the vector the teacher's embeddings of that class scatter around. Any
-    other text (matched as the exact, case-sensitive string) still gets its own deterministic random unit
-    vector, nearly orthogonal to every class: an unknown query scores low everywhere instead of failing."""
+    A class name maps to exactly the vector the teacher's embeddings of that class scatter around; texts are
+    matched after normalize_text (case and whitespace do not matter). Any other text still gets its own
+    deterministic random unit vector, nearly orthogonal to every class: callers that must not show such a
+    meaningless map (viewer, `qsplat query`) refuse it first with text.vocabulary_error."""
 
     name = NAME
 
