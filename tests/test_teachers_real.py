@@ -141,13 +141,15 @@ def test_resume_and_invalidation(extracted, tmp_path, detector, monkeypatch):
     # Other prompts (or any other setting recorded in the manifest): every image is redone.
     before = TeacherCache(first.cache_root).entry("color/0.jpg")["file"]
     changed = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector, prompts=("sofa", "lamp")))
-    stats = changed.run(progress=False)
+    with pytest.raises(ValueError, match="other settings"):  # never replaced silently ...
+        changed.run(progress=False)
+    stats = changed.run(overwrite=True, progress=False)  # ... only on request
     assert (stats.written, stats.skipped) == (2, 0)
     cache = TeacherCache(first.cache_root)
     assert cache.class_names == ["sofa", "lamp"] and cache.entry("color/0.jpg")["file"] != before
     threshold = qmasks.GroundedSam2ClipTeacher(scene.root, tiny_config(detector, prompts=("sofa", "lamp"),
                                                                        min_mask_pixels=5))
-    assert threshold.run(progress=False).written == 2
+    assert threshold.run(overwrite=True, progress=False).written == 2
 
 
 def test_automatic_masks_fill_unprompted_regions(extracted, detector):

@@ -37,24 +37,28 @@ def test_vocabulary_error_is_case_and_whitespace_insensitive():
 
 
 class _FakeModel:
-    """What QueryPanel needs from QSplatModel; relevancy_map = cosine to the query's class vector."""
+    """What QueryPanel needs from QSplatModel: a text encoder and query-space scores of the last view."""
 
     def __init__(self):
         self.text_encoder = SyntheticTextEncoder(dim=8)
         self.class_names = CLASSES
+        self.config = type("Config", (), {"relevancy_negatives": ("object",)})()
         self.calls = []
+        self.features = None  # the last view's (would-be) feature map
 
-    def relevancy_map(self, features, text):
-        self.calls.append(text)
-        q = self.text_encoder.encode([text])[0]
-        return torch.nn.functional.normalize(features, dim=-1) @ q[:, None] * 0.5 + 0.5
+    def render_query_scores(self, queries, crop_ids=None):
+        self.calls.append(queries.shape[0])
+        f = self.features
+        cos = torch.nn.functional.normalize(f, dim=-1) @ torch.nn.functional.normalize(queries, dim=-1).T
+        return cos, torch.ones(*f.shape[:-1], 1)  # every pixel rendered something (zero: never supervised)
 
 
 def _features(model):
     f = torch.zeros(2, 3, 8)
     f[0, 0] = model.text_encoder.encode(["chair"])[0]
     f[0, 1] = model.text_encoder.encode(["wall"])[0]
-    return {"features": f}  # the other 4 pixels: zero features (never-supervised Gaussians or nothing)
+    model.features = f  # the other 4 pixels: zero features (never-supervised Gaussians or nothing)
+    return {"rgb": torch.zeros(2, 3, 3)}
 
 
 def test_refused_queries_show_a_message_and_no_map():

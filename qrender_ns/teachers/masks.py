@@ -542,7 +542,8 @@ class GroundedSam2ClipTeacher:
         items = served_images(self.scene_dir, self.splits)
         if self.image_keys:
             items = [item for item in items if item[0] in self.image_keys]
-        with open_cache_for(self, [key for key, _ in items]) as cache:  # the writer lock is released on leaving
+        keys = [key for key, _ in items]
+        with open_cache_for(self, keys, replace_other_teacher=overwrite) as cache:  # the lock is released on leaving
             self.write_weights_sidecar()
             return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
 

@@ -137,7 +137,7 @@ class SyntheticTeacher:
         if unknown:
             raise ValueError(f"not images of {self.scene_dir}: {unknown} (known: {self.image_keys})")
         items = [item for item in served_images(self.scene_dir, ("train", "val")) if item[0] in keys]
-        with open_cache_for(self, keys) as cache:  # the writer lock is released on leaving
+        with open_cache_for(self, keys, replace_other_teacher=overwrite) as cache:  # the writer lock is released on leaving
             return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
 
     def _instance_map_path(self, image_key: str) -> Path:
