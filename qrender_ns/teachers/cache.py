@@ -40,13 +40,12 @@ import hashlib
 import json
 import os
 import re
-import time
 import uuid
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -464,7 +463,7 @@ def _listing(items: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Filling a cache (the resume loop every teacher shares)
+# Filling a cache: the counts of a fill (teachers/setup.py fill_teacher_cache, the loop every teacher shares)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -474,39 +473,3 @@ class FillStats:
     skipped: int = 0  # already current (resume)
     masks: int = 0  # masks in the entries written
     seconds: float = 0.0
-
-
-def _progress(items: Sequence, description: str, enabled: bool) -> Iterator:
-    """Iterate with a rich progress bar (count, elapsed, ETA) when enabled."""
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns) as bar:
-        task = bar.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
-
-
-def fill_cache(cache: TeacherCache, scene_root: PathLike, image_keys: Iterable[str],
-               compute: Callable[[str], Tuple[Array, Array]], overwrite: bool = False, progress: bool = True,
-               description: str = "teacher") -> FillStats:
-    """Run compute(image_key) -> (mask_ids, embeddings) for every image whose entry is not current
-    (all of them with overwrite) and write the results; entries already current are skipped (resume)."""
-    start, stats, keys = time.perf_counter(), FillStats(), list(image_keys)
-    for key in _progress(keys, description, progress):
-        sha = image_sha256(Path(scene_root) / key)  # hashed before computing: an edit meanwhile means redo
-        if not overwrite and cache.is_current(key, sha):
-            stats.skipped += 1
-            continue
-        mask_ids, embeddings = compute(key)
-        cache.write(key, mask_ids, embeddings, sha)
-        stats.written += 1
-        stats.masks += int(embeddings.shape[0])
-    stats.seconds = time.perf_counter() - start
-    return stats
