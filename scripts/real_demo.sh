@@ -12,10 +12,14 @@ OUT="${OUT:-real_demo_out}"
 STEPS="${STEPS:-500}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 QT_QPA_PLATFORM=offscreen
 [ -d "$SRC/images" ] || { echo "[real-demo] no photos at $SRC/images (set QSPLAT_REAL_CAPTURE)" >&2; exit 1; }
-if ! command -v colmap >/dev/null; then
+missing=()
+command -v colmap >/dev/null || missing+=(colmap)   # ns-process-data runs COLMAP ...
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)   # ... and refuses to start without ffmpeg
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "[real-demo] installing Debian's colmap (ns-process-data runs it)"
-  $SUDO apt-get install -y -qq colmap >/dev/null 2>&1 || { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq colmap >/dev/null; }
+  echo "[real-demo] installing Debian's ${missing[*]} (ns-process-data needs them)"
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
 export PATH="$VENV/bin:$PATH"
 mkdir -p "$OUT"
