@@ -193,14 +193,10 @@ def check_output_path(path: Path) -> None:
         raise SystemExit(f"[q-splat] ns-eval --output-path {path}: must end in .json")
     if path.is_dir():
         raise SystemExit(f"[q-splat] ns-eval --output-path {path} is a folder: give a file name ending in .json")
+    from .fsio import probe_writable
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.probe"
-        with open(probe, "wb") as f:
-            f.write(b"{}")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        probe_writable(path.parent)
     except OSError as e:
         raise SystemExit(f"[q-splat] ns-eval cannot write --output-path {path} ({e.strerror or e}): pick a writable "
                          "place; checked before the evaluation so that no work is lost") from None

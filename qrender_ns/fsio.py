@@ -27,19 +27,24 @@ def write_error_sentence(path: PathLike, err: OSError, fix: str = "") -> Optiona
     return f"cannot write {path}: {why}" + (f"; {fix}" if fix else "")
 
 
+def probe_writable(folder: Path) -> None:
+    """Create `folder` (and parents), write, fsync and remove a probe file in it; OSError if any step fails."""
+    probe = folder / f".qsplat-probe-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(probe, "wb") as f:
+        f.write(b"0")
+        f.flush()
+        os.fsync(f.fileno())
+    probe.unlink()
+
+
 def check_writable_dir(folder: PathLike, fix: str = "") -> None:
     """Create `folder` (and parents) and write + remove a probe file in it; SystemExit with a sentence if not."""
     folder = Path(folder)
-    probe = folder / f".qsplat-probe-{uuid.uuid4().hex[:8]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"0")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        probe_writable(folder)
     except OSError as e:
-        sentence = write_error_sentence(probe, e, fix)
+        sentence = write_error_sentence(folder / ".qsplat-probe", e, fix)
         if sentence is None:
             raise
         raise SystemExit(f"[q-splat] {sentence}") from None
