@@ -69,6 +69,7 @@ from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 on
 from .eval.lerf_ovs import EvalLerfOvs  # noqa: E402
 from .eval.report import Report  # noqa: E402
 from .eval.scannet3d import EvalScannet  # noqa: E402
+from .gsnet.backproject import Backproject  # noqa: E402
 from .gsnet.predict import PredictFeatures  # noqa: E402
 from .gsnet.train import TrainGSNet  # noqa: E402
 from .query_cli import Query  # noqa: E402
@@ -86,6 +87,7 @@ Commands = Union[
     Annotated[Report, tyro.conf.subcommand("report")],
     Annotated[TrainGSNet, tyro.conf.subcommand("train-gsnet")],
     Annotated[PredictFeatures, tyro.conf.subcommand("predict-features")],
+    Annotated[Backproject, tyro.conf.subcommand("backproject")],
 ]
 
 

@@ -1,7 +1,8 @@
 """QSplatModel: nerfstudio's splatfacto + per-Gaussian 512-D features rendered with Q-Render.
 
 RGB, densification, optimisers and RGB losses are splatfacto's. Added: a feature head
-(a per-Gaussian table, or GS-Net: a sparse 3D U-Net over the Gaussians), the quantile feature
+(a per-Gaussian table, GS-Net: a sparse 3D U-Net over the Gaussians, or the training-free
+back-projection of the teacher's masks), the quantile feature
 map, the contrastive loss of the paper against cached teacher masks, a viewer text query, and
 feature metrics for ns-eval.
 On CPU (`--machine.device-type cpu`) RGB is rendered with our compiled dense kernel instead of
@@ -36,6 +37,7 @@ from .render.rasterize import check_num_quantiles, project_gaussians
 
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
+BACKPROJECT_STATE = "qsplat_backproject_features"  # feature_head=backproject: densified as strategy state
 TILE_SIZE = 16
 
 
@@ -48,8 +50,12 @@ class QSplatModelConfig(SplatfactoModelConfig):
     """K quantile Gaussians blended per pixel for feature maps (paper default 10); None = dense."""
     feature_dim: int = 512
     """Feature channels (512 = CLIP ViT-B-16)."""
-    feature_head: Literal["table", "gsnet"] = "table"
-    """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md)."""
+    feature_head: Literal["table", "gsnet", "backproject"] = "table"
+    """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md);
+    backproject: training-free, the teacher's mask embeddings averaged onto the Gaussians with their
+    blending weights over the training views (computed, not optimised; docs/gsnet.md)."""
+    backproject_render_scale: float = 1.0
+    """feature_head=backproject: render the training views at this fraction of their resolution."""
     gsnet: GSNetConfig = field(default_factory=GSNetConfig)
     """GS-Net architecture for feature_head=gsnet (voxel size, widths, sparse-conv backend)."""
     gsnet_checkpoint: Optional[Path] = None
@@ -102,6 +108,11 @@ class QSplatModel(SplatfactoModel):
             self.gsnet = build_gsnet(self.config.gsnet, self.config.feature_dim, self.config.gsnet_checkpoint,
                                      self.config.freeze_gsnet)
             self._gsnet_features = GSNetFeatures(self.gsnet, self.config.freeze_gsnet)
+        elif self.config.feature_head == "backproject":
+            # Computed from the training views when first needed and before every checkpoint (prepare_checkpoint);
+            # in between it follows densification as strategy state (children inherit their parent's feature).
+            self.register_buffer("backproject_features", torch.zeros(num_points, self.config.feature_dim))
+            self._backproject_key = None  # the Gaussians the buffer was computed (or loaded) for
         else:
             self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
         # Table head: which Gaussians a feature gradient ever reached. The others keep their random
@@ -185,6 +196,10 @@ class QSplatModel(SplatfactoModel):
         """[N, feature_dim]. Table head outside training: zero for never-supervised Gaussians."""
         if self.config.feature_head == "gsnet":
             return self._gsnet_features(self.gauss_params, self.config.sh_degree, self.units_per_metre)
+        if self.config.feature_head == "backproject":
+            if self._backproject_key is None:
+                self.backproject()
+            return self.backproject_features
         table = self.gauss_params[FEATURE_PARAM]
         if self.training:
             return table
@@ -194,8 +209,56 @@ class QSplatModel(SplatfactoModel):
                                "whatever resized gauss_params must resize it too (it is densified as strategy state)")
         return table * supervised[:, None].to(table.dtype)
 
+    # ------------------------------------------------------------------ back-projection head
+    def _gaussians_key(self):
+        """Identity and in-place version of the geometry the back-projection depends on."""
+        return tuple((t.data_ptr(), t._version, tuple(t.shape))
+                     for t in (self.gauss_params[k] for k in ("means", "scales", "quats", "opacities")))
+
+    @torch.no_grad()
+    def backproject(self) -> torch.Tensor:
+        """feature_head=backproject: recompute every Gaussian's feature from the training views' teacher masks
+        (one rasterizer pass per view, K = num_quantiles; qrender_ns.gsnet.backproject). Returns the features."""
+        from .gsnet.backproject import backproject_views
+        from .teachers.cache import TeacherCache
+
+        provider = (self.kwargs.get("metadata") or {}).get("qsplat_train_views")
+        if provider is None or not self.teacher_cache_root:
+            raise RuntimeError(
+                "feature_head backproject needs the training views and their teacher cache (none known here: "
+                "trained with --pipeline.datamanager.teacher none, or the cache was deleted?). Run "
+                "`qsplat extract-features` for the scene, or use --pipeline.model.feature-head table")
+        cameras, keys = provider()
+        views = []
+        for i, key in enumerate(keys):
+            camera = cameras[i:i + 1].to(self.device)
+            camera.metadata = {"cam_idx": i}  # the camera optimiser's refined pose of this training view
+            viewmat = get_viewmat(self.camera_optimizer.apply_to_camera(camera))[0]
+            views.append((viewmat, camera.get_intrinsics_matrices()[0], int(camera.width), int(camera.height), key))
+        params = self.gauss_params
+        start = time.perf_counter()
+        features, weights = backproject_views(
+            params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]).reshape(-1),
+            views, TeacherCache(self.teacher_cache_root), self.config.num_quantiles, self.config.backproject_render_scale,
+            self.config.rasterizer_backend, progress=True, description="back-projection")
+        self.backproject_features = features.to(self.backproject_features)
+        self._backproject_key = self._gaussians_key()
+        CONSOLE.print(f"\\[q-splat] back-projected {features.shape[0]} features from {len(views)} views in "
+                      f"{time.perf_counter() - start:.1f} s ({int((weights <= 0).sum())} Gaussians never reached)")
+        return self.backproject_features
+
+    def prepare_checkpoint(self) -> None:
+        """Called by the trainer before it saves: a checkpoint holds the back-projection of its own Gaussians."""
+        if self.config.feature_head == "backproject" and self._backproject_key != self._gaussians_key():
+            self.backproject()
+
     def step_post_backward(self, step):
         """Mark the Gaussians this step's feature loss reached, then densify (the flags follow their Gaussians)."""
+        if self.config.feature_head == "backproject":
+            self.strategy_state[BACKPROJECT_STATE] = self.backproject_features
+            super().step_post_backward(step)
+            self.backproject_features = self.strategy_state[BACKPROJECT_STATE]
+            return None
         if self.feature_supervised is None:
             return super().step_post_backward(step)
         grad = self.gauss_params[FEATURE_PARAM].grad
@@ -206,6 +269,14 @@ class QSplatModel(SplatfactoModel):
         self.feature_supervised = self.strategy_state[SUPERVISED_STATE].bool()
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore
+        if self.config.feature_head == "backproject":
+            if "backproject_features" not in state_dict:
+                raise ValueError("this checkpoint has no back-projected features (trained with another feature "
+                                 "head?); load it with the --pipeline.model.feature-head it was trained with")
+            self.backproject_features = torch.zeros_like(state_dict["backproject_features"])
+            result = super().load_state_dict(state_dict, **kwargs)
+            self._backproject_key = self._gaussians_key()  # the saved features are those of the saved Gaussians
+            return result
         if self.feature_supervised is not None:
             if "feature_supervised" in state_dict:  # resize to the checkpoint's Gaussian count
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool)
@@ -214,6 +285,13 @@ class QSplatModel(SplatfactoModel):
                                                               dtype=torch.bool)
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"])
         return super().load_state_dict(state_dict, **kwargs)
+
+    def get_training_callbacks(self, training_callback_attributes):
+        if self.config.feature_head == "backproject" and not (
+                self.teacher_cache_root and (Path(self.teacher_cache_root) / "manifest.json").is_file()):
+            raise ValueError("--pipeline.model.feature-head backproject averages the teacher's mask embeddings, but "
+                             "there is no teacher cache (--pipeline.datamanager.teacher none?)")
+        return super().get_training_callbacks(training_callback_attributes)
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_gaussian_param_groups()
@@ -391,7 +469,8 @@ class QSplatModel(SplatfactoModel):
     # ------------------------------------------------------------------ losses
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if self.training and self._wants_features() and "mask_ids" in batch:
+        if (self.training and self._wants_features() and "mask_ids" in batch
+                and self.config.feature_head != "backproject"):  # backproject: nothing to optimise
             loss = self.sampled_feature_loss(batch["mask_ids"], batch["mask_embeddings"])
             if loss is not None:
                 loss_dict["feature_loss"] = self.config.feature_loss_weight * loss
@@ -457,6 +536,10 @@ class QSplatModel(SplatfactoModel):
         if self.feature_supervised is not None:
             metrics["num_gaussians"] = float(self.feature_supervised.numel())
             metrics["num_unsupervised_gaussians"] = float((~self.feature_supervised).sum())
+        elif self.config.feature_head == "backproject":
+            reached = self.gaussian_features.abs().amax(dim=-1) > 0
+            metrics["num_gaussians"] = float(reached.numel())
+            metrics["num_unsupervised_gaussians"] = float((~reached).sum())
         if "gt_classes" in batch and self.class_names and self.teacher_cache_root:
             miou, prediction = self.class_miou(None, None, batch["gt_classes"])  # query-space class scores
             metrics["feature_miou"] = miou

@@ -71,6 +71,7 @@ class QSplatDataManager(FullImageDatamanager):
             qsplat_teacher_cache=str(self.teacher_cache.root) if self.teacher_cache else None,
             qsplat_class_names=self._class_names(),
             qsplat_teacher_random=random_teacher and self.config.teacher_weights == "random-tiny",
+            qsplat_train_views=self.train_views,  # feature_head=backproject reads the training views through it
         )
 
     # ------------------------------------------------------------------ served images
@@ -100,6 +101,12 @@ class QSplatDataManager(FullImageDatamanager):
         dataset = self.train_dataset if train else self.eval_dataset
         images = (lambda: self.cached_train) if train else (lambda: self.cached_eval)  # noqa: E731
         return [(self.image_key(f), lambda i=i: _uint8(images()[i]["image"])) for i, f in enumerate(dataset.image_filenames)]
+
+    def train_views(self) -> Tuple[Cameras, List[str]]:
+        """The training cameras as served (intrinsics after undistortion: the images are loaded first) and
+        their teacher-cache keys, index for index."""
+        _ = self.cached_train  # undistortion updates the intrinsics in place
+        return self.train_dataset.cameras, [self.image_key(f) for f in self.train_dataset.image_filenames]
 
     # ------------------------------------------------------------------ teacher cache
     def _setup_teacher(self, training: bool):

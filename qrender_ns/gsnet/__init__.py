@@ -3,7 +3,8 @@
 `voxelize` (Gaussians <-> sparse voxels), `backbone` (MinkUNet behind the `SparseConvBackend`
 interface: torch / spconv / minkowski), `gsnet` (the network, its config and checkpoints),
 `scenes` (Gaussians + cameras + teacher of a scene), `train` (`qsplat train-gsnet`, DDP via
-torchrun), `predict` (`qsplat predict-features`).
+torchrun), `predict` (`qsplat predict-features`), `backproject` (the training-free baseline,
+`qsplat backproject`).
 """
 
 from .backbone import BACKEND_NAMES, MinkUNet, SparseConvBackend, available_backends, get_backend

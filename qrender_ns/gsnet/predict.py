@@ -70,6 +70,9 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     net_cpu = GSNet.from_checkpoint(cfg.gsnet_checkpoint)  # fails early, before the run is loaded
     config, pipeline, checkpoint_path, step = eval_setup(Path(cfg.load_config), test_mode="test")
     model = pipeline.model
+    if model.config.feature_head == "backproject":
+        raise SystemExit(f"{cfg.load_config} was trained with --pipeline.model.feature-head backproject (computed "
+                         "features, no table or GS-Net to fill); predict-features needs a table or gsnet run")
     if net_cpu.config.feature_dim != model.config.feature_dim:
         raise SystemExit(f"{cfg.gsnet_checkpoint} predicts {net_cpu.config.feature_dim}-D features; the run has "
                          f"{model.config.feature_dim}-D")
