@@ -194,3 +194,14 @@ def test_qsplat_backproject_head(scene, tmp_path):
     assert summary["num_gaussians"] == features.shape[0] and summary["miou_2d"] > 0.2
     cli_features = torch.load(summary["features"], weights_only=True)["features"]
     assert torch.allclose(cli_features, features, atol=1e-5)
+
+
+def test_qsplat_backproject_head_without_teacher_is_refused(scene, tmp_path):
+    from test_method import make_config
+
+    config = make_config(scene, tmp_path / "runs", steps=1, feature_head="backproject")
+    config.pipeline.datamanager.teacher = "none"
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    with pytest.raises(ValueError, match="feature-head backproject .* no teacher cache"):
+        trainer.setup()
