@@ -44,7 +44,7 @@ class TrainGSNet:
     dataset: Optional[Path] = None
     """A `qsplat make-dataset` folder: its train split is added to --scenes, and its val split is evaluated
     (feed-forward mIoU) after training (`<out stem>_val.json`)."""
-    fit: str = "plain"
+    fit: Literal["plain", "depth", "none"] = "plain"
     """--dataset: which fits give the Gaussians (plain, depth: the fitted 3DGS runs; none: the scene folders,
     Gaussians made from the labelled point clouds)."""
     eval_val: bool = True
