@@ -65,6 +65,7 @@ class Demo:
         run_pipeline_demo(self)
 
 
+from .data.dataset import MakeDataset  # noqa: E402  (imports numpy/cv2 only)
 from .data.scene_generator import MakeScene  # noqa: E402  (imports numpy/cv2 only)
 from .eval.lerf_ovs import EvalLerfOvs  # noqa: E402
 from .eval.report import Report  # noqa: E402
@@ -80,6 +81,7 @@ Commands = Union[
     Annotated[RenderDemo, tyro.conf.subcommand("demo-render")],
     Annotated[Demo, tyro.conf.subcommand("demo")],
     Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
+    Annotated[MakeDataset, tyro.conf.subcommand("make-dataset")],
     Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
     Annotated[Query, tyro.conf.subcommand("query")],
     Annotated[EvalScannet, tyro.conf.subcommand("eval-scannet")],

@@ -43,7 +43,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -296,8 +296,11 @@ def _place_footprints(rng, room: Room, classes: Sequence[str], dims: Dict[str, T
     return placed
 
 
-def build_scene(seed: int) -> Scene:
-    """The analytic scene for `seed` (layout only; cameras are drawn separately)."""
+def build_scene(seed: int, variation: Optional["SceneVariation"] = None) -> Scene:
+    """The analytic scene for `seed` (layout only; cameras are drawn separately). With a `SceneVariation`
+    the room is drawn from its wider ranges (another random stream); without, exactly as always."""
+    if variation is not None:
+        return _build_varied_scene(seed, variation)
     rng = np.random.default_rng([seed, 1])
     room = Room(float(rng.uniform(1.9, 2.2)), float(rng.uniform(2.3, 2.7)), float(rng.uniform(2.4, 2.7)), [])
     instances: List[Instance] = []
@@ -325,6 +328,169 @@ def build_scene(seed: int) -> Scene:
         x, y, yaw = placement[name]
         rot = _rot_z(yaw)
         for kind, local_c, size, color_key in _PART_BUILDERS[name](*dims[name]):
+            cx, cy, cz = rot @ np.asarray(local_c, dtype=float) + np.array([x, y, 0.0])
+            prims.append(Primitive(kind, (float(cx), float(cy), float(cz)), tuple(float(s) for s in size),
+                                   yaw if kind == "box" else 0.0,
+                                   _random_surface(rng, inst.id, colors[color_key])))
+    return Scene(room, prims, instances)
+
+
+@dataclass(frozen=True)
+class SceneVariation:
+    """Wider ranges for a multi-scene dataset (`qsplat make-dataset`, `make-scene --vary`). Without one
+    (`variation=None`, the default everywhere) rooms are drawn exactly as before: same seed, same scene.
+    Sizes in metres; (lo, hi) ranges are uniform."""
+
+    half_x: Tuple[float, float] = (1.5, 3.0)
+    """Room half extent along x (default rooms: 1.9-2.2)."""
+    half_y: Tuple[float, float] = (1.8, 3.4)
+    """Room half extent along y (default rooms: 2.3-2.7)."""
+    height: Tuple[float, float] = (2.3, 3.0)
+    num_objects: Tuple[int, int] = (3, 8)
+    """Pieces of furniture wanted, inclusive (fewer are kept when they do not fit; at least the low end)."""
+    repeat_classes: bool = True
+    """A class may occur more than once (several chairs): instance and class are not the same thing."""
+    size_jitter: float = 0.25
+    """Each dimension of a piece is scaled by U(1 - s, 1 + s) on top of its class range."""
+    wall_fraction: float = 0.35
+    """Probability that a piece stands with its back against a wall (else anywhere in the free region)."""
+    object_region: Tuple[float, float] = (0.55, 0.8)
+    """Free-standing pieces stay inside this fraction of the half extents (drawn per room)."""
+    color_jitter: float = 0.15
+    """Per-channel jitter of the class colours (default rooms: 0.08)."""
+    off_palette: float = 0.2
+    """Probability that a piece (or a room face, at half that rate) gets a uniformly random colour, so a
+    class cannot be told from its colour alone."""
+    camera_paths: Tuple[Literal["ring", "two-rings", "walk"], ...] = ("ring", "two-rings", "walk")
+    """Camera path kinds, one drawn per room: one ring, two rings at two heights and radii, or a closed walk
+    whose radius and height drift."""
+    camera_ring: Tuple[float, float] = (0.5, 0.9)
+    """Ring radius as a fraction of the distance from the room centre to the wall."""
+    camera_height: Tuple[float, float] = (0.8, 2.1)
+    look_at_objects: float = 0.5
+    """Probability that a camera looks at a piece of furniture (else at a point near the room centre)."""
+
+    def __post_init__(self):
+        lo, hi = self.num_objects
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_objects must be (lo, hi) with 1 <= lo <= hi, got {self.num_objects}")
+        if not 0 <= self.size_jitter < 0.6:
+            raise ValueError(f"size_jitter must be in [0, 0.6), got {self.size_jitter}")
+        for name in ("half_x", "half_y", "height", "object_region", "camera_ring", "camera_height"):
+            a, b = getattr(self, name)
+            if not 0 < a <= b:
+                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(a, b)}")
+        if min(self.half_x[0], self.half_y[0]) < 1.0 or self.height[0] < 2.0:
+            raise ValueError("rooms need half extents >= 1.0 m and a height >= 2.0 m (cameras need free space)")
+        if self.object_region[1] > 0.9 or self.camera_ring[1] > 0.95:
+            raise ValueError("object_region and camera_ring must stay <= 0.9 / 0.95 of the half extents")
+        bad = [p for p in self.camera_paths if p not in ("ring", "two-rings", "walk")]
+        if not self.camera_paths or bad:
+            raise ValueError(f"camera_paths must be among ring, two-rings, walk; got {self.camera_paths}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# Lowest heights at which the part builders still make sense (seat at 0.45 m, mattress on a 0.3 m frame, ...).
+_MIN_HEIGHT = {"chair": 0.6, "sofa": 0.5, "bed": 0.36, "lamp": 1.0, "table": 0.45}
+
+
+def _varied_color(rng, base, var: SceneVariation, off_palette: float) -> Tuple[float, float, float]:
+    if rng.random() < off_palette:
+        return tuple(float(c) for c in rng.uniform(0.05, 0.95, 3))
+    return tuple(float(c) for c in np.clip(np.asarray(base) + rng.uniform(-var.color_jitter, var.color_jitter, 3),
+                                           0.03, 0.97))
+
+
+def _footprint_extent(yaw: float, w: float, d: float) -> Tuple[float, float]:
+    return (abs(math.cos(yaw)) * w / 2 + abs(math.sin(yaw)) * d / 2,
+            abs(math.sin(yaw)) * w / 2 + abs(math.cos(yaw)) * d / 2)
+
+
+# Yaw that turns a piece's back (local +y: chair and sofa backs) towards each wall x-, x+, y-, y+.
+_WALL_YAW = (math.pi / 2, -math.pi / 2, math.pi, 0.0)
+
+
+def _place_varied(rng, room: Room, pieces: Sequence[Tuple[str, Tuple[float, float, float]]],
+                  var: SceneVariation) -> List[Optional[Tuple[float, float, float]]]:
+    """(x, y, yaw) per piece, or None for a piece that did not fit; biggest first, no overlaps (+ gap)."""
+    region = float(rng.uniform(*var.object_region))
+    placed: List[Optional[Tuple[float, float, float]]] = [None] * len(pieces)
+    boxes = []
+    gap = 0.15
+    for k in sorted(range(len(pieces)), key=lambda k: -pieces[k][1][0] * pieces[k][1][1]):
+        w, d, _ = pieces[k][1]
+        for _ in range(200):
+            if rng.random() < var.wall_fraction:
+                wall = int(rng.integers(0, 4))
+                yaw = _WALL_YAW[wall]
+                ex, ey = _footprint_extent(yaw, w, d)
+                if wall < 2:
+                    lim = room.half_y - ey - 0.05
+                    x, y = (-1 if wall == 0 else 1) * (room.half_x - ex - 0.03), float(rng.uniform(-lim, lim))
+                else:
+                    lim = room.half_x - ex - 0.05
+                    x, y = float(rng.uniform(-lim, lim)), (-1 if wall == 2 else 1) * (room.half_y - ey - 0.03)
+                if lim <= 0:
+                    continue
+            else:
+                yaw = float(rng.uniform(-math.pi, math.pi))
+                ex, ey = _footprint_extent(yaw, w, d)
+                lim_x, lim_y = region * room.half_x - ex, region * room.half_y - ey
+                if lim_x <= 0 or lim_y <= 0:
+                    continue
+                x, y = float(rng.uniform(-lim_x, lim_x)), float(rng.uniform(-lim_y, lim_y))
+            if all(abs(x - bx) > ex + bex + gap or abs(y - by) > ey + bey + gap for bx, by, bex, bey in boxes):
+                placed[k] = (float(x), float(y), float(yaw))
+                boxes.append((x, y, ex, ey))
+                break
+    return placed
+
+
+def _build_varied_scene(seed: int, var: SceneVariation) -> Scene:
+    rng = np.random.default_rng([seed, 1, 1])  # its own stream: never the default rooms' numbers
+    room = Room(float(rng.uniform(*var.half_x)), float(rng.uniform(*var.half_y)), float(rng.uniform(*var.height)), [])
+    instances: List[Instance] = []
+    for face_index, face in enumerate(FACE_NAMES):
+        name = "wall" if face_index < 4 else face
+        inst = Instance(face_index + 1, class_id(name), name)
+        instances.append(inst)
+        color = _varied_color(rng, _COLORS[name][0], var, var.off_palette / 2)
+        room.faces.append(_random_surface(rng, inst.id, color))
+
+    lo, hi = var.num_objects
+    while True:  # redraw until at least `lo` pieces fit (deterministic)
+        count = int(rng.integers(lo, hi + 1))
+        if var.repeat_classes:  # at most one bed and three of any other class
+            drawn, wanted = list(rng.choice(FURNITURE_CLASSES, size=count, replace=True)), []
+            for name in drawn:
+                if wanted.count(name) < (1 if name == "bed" else 3):
+                    wanted.append(name)
+        else:
+            wanted = list(rng.choice(FURNITURE_CLASSES, size=min(count, len(FURNITURE_CLASSES)), replace=False))
+        pieces = []
+        for name in wanted:
+            dims = [float(rng.uniform(*r)) * float(rng.uniform(1 - var.size_jitter, 1 + var.size_jitter))
+                    for r in _OBJECT_SIZES[name]]
+            dims[2] = max(dims[2], _MIN_HEIGHT.get(name, 0.3))
+            pieces.append((str(name), tuple(dims)))
+        placement = _place_varied(rng, room, pieces, var)
+        if sum(p is not None for p in placement) >= lo:
+            break
+
+    prims: List[Primitive] = []
+    for (name, dims), where in zip(pieces, placement):
+        if where is None:
+            continue
+        inst = Instance(len(instances) + 1, class_id(name), name)
+        instances.append(inst)
+        main, accent = _COLORS[name]
+        colors = {"main": _varied_color(rng, main, var, var.off_palette),
+                  "accent": _varied_color(rng, accent or main, var, var.off_palette / 2)}
+        x, y, yaw = where
+        rot = _rot_z(yaw)
+        for kind, local_c, size, color_key in _PART_BUILDERS[name](*dims):
             cx, cy, cz = rot @ np.asarray(local_c, dtype=float) + np.array([x, y, 0.0])
             prims.append(Primitive(kind, (float(cx), float(cy), float(cz)), tuple(float(s) for s in size),
                                    yaw if kind == "box" else 0.0,
@@ -680,6 +846,68 @@ def _make_cameras(scene: Scene, seed: int, num_images: int) -> List[np.ndarray]:
     return cams
 
 
+_CAMERA_CLEARANCE = 0.3  # metres between a varied camera and any wall or piece of furniture
+
+
+def _camera_is_free(scene: Scene, eye: np.ndarray) -> bool:
+    room, c = scene.room, _CAMERA_CLEARANCE
+    inside = (abs(eye[0]) < room.half_x - c and abs(eye[1]) < room.half_y - c and c < eye[2] < room.height - c)
+    return inside and all(_sdf(p, eye[None])[0] > c for p in scene.prims)
+
+
+def _make_varied_cameras(scene: Scene, seed: int, num_images: int, var: SceneVariation
+                         ) -> Tuple[List[np.ndarray], str]:
+    """Cameras along a path drawn per room (var.camera_paths): positions are kept `_CAMERA_CLEARANCE` away
+    from walls and furniture (pulled towards the centre, then redrawn anywhere free), each looking at a
+    piece of furniture or near the room centre. Returns (c2w list, path kind)."""
+    rng = np.random.default_rng([seed, 2, 1])
+    room = scene.room
+    path = str(var.camera_paths[int(rng.integers(0, len(var.camera_paths)))])
+    phase = rng.uniform(0, 2 * np.pi)
+    lo_h, hi_h = var.camera_height[0], min(var.camera_height[1], room.height - _CAMERA_CLEARANCE - 0.05)
+    rings = [(rng.uniform(*var.camera_ring), rng.uniform(lo_h, hi_h)) for _ in range(2)]
+    if path == "two-rings":  # one high and wide, one low and close
+        (r1, h1), (r2, h2) = rings
+        rings = [(max(r1, r2), max(h1, h2)), (min(r1, r2), min(h1, h2))]
+    drift_r, drift_h = rings[0]
+    centres = [np.asarray(p.center) for p in scene.prims]
+    cams = []
+    for i in range(num_images):
+        angle = phase + 2 * np.pi * (i + rng.uniform(-0.3, 0.3)) / num_images
+        if path == "ring":
+            radius, height = rings[0][0], rings[0][1] + rng.uniform(-0.1, 0.1)
+        elif path == "two-rings":
+            radius, height = rings[i % 2][0], rings[i % 2][1] + rng.uniform(-0.1, 0.1)
+        else:  # walk: radius and height drift, clipped to their ranges
+            drift_r = float(np.clip(drift_r + rng.normal(0, 0.08), *var.camera_ring))
+            drift_h = float(np.clip(drift_h + rng.normal(0, 0.12), lo_h, hi_h))
+            radius, height = drift_r, drift_h
+        c, s = math.cos(angle), math.sin(angle)
+        reach = 1.0 / max(abs(c) / room.half_x, abs(s) / room.half_y)
+        eye = np.array([radius * reach * c, radius * reach * s, height])
+        shrink = 1.0
+        while not _camera_is_free(scene, eye) and shrink > 0.3:  # pull towards the centre
+            shrink -= 0.05
+            eye = np.array([shrink * radius * reach * c, shrink * radius * reach * s, height])
+        for _ in range(500):  # still blocked: anywhere free
+            if _camera_is_free(scene, eye):
+                break
+            eye = np.array([rng.uniform(-room.half_x, room.half_x), rng.uniform(-room.half_y, room.half_y),
+                            rng.uniform(lo_h, hi_h)])
+        else:
+            raise RuntimeError(f"seed {seed}: no free camera position in this room; lower num_objects")
+        target = None
+        if centres and rng.random() < var.look_at_objects:
+            target = centres[int(rng.integers(0, len(centres)))] + rng.uniform(-0.15, 0.15, 3)
+        if target is None or np.linalg.norm((target - eye)[:2]) < 0.6:
+            target = np.array([rng.uniform(-0.3, 0.3) * room.half_x, rng.uniform(-0.3, 0.3) * room.half_y,
+                               rng.uniform(0.4, 1.1)])
+        if np.linalg.norm((target - eye)[:2]) < 0.3:  # straight down is not a pose look_at can roll-fix
+            target = target + np.array([math.cos(angle + np.pi), math.sin(angle + np.pi), 0.0])
+        cams.append(look_at_opencv(eye, target))
+    return cams, path
+
+
 def eval_split(num_images: int, num_eval: int) -> Tuple[float, List[int]]:
     """train_split_fraction for nerfstudio's ScanNet parser that yields exactly num_eval eval images,
     and their indices (the parser trains on linspace(0, n-1, ceil(n * fraction)) and evaluates on the rest)."""
@@ -875,12 +1103,17 @@ def _frame_paths(layout: str, index: int, ns_image_ext: str) -> Tuple[str, str, 
 
 
 def _write_scene(root: Path, scene_name: str, layout: str, seed: int, num_images: int, width: int, height: int,
-                 num_eval: int, num_points: int, ns_image_ext: str, observed_only: bool) -> dict:
-    scene = build_scene(seed)
+                 num_eval: int, num_points: int, ns_image_ext: str, observed_only: bool,
+                 variation: Optional[SceneVariation] = None) -> dict:
+    scene = build_scene(seed, variation)
     K = intrinsics_matrix(width, height)
     fraction, eval_indices = eval_split(num_images, num_eval)
+    if variation is None:
+        cameras, camera_path = _make_cameras(scene, seed, num_images), None
+    else:
+        cameras, camera_path = _make_varied_cameras(scene, seed, num_images, variation)
     frames = []
-    for i, c2w in enumerate(_make_cameras(scene, seed, num_images)):
+    for i, c2w in enumerate(cameras):
         name, image, depth = _frame_paths(layout, i, ns_image_ext)
         render = render_view(scene, c2w, K, width, height)
         frames.append(_Frame(i, name, image, depth, i in eval_indices, c2w, render))
@@ -897,6 +1130,9 @@ def _write_scene(root: Path, scene_name: str, layout: str, seed: int, num_images
     write_point_cloud_ply(root / "gt" / "points.ply", cloud)
     meta = _scene_json(scene, layout, scene_name, seed, width, height, K, frames, fraction, seed_ply)
     meta["point_cloud_observed_only"] = observed_only
+    if variation is not None:  # absent for default rooms: their scene.json stays as it always was
+        meta["variation"] = variation.to_json()
+        meta["camera_path"] = camera_path
     (root / "gt" / "scene.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -926,14 +1162,17 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 def generate_scene(out_dir: Path, layout: Literal["scannet", "nerfstudio"] = "scannet", seed: int = 0,
                    num_images: int = 24, width: int = 160, height: int = 120, num_eval: int = 4,
                    num_points: int = 40000, overwrite: bool = False,
-                   ns_image_ext: Literal["png", "jpg"] = "png", observed_only: bool = True) -> SceneInfo:
+                   ns_image_ext: Literal["png", "jpg"] = "png", observed_only: bool = True,
+                   variation: Optional[SceneVariation] = None) -> SceneInfo:
     """Generate one procedural room into out_dir (see the module docstring for the layout).
 
     The scene is written into a hidden sibling folder and renamed into place at the end, so a crash
     never leaves a half-written scene. `ns_image_ext="jpg"` makes the nerfstudio layout name its images
     like LeRF-OVS (LangSplat's evaluation parses the frame index out of "frame_XXXXX.jpg").
     `observed_only` keeps only the surface points at least one view sees (seed and labelled clouds alike),
-    as a real ScanNet mesh, which is fused from the scan's own frames, contains only observed surfaces."""
+    as a real ScanNet mesh, which is fused from the scan's own frames, contains only observed surfaces.
+    `variation` draws the room, its furniture and the camera path from wider ranges (`SceneVariation`,
+    recorded in scene.json); None (the default) gives exactly the rooms generated before it existed."""
     if layout not in ("scannet", "nerfstudio"):
         raise ValueError(f"unknown layout {layout!r}")
     if width < 8 or height < 8:
@@ -946,7 +1185,7 @@ def generate_scene(out_dir: Path, layout: Literal["scannet", "nerfstudio"] = "sc
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         meta = _write_scene(tmp, out_dir.name, layout, seed, num_images, width, height, num_eval, num_points,
-                            ns_image_ext, observed_only)
+                            ns_image_ext, observed_only, variation)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1032,12 +1271,15 @@ class MakeScene:
     observed_only: bool = True
     """Keep only the points some view sees, as in a ScanNet mesh fused from its frames (no unseen ceiling)."""
     overwrite: bool = False
+    vary: bool = False
+    """Draw the room from the wide ranges of a multi-scene dataset (SceneVariation: room size, furniture count,
+    sizes, placement and colours, camera path); off: the fixed ranges of the default rooms."""
 
     def main(self) -> None:
         info = generate_scene(self.out, layout=self.layout, seed=self.seed, num_images=self.num_images,
                               width=self.width, height=self.height, num_eval=self.num_eval,
                               num_points=self.num_points, overwrite=self.overwrite,
-                              observed_only=self.observed_only)
+                              observed_only=self.observed_only, variation=SceneVariation() if self.vary else None)
         objects = sorted({info.classes[c] for c in info.instance_classes.values()} - set(STRUCTURE_CLASSES))
         print(f"[q-splat] {info.layout} scene (seed {info.seed}) in {info.root} ({info.seconds:.1f} s)")
         print(f"  {len(info.frame_names)} views {info.width}x{info.height}, "

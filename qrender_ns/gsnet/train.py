@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Literal, Optional, Tuple
 
@@ -39,8 +39,16 @@ from .scenes import TrainingScene, load_scene
 class TrainGSNet:
     """Train GS-Net across scenes (contrastive loss on Q-Rendered features vs the teacher's masks)."""
 
-    scenes: Tuple[Path, ...]
+    scenes: Tuple[Path, ...] = ()
     """Scenes: run configs (config.yml of q-splat / splatfacto runs) or scene folders (docs/gsnet.md)."""
+    dataset: Optional[Path] = None
+    """A `qsplat make-dataset` folder: its train split is added to --scenes, and its val split is evaluated
+    (feed-forward mIoU) after training (`<out stem>_val.json`)."""
+    fit: Literal["plain", "depth", "none"] = "plain"
+    """--dataset: which fits give the Gaussians (plain, depth: the fitted 3DGS runs; none: the scene folders,
+    Gaussians made from the labelled point clouds)."""
+    eval_val: bool = True
+    """--dataset: evaluate the val scenes after training."""
     out: Path = Path("outputs/gsnet/gsnet.ckpt")
     """Checkpoint to write (and to resume from when it exists)."""
     gsnet: GSNetConfig = field(default_factory=GSNetConfig)
@@ -276,10 +284,22 @@ def _train_state(cfg: TrainGSNet) -> dict:
             for k, v in d.items() if k != "gsnet"}
 
 
+def _dataset_specs(cfg: TrainGSNet, split: str) -> List[Path]:
+    from ..data.dataset import dataset_scenes
+
+    try:
+        return dataset_scenes(cfg.dataset, split, cfg.fit)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"[q-splat] --dataset {cfg.dataset}: {e}") from None
+
+
 def train_gsnet(cfg: TrainGSNet) -> dict:
-    """Run training; returns a summary (steps, last loss, seconds, checkpoint path)."""
+    """Run training; returns a summary (steps, last loss, seconds, checkpoint path; val mIoU with --dataset)."""
+    if cfg.dataset is not None:
+        train_specs = _dataset_specs(cfg, "train")
+        cfg = replace(cfg, scenes=tuple(cfg.scenes) + tuple(p for p in train_specs if p not in cfg.scenes))
     if not cfg.scenes:
-        raise SystemExit("--scenes: give at least one scene folder or run config.yml")
+        raise SystemExit("--scenes: give at least one scene folder or run config.yml (or --dataset)")
     rank, world, device = _distributed(cfg)
     torch.manual_seed(cfg.seed)
     net = GSNet(cfg.gsnet).to(device)
@@ -378,7 +398,36 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
     if rank == 0:
         print(f"[q-splat] GS-Net checkpoint {cfg.out} (step {step}, loss {last_loss:.4f}, {seconds:.1f} s, "
               f"sparse-conv backend {net.backend_name})")
+        if cfg.dataset is not None and cfg.eval_val:
+            summary["val"] = evaluate_dataset_split(net, cfg, "val")
     return summary
+
+
+def evaluate_dataset_split(net: GSNet, cfg: TrainGSNet, split: str = "val") -> dict:
+    """Feed-forward mIoU (evaluate_net) on every scene of a dataset split; written to <out stem>_<split>.json."""
+    import json
+
+    specs = _dataset_specs(cfg, split)
+    if not specs:
+        return {}
+    device = next(net.parameters()).device
+    rows = []
+    for spec in specs:
+        scene = load_scene(spec, teacher=cfg.teacher, units_per_metre=cfg.units_per_metre,
+                           point_scale=cfg.point_scale)
+        scene.gaussians = scene.gaussians.to(device)
+        rows.append({"scene": str(spec), "name": scene.name,
+                     **evaluate_net(net, scene, cfg.num_quantiles, cfg.render_scale, cfg.rasterizer_backend)})
+    keys = sorted({k for r in rows for k in r if k.startswith("miou")})
+    mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+    result = {"split": split, "fit": cfg.fit, "scenes": rows, "mean": mean}
+    path = cfg.out.parent / f"{cfg.out.stem}_{split}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) or "no ground truth"
+    print(f"[q-splat] GS-Net on {len(rows)} {split} scenes of {cfg.dataset}: {scores} ({path})")
+    return result
 
 
 class _progress:
