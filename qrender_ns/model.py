@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn import Parameter
 
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from .gsnet.gsnet import GSNetConfig
@@ -33,7 +33,25 @@ from .query import relevancy, relevancy_from_cosines
 from .render import rasterize_query_scores, rasterize_to_pixels
 from .render.binning import isect_offset_encode, isect_tiles
 from .metrics import mean_class_iou
-from .render.rasterize import check_num_quantiles, project_gaussians
+from .render.rasterize import check_num_quantiles, project_gaussians, viewmat_from_c2w
+
+@contextlib.contextmanager
+def _viewer_interrupts_pass_through_compile():
+    """Re-raise the viewer's render interrupt (an IOChangeException raised from a trace function) when it surfaces
+    wrapped by torch.compile (splatfacto's compiled get_viewmat on the CUDA path), so the viewer's render thread
+    catches it instead of dying."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only the wrapped interrupt is translated
+        from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException
+
+        cause = error
+        while cause is not None and not isinstance(cause, IOChangeException):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause is not error:
+            raise cause from None
+        raise
+
 
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
@@ -233,7 +251,7 @@ class QSplatModel(SplatfactoModel):
         for i, key in enumerate(keys):
             camera = cameras[i:i + 1].to(self.device)
             camera.metadata = {"cam_idx": i}  # the camera optimiser's refined pose of this training view
-            viewmat = get_viewmat(self.camera_optimizer.apply_to_camera(camera))[0]
+            viewmat = viewmat_from_c2w(self.camera_optimizer.apply_to_camera(camera))[0]
             views.append((viewmat, camera.get_intrinsics_matrices()[0], int(camera.width), int(camera.height), key))
         params = self.gauss_params
         start = time.perf_counter()
@@ -340,7 +358,8 @@ class QSplatModel(SplatfactoModel):
         if crop_ids is not None and crop_ids.sum() == 0:
             return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
         if self.device.type == "cuda":
-            outputs = super().get_outputs(camera)
+            with _viewer_interrupts_pass_through_compile():
+                outputs = super().get_outputs(camera)
         else:
             outputs = self._get_outputs_cpu(camera, crop_ids)
         # Training renders no feature map: the feature loss renders its sampled pixels only
@@ -365,7 +384,7 @@ class QSplatModel(SplatfactoModel):
         params = {name: (p if crop_ids is None else p[crop_ids]) for name, p in self.gauss_params.items()}
         scale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale)
-        viewmat = get_viewmat(camera_to_world)
+        viewmat = viewmat_from_c2w(camera_to_world)
         K = camera.get_intrinsics_matrices().to(self.device)
         W, H = int(camera.width.item()), int(camera.height.item())
         self.last_size = (H, W)

@@ -123,6 +123,17 @@ def test_label_dir_reads_frame_json_only(tmp_path):
         read_label_dir(tmp_path)
 
 
+def test_zero_features_predict_no_class():
+    """A Gaussian no training pixel reached has a zero feature: it predicts nothing (0, a miss), not class 1."""
+    import torch
+
+    from qrender_ns.eval.scannet3d import predict_classes
+
+    text = torch.eye(3, 4)
+    features = torch.tensor([[0.0, 0, 1, 0], [0, 0, 0, 0], [2.0, 0.1, 0, 0], [0, 0, 0, 1e-30]])
+    assert predict_classes(features, text).tolist() == [3, 0, 1, 1]
+
+
 def test_segmentation_metrics_by_hand():
     gt = np.array([1, 1, 1, 2, 2, 0, 0, 3])
     pred = np.array([1, 1, 2, 2, 1, 3, 3, 3])

@@ -196,6 +196,54 @@ def test_viewer_query_renders_relevancy_without_browser(trained):
     model.train()
 
 
+def test_viewer_render_interrupt_reaches_the_render_thread(trained):
+    """nerfstudio's viewer interrupts a render by raising IOChangeException from a trace function at any Python line;
+    its render thread catches exactly that type. Raised while torch.compile compiled splatfacto's get_viewmat it came
+    out as InternalTorchDynamoError, the thread died and the page froze (seen in the browser test)."""
+    import torch._dynamo
+    from nerfstudio.viewer_legacy.server import viewer_utils
+
+    from qrender_ns.model import _viewer_interrupts_pass_through_compile
+
+    pipeline = trained["trainer"].pipeline
+    model = pipeline.model
+    camera, _ = pipeline.datamanager.fixed_indices_eval_dataloader[0]
+    model.eval()
+    try:
+        for after in (3, 300, None):  # None: at the first line torch.compile runs, if it runs
+            torch._dynamo.reset()  # whatever is compiled compiles again inside the interrupted render
+            count, raised = [0], []
+
+            def trace(frame, event, arg):
+                if event == "line":
+                    count[0] += 1
+                    if count[0] == after or (after is None and not raised and "_dynamo" in frame.f_code.co_filename):
+                        raised.append(frame.f_code.co_filename)
+                        raise viewer_utils.IOChangeException
+                return trace
+
+            try:  # any other exception type fails the test
+                with torch.no_grad(), viewer_utils.SetTrace(trace):
+                    model.get_outputs_for_camera(camera)
+            except viewer_utils.IOChangeException:
+                assert raised
+            else:
+                assert after is None and not raised, (after, count[0])
+        assert model.get_outputs_for_camera(camera)["rgb"].isfinite().all()  # and the next render works
+    finally:
+        model.train()
+    # the CUDA path (splatfacto's compiled code): a wrapped interrupt is unwrapped, anything else passes unchanged
+    with pytest.raises(viewer_utils.IOChangeException):
+        with _viewer_interrupts_pass_through_compile():
+            try:
+                raise viewer_utils.IOChangeException
+            except viewer_utils.IOChangeException as e:
+                raise RuntimeError("wrapped by a compiler") from e
+    with pytest.raises(ValueError):
+        with _viewer_interrupts_pass_through_compile():
+            raise ValueError("not an interrupt")
+
+
 def test_ns_eval_checks_output_path_first(trained, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -176,3 +176,20 @@ def test_projection_matches_gsplat_and_culls_the_camera_plane_without_nans():
     rgb, _, _ = rasterize_features(means, quats, scales, opacities, colors, viewmats, Ks, 64, 48, far_plane=100.0)
     rgb.sum().backward()
     assert torch.isfinite(means.grad).all() and means.grad[0].abs().sum() == 0
+
+
+def test_viewmat_from_c2w_matches_splatfacto():
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    from qrender_ns.render.rasterize import viewmat_from_c2w
+
+    q = torch.nn.functional.normalize(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    w, x, y, z = q.unbind(-1)
+    R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(5, 3, 3)
+    c2w = torch.cat([R, torch.randn(5, 3, 1)], dim=-1)
+    expected = get_viewmat(c2w)
+    assert torch.allclose(viewmat_from_c2w(c2w), expected, atol=1e-6)
+    assert torch.allclose(viewmat_from_c2w(c2w)[:, :3, :3] @ viewmat_from_c2w(c2w)[:, :3, :3].transpose(1, 2),
+                          torch.eye(3).expand(5, 3, 3), atol=1e-5)

@@ -264,7 +264,9 @@ def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
 
 
 def predict_classes(features, text_embeddings) -> np.ndarray:
-    """1 + argmax_c cos(f, t_c) per row (torch tensors in, numpy out)."""
+    """1 + argmax_c cos(f, t_c) per row (torch tensors in, numpy out); 0 ("no prediction", a miss for every
+    class) for an exactly zero feature: a Gaussian no training pixel reached (never-supervised, back-projection
+    weight 0) predicts nothing, instead of class 1 that an argmax over equal zero scores would give."""
     import torch
     import torch.nn.functional as F
 
@@ -272,10 +274,12 @@ def predict_classes(features, text_embeddings) -> np.ndarray:
         text = F.normalize(text_embeddings.to(features), dim=-1)
         out = []
         for start in range(0, features.shape[0], 262_144):
-            sims = F.normalize(features[start:start + 262_144], dim=-1) @ text.T
-            out.append(sims.argmax(-1).cpu())
+            rows = features[start:start + 262_144]
+            sims = F.normalize(rows, dim=-1) @ text.T
+            pred = sims.argmax(-1) + 1
+            out.append(torch.where(rows.abs().amax(-1) > 0, pred, torch.zeros_like(pred)).cpu())
         pred = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-    return pred.numpy().astype(np.int64) + 1
+    return pred.numpy().astype(np.int64)
 
 
 def supervision_weights(pipeline, max_views: int = 0):
@@ -479,6 +483,28 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
     write_json(Path(result["json"]), result)
     write_text(Path(result["markdown"]), scannet_markdown(result))
     return result
+
+
+def scannet_metrics_of_features(scene_root: Path, means_world: np.ndarray, opacities, features, text_encoder,
+                                classes: ClassChoice = "19", knn: int = 5, max_distance: float = 0.1,
+                                min_opacity: float = 0.1, prompt_template: str = "{}") -> Dict:
+    """The ScanNet protocol of `run_eval_scannet` (defaults equal) for per-Gaussian features held in memory
+    (GS-Net experiments: no run folder): {miou, macc, overall_acc, num_present_classes, evaluated}. `opacities`
+    are in [0, 1]; the cut is taken in float32 as `low_opacity_mask`."""
+    import torch
+
+    points = load_labels(default_label_file(scene_root), classes, scene_root, "auto")
+    prompts = apply_template(prompt_template, points.class_names, getattr(text_encoder, "name", ""))
+    opacities = torch.as_tensor(opacities).detach().reshape(-1).to(torch.float32)
+    low_opacity = (opacities < torch.tensor(min_opacity, dtype=torch.float32)).cpu().numpy()
+    with torch.no_grad():
+        pred = predict_classes(torch.as_tensor(features).detach().float().cpu(), text_encoder.encode(prompts).cpu())
+    transfer = transfer_labels(np.asarray(means_world, dtype=np.float64), points.xyz, points.labels, k=knn,
+                               max_distance=max_distance)
+    gt = np.where(low_opacity, 0, transfer.labels)
+    metrics = segmentation_metrics(gt, pred, len(points.class_names))
+    return {"miou": metrics["miou"], "macc": metrics["macc"], "overall_acc": metrics["overall_acc"],
+            "num_present_classes": len(metrics["present"]), "evaluated": metrics["num_evaluated"]}
 
 
 def scannet_markdown(result: Dict) -> str:

@@ -193,8 +193,7 @@ def _generated_views(root: Path, meta: dict, eval_split: bool) -> SceneViews:
 
 
 def _dataparser_views(parser_config, scene_root: Path, split: str) -> Tuple[SceneViews, float]:
-    from nerfstudio.models.splatfacto import get_viewmat
-
+    from ..render.rasterize import viewmat_from_c2w
     from ..teachers.cache import image_key
 
     from ..data.datamanager import QSplatDataManagerConfig
@@ -210,7 +209,7 @@ def _dataparser_views(parser_config, scene_root: Path, split: str) -> Tuple[Scen
     if widths.numel() != 1 or heights.numel() != 1:
         raise ValueError(f"{scene_root}: GS-Net training needs one image size per scene, got "
                          f"{widths.tolist()} x {heights.tolist()}")
-    viewmats = get_viewmat(cams.camera_to_worlds.float())
+    viewmats = viewmat_from_c2w(cams.camera_to_worlds.float())
     keys = [image_key(f, scene_root) for f in outputs.image_filenames]
     maps = [scene_root / "gt" / "classes" / f"{Path(f).stem}.png" for f in outputs.image_filenames]
     views = SceneViews(viewmats=viewmats, Ks=cams.get_intrinsics_matrices().float(), width=int(widths[0]),

@@ -334,6 +334,22 @@ def rasterize_query_scores(
 
 
 # ------------------------------------------------------------------------------ high level
+def viewmat_from_c2w(camera_to_worlds: Tensor) -> Tensor:
+    """World-to-camera [B, 4, 4] (OpenCV axes) of nerfstudio camera-to-worlds [B, 3, 4] (OpenGL axes): splatfacto's
+    `get_viewmat` without its `torch.compile`. The viewer interrupts a render by raising from a trace function on
+    every Python line; raised while dynamo compiles, it came out as InternalTorchDynamoError, which the viewer's
+    render thread does not catch, so the thread died and the page froze on its last image."""
+    R = camera_to_worlds[:, :3, :3] * torch.tensor([1.0, -1.0, -1.0], device=camera_to_worlds.device,
+                                                   dtype=camera_to_worlds.dtype)
+    T = camera_to_worlds[:, :3, 3:4]
+    R_inv = R.transpose(1, 2)
+    viewmat = torch.zeros(R.shape[0], 4, 4, device=R.device, dtype=R.dtype)
+    viewmat[:, :3, :3] = R_inv
+    viewmat[:, :3, 3:4] = -torch.bmm(R_inv, T)
+    viewmat[:, 3, 3] = 1.0
+    return viewmat
+
+
 def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
     """wxyz quaternions (normalised here) and linear scales -> world covariances [N,3,3]."""
     w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
