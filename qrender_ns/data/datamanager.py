@@ -2,7 +2,9 @@
 
 Per training image the batch gains `mask_ids` (long [H, W], -1 = no mask) and `mask_embeddings`
 (float [M, D]), read lazily from the on-disk teacher cache (never all in RAM). Eval images of generated
-scenes gain `gt_classes` (long [H, W], 0 = none), the ground truth of the 2D mIoU metric.
+scenes gain `gt_classes` (long [H, W], 0 = none), the ground truth of the 2D mIoU metric. Where the data has depth
+(ScanNet `depth/`, generated scenes, transforms.json `depth_file_path`), train and eval images gain `depth_image`
+(float [H, W, 1], scene units, 0 = invalid; data/depth.py) for the depth loss and the depth-error metric.
 
 When training starts, a missing or partial teacher cache is filled first, from the images exactly as this
 datamanager serves them (undistorted, cropped, downscaled; `teachers/setup.py`): `ns-train q-splat --data
@@ -27,6 +29,8 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from ..teachers.setup import TeacherSettings
 from .dataparser import QSplatDataParserConfig
+from .depth import BATCH_KEY as DEPTH_KEY
+from .depth import DepthImages
 
 
 def _dataparser_union():
@@ -65,6 +69,8 @@ class QSplatDataManager(FullImageDatamanager):
             self.scene_root = self.scene_root.parent
         self.layout = metadata.get("qsplat_layout")
         self.teacher_cache = self._setup_teacher(training=self.test_mode == "val")
+        self.train_depth = DepthImages(self.train_dataset, self.train_dataparser_outputs)
+        self.eval_depth = DepthImages(self.eval_dataset, self.eval_dataset._dataparser_outputs)
         random_teacher = bool(self.teacher_cache and (self.teacher_cache.teacher_info.get("clip") or {}).get("random_init"))
         # The pipeline hands train_dataset.metadata (a copy of the parser's) to the model.
         self.train_dataset.metadata.update(
@@ -72,6 +78,9 @@ class QSplatDataManager(FullImageDatamanager):
             qsplat_class_names=self._class_names(),
             qsplat_teacher_random=random_teacher and self.config.teacher_weights == "random-tiny",
             qsplat_train_views=self.train_views,  # feature_head=backproject reads the training views through it
+            # read by the model's depth_loss "auto" / "on" (None: depth is served; else why not)
+            qsplat_depth_missing=self.train_depth.missing,
+            qsplat_depth_units_per_metre=self.train_depth.units_per_metre,
         )
 
     # ------------------------------------------------------------------ served images
@@ -212,18 +221,24 @@ class QSplatDataManager(FullImageDatamanager):
             data["gt_classes"] = torch.from_numpy(classes.astype(np.int64)).to(self.device)
         return data
 
+    def _attach_depth(self, data: Dict, depth: DepthImages) -> Dict:
+        if depth.available:
+            height, width = data["image"].shape[:2]
+            data[DEPTH_KEY] = depth.get(int(data["image_idx"]), height, width).to(self.device)
+        return data
+
     # ------------------------------------------------------------------ batches
     def next_train(self, step: int) -> Tuple[Cameras, Dict]:
         camera, data = super().next_train(step)
-        return camera, self._attach_teacher(data, self.train_dataset)
+        return camera, self._attach_depth(self._attach_teacher(data, self.train_dataset), self.train_depth)
 
     def next_eval_image(self, step: int) -> Tuple[Cameras, Dict]:
         camera, data = super().next_eval_image(step)
-        return camera, self._attach_ground_truth(data, self.eval_dataset)
+        return camera, self._attach_depth(self._attach_ground_truth(data, self.eval_dataset), self.eval_depth)
 
     @property
     def fixed_indices_eval_dataloader(self) -> List[Tuple[Cameras, Dict]]:
-        return [(camera, self._attach_ground_truth(data, self.eval_dataset))
+        return [(camera, self._attach_depth(self._attach_ground_truth(data, self.eval_dataset), self.eval_depth))
                 for camera, data in super().fixed_indices_eval_dataloader]
 
 
