@@ -240,7 +240,7 @@ class QSplatModel(SplatfactoModel):
                 raise RuntimeError("No teacher cache is known for this model, so no text encoder either")
             allow = self.config.allow_random_text_encoder or self.random_tiny_teacher
             if self.random_tiny_teacher:
-                CONSOLE.print("[yellow][q-splat] teacher-weights random-tiny: text queries use a random CLIP and "
+                CONSOLE.print("[yellow]\\[q-splat] teacher-weights random-tiny: text queries use a random CLIP and "
                               "mean nothing (a smoke test of the pipeline).[/yellow]")
             self._text_encoder = load_text_encoder(self.teacher_cache_root, allow_random_init=allow)
         return self._text_encoder

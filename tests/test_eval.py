@@ -364,3 +364,18 @@ def test_report_table(run, tmp_path):
     assert f"| q-splat (ours) | room | {100 * three['miou']:.2f} | {100 * three['macc']:.2f} |" in three_d
     with pytest.raises(FileNotFoundError):
         make_report([tmp_path / "missing"])
+
+
+def test_report_gsnet_generalization_table(tmp_path):
+    """`qsplat report` turns the GS-Net benchmark JSON into one table row per method and fit kind."""
+    bench = {"benchmark": "gsnet_generalization", "fits": {
+        "plain": {"num_val_scenes": 8, "mean": {"backproject": {"miou": 0.9, "macc": 0.95, "seconds": 1.5},
+                                                 "gsnet_k10": {"miou": 0.61, "macc": 0.7, "seconds": 0.2}}},
+        "depth": {"num_val_scenes": 8, "mean": {"gsnet_k10": {"miou": 0.65, "macc": 0.72, "seconds": 0.2}}}}}
+    (tmp_path / "gsnet.json").write_text(json.dumps(bench))
+    text = make_report([tmp_path], tmp_path / "report.md")
+    rows = [line for line in text.split("## GS-Net generalization")[1].splitlines() if line.startswith("| (")]
+    assert len(rows) == 3, rows
+    assert any("back-projection" in r and "RGB only" in r and "90.00" in r for r in rows), rows
+    assert any("GS-Net feed-forward (trained with Q-Render" in r and "RGB + depth loss" in r and "65.00" in r
+               for r in rows), rows

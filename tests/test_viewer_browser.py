@@ -85,14 +85,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def viewer_url(run):
     port = _free_port()
-    log = open(run["root"].parent / "ns-viewer.log", "w")
+    log_path = Path(os.environ.get("QSPLAT_BROWSER_SHOTS", run["root"].parent)) / "ns-viewer.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")
     proc = subprocess.Popen([str(BIN / "ns-viewer"), "--load-config", str(run["config_path"]),
                              "--viewer.websocket-host", "127.0.0.1", "--viewer.websocket-port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            assert proc.poll() is None, (run["root"].parent / "ns-viewer.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
@@ -129,7 +131,7 @@ class _Frames:
     image; a browser with a GPU displays them."""
 
     def __init__(self, page):
-        self.items = []
+        self.page, self.items = page, []
         page.on("websocket", lambda ws: ws.on("framereceived", self._on_frame))
 
     def _on_frame(self, payload) -> None:
@@ -155,7 +157,7 @@ class _Frames:
         viewer sends low-resolution previews first); with `differs_from`, only an image that differs from it."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            time.sleep(1)
+            self.page.wait_for_timeout(1000)  # not time.sleep: Playwright's sync API dispatches events only inside its calls
             recent = [(t, im) for t, im in self.items if t > since and im.shape[0] * im.shape[1] >= min_pixels]
             if not recent or time.time() - self.items[-1][0] < quiet:
                 continue

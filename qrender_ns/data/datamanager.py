@@ -128,7 +128,7 @@ class QSplatDataManager(FullImageDatamanager):
             return TeacherCache(root) if root is not None and (root / "manifest.json").is_file() else None
         name = ts.resolve_teacher(settings, self.scene_root, PREFIX)
         if name == "none":
-            CONSOLE.print("[yellow][q-splat] --pipeline.datamanager.teacher none: training RGB only, no features.[/yellow]")
+            CONSOLE.print("[yellow]\\[q-splat] --pipeline.datamanager.teacher none: training RGB only, no features.[/yellow]")
             return None
         items = self.served_items("train")
         keys = [key for key, _ in items]
@@ -145,7 +145,7 @@ class QSplatDataManager(FullImageDatamanager):
                     teacher.write_weights_sidecar()
                 stats = ts.fill_teacher_cache(writer, teacher, items, progress=True)
             if stats.written:
-                CONSOLE.print(f"[q-splat] {name} teacher: {stats.written} images computed ({stats.masks} masks), "
+                CONSOLE.print(f"\\[q-splat] {name} teacher: {stats.written} images computed ({stats.masks} masks), "
                               f"{stats.skipped} already cached, {stats.seconds:.1f} s -> {writer.root}")
             cache = TeacherCache(writer.root)  # training only reads: no lock held
         else:
@@ -182,7 +182,7 @@ class QSplatDataManager(FullImageDatamanager):
             return None
         if not all(cache.is_current(key, ts.served_image_sha256(get_image())) for key, get_image in items):
             return None
-        CONSOLE.print(f"[q-splat] teacher weights not found, but {root} already holds every training image: using it")
+        CONSOLE.print(f"\\[q-splat] teacher weights not found, but {root} already holds every training image: using it")
         return cache
 
     def _class_names(self) -> List[str]:

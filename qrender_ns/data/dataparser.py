@@ -348,4 +348,4 @@ class QSplatDataParser(DataParser):
 def _warn(message: str) -> None:
     from nerfstudio.utils.rich_utils import CONSOLE
 
-    CONSOLE.print(f"[yellow][q-splat] {message}[/yellow]")
+    CONSOLE.print(f"[yellow]\\[q-splat] {message}[/yellow]")

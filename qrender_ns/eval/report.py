@@ -37,7 +37,8 @@ REFERENCE_LERF_3D: List[Tuple[str, Optional[float], Optional[float]]] = [
 def collect(paths: List[Path]) -> Dict[str, List[Dict]]:
     """{"scannet3d": [...], "lerf_ovs_2d": [...], "lerf_ovs_3d": [...], "ns_eval": [...]} from the JSON files
     under `paths`."""
-    found: Dict[str, List[Dict]] = {"scannet3d": [], "lerf_ovs_2d": [], "lerf_ovs_3d": [], "ns_eval": []}
+    found: Dict[str, List[Dict]] = {"scannet3d": [], "lerf_ovs_2d": [], "lerf_ovs_3d": [], "ns_eval": [],
+                                    "gsnet_generalization": []}
     seen = set()
     for path in paths:
         path = Path(path)
@@ -60,6 +61,8 @@ def collect(paths: List[Path]) -> Dict[str, List[Dict]]:
             data["_file"] = str(f)
             if data.get("protocol") in ("scannet3d", "lerf_ovs_2d", "lerf_ovs_3d"):
                 found[data["protocol"]].append(data)
+            elif data.get("benchmark") == "gsnet_generalization":
+                found["gsnet_generalization"].append(data)
             elif isinstance(data.get("results"), dict) and "checkpoint" in data:
                 found["ns_eval"].append(data)
     return found
@@ -149,6 +152,8 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
               "0.25 (a query with no selected Gaussian counts IoU 0). Selection rule and thresholds: "
               "docs/evaluation.md.", ""]
 
+    lines += gsnet_generalization_table(found.get("gsnet_generalization", []))
+
     if ns_evals:
         lines += ["## ns-eval (held-out views)", "",
                   "| Run | PSNR | SSIM | LPIPS | 2D feature mIoU | ms dense | ms quantile | speed-up | Source |",
@@ -162,6 +167,38 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
                          f"{fmt(res.get('feature_speedup_quantile_vs_dense'), 2, 1)} | {ev['_file']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+GSNET_METHODS = [  # (key in the benchmark JSON, row label)
+    ("table", "(a) per-scene feature table (from scratch)"),
+    ("backproject", "(b) back-projection of the teacher masks (K = 10)"),
+    ("gsnet_k10", "(c) GS-Net feed-forward (trained with Q-Render K = 10)"),
+    ("gsnet_dense", "(c') GS-Net feed-forward (trained with dense blending, V-Render)"),
+    ("gsnet_k10_finetune", "(d) GS-Net + per-scene fine-tune"),
+]
+
+
+def gsnet_generalization_table(results: List[Dict]) -> List[str]:
+    """Markdown rows of benchmarks/bench_gsnet_generalization.py's JSON: held-out generated rooms, ScanNet-19
+    protocol, per method and fit kind (RGB fit with or without the depth loss)."""
+    if not results:
+        return []
+    lines = ["## GS-Net generalization (held-out generated rooms, ScanNet-19 protocol)", "",
+             "| Features | 3DGS fit | Held-out rooms | mIoU | mAcc | s / scene | Source |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for kind, fit in r.get("fits", {}).items():
+            fit_label = {"plain": "RGB only", "depth": "RGB + depth loss"}.get(kind, kind)
+            for key, label in GSNET_METHODS:
+                m = fit.get("mean", {}).get(key)
+                if m is None:
+                    continue
+                lines.append(f"| {label} | {fit_label} | {fit.get('num_val_scenes')} | {fmt(m.get('miou'))} | "
+                             f"{fmt(m.get('macc'))} | {fmt(m.get('seconds'), 2, 1)} | {r['_file']} |")
+    lines += ["", "Every method uses the same fitted Gaussians of each held-out room; s / scene excludes the 3DGS fit "
+              "(GS-Net: its forward pass; fine-tune: forward + the fine-tune steps). Settings (steps, dataset) are "
+              "in each JSON's args; the paper's GS-Net is trained on 1,503 real ScanNet scenes, these on generated "
+              "rooms with the synthetic teacher, so only the ranking is comparable, not the numbers.", ""]
+    return lines
 
 
 def _num(value) -> float:

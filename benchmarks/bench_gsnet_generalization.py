@@ -1,0 +1,148 @@
+"""GS-Net generalization on held-out generated rooms (issue 14's table), as a benchmark writing JSON.
+
+For every fit kind (`plain`: RGB fit; `depth`: RGB + depth loss) of a `qsplat make-dataset` folder:
+  1. GS-Net is trained across the train scenes (`qsplat train-gsnet --dataset D --fit KIND`, Q-Render K=10),
+     and for `plain` also with dense blending ("V-Render", --num-quantiles None) for the K=10 vs dense row;
+  2. on every val scene (never seen in training), with the same fitted Gaussians, features come from
+     (a) a per-scene feature table trained from scratch with the same loss (TABLE_STEPS steps),
+     (b) back-projection of the teacher masks (K=10, one pass),
+     (c) GS-Net feed-forward,
+     (d) GS-Net fine-tuned on that scene (FINETUNE_STEPS steps);
+  3. each is scored with the ScanNet-19 protocol (eval-scannet's kNN transfer to the Gaussians, 0.1 opacity cut):
+     mIoU / mAcc, with seconds per scene (for (c): the forward pass only; fitting the 3DGS is excluded for all).
+
+    python benchmarks/bench_gsnet_generalization.py --dataset data/rooms --fits plain depth \\
+        --gsnet-steps 150 --table-steps 150 --finetune-steps 30 --out benchmarks/results/gsnet_generalization_cpu.json
+
+Everything runs on this process's device (CPU here); one torch thread per process is not forced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qrender_ns.data.dataset import dataset_scenes  # noqa: E402
+from qrender_ns.eval import to_world  # noqa: E402
+from qrender_ns.eval.scannet3d import scannet_metrics_of_features  # noqa: E402
+from qrender_ns.gsnet.backproject import backproject_scene  # noqa: E402
+from qrender_ns.gsnet.finetune import fit_feature_table, finetune_gsnet  # noqa: E402
+from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig  # noqa: E402
+from qrender_ns.gsnet.scenes import load_scene  # noqa: E402
+from qrender_ns.gsnet.train import TrainGSNet, train_gsnet  # noqa: E402
+from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
+
+
+def world_frame(scene_root: Path):
+    """(transform, scale) of the dataparser the fit used: its Gaussians live in that frame."""
+    from qrender_ns.data.dataparser import QSplatDataParserConfig
+
+    outputs = QSplatDataParserConfig(data=scene_root).setup().get_dataparser_outputs("train")
+    return outputs.dataparser_transform.numpy().astype(np.float64), float(outputs.dataparser_scale)
+
+
+def score(scene, features, transform, scale, encoder) -> dict:
+    g = scene.gaussians
+    means = to_world(g.means.detach().cpu().numpy(), transform, scale)
+    return scannet_metrics_of_features(scene.root, means, g.opacities, features, encoder, classes="19")
+
+
+def train_net(args, kind: str, num_quantiles, work: Path) -> tuple:
+    out = work / f"gsnet_{kind}_{'dense' if num_quantiles is None else f'k{num_quantiles}'}.ckpt"
+    cfg = TrainGSNet(scenes=(), dataset=args.dataset, fit=kind, out=out, steps=args.gsnet_steps,
+                     scenes_per_step=args.scenes_per_step, views_per_scene=4, num_quantiles=num_quantiles,
+                     lr=args.lr, plateau_patience=3, save_every=25, seed=args.seed, eval_val=False,
+                     progress=False, tensorboard=True, gsnet=GSNetConfig())
+    start = time.perf_counter()
+    summary = train_gsnet(cfg)
+    net = GSNet.from_checkpoint(out).eval()
+    return net, {"checkpoint": str(out), "steps": summary["steps"], "loss": summary["loss"],
+                 "train_seconds": time.perf_counter() - start, "num_quantiles": num_quantiles}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, required=True)
+    parser.add_argument("--fits", nargs="+", default=["plain", "depth"])
+    parser.add_argument("--gsnet-steps", type=int, default=150)
+    parser.add_argument("--scenes-per-step", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--table-steps", type=int, default=150)
+    parser.add_argument("--table-lr", type=float, default=0.05)
+    parser.add_argument("--finetune-steps", type=int, default=30)
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense-blending GS-Net (V-Render) row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="GS-Net checkpoints (default: <dataset>/bench)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gsnet_generalization_cpu.json"))
+    args = parser.parse_args()
+    work = args.work or args.dataset / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"benchmark": "gsnet_generalization", "dataset": str(args.dataset), "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "platform": platform.platform(), "torch": torch.__version__},
+              "protocol": "ScanNet-19 (OpenGaussian's list), kNN-5 transfer within 0.1 m, opacity >= 0.1",
+              "fits": {}}
+    if args.out.is_file():  # one fit kind per run is fine: the others' results are kept
+        previous = json.loads(args.out.read_text())
+        result["fits"] = {k: v for k, v in previous.get("fits", {}).items() if k not in args.fits}
+    for kind in args.fits:
+        nets = {"k10": train_net(args, kind, 10, work)}
+        if kind == "plain" and not args.no_dense:
+            nets["dense"] = train_net(args, kind, None, work)
+        rows = []
+        for spec in dataset_scenes(args.dataset, "val", kind):
+            scene = load_scene(spec, with_eval=False)
+            transform, scale = world_frame(scene.root)
+            encoder = load_text_encoder(scene.teacher_root)
+            row = {"scene": scene.name, "gaussians": scene.gaussians.num}
+            t0 = time.perf_counter()
+            feats, stats = fit_feature_table(scene, args.table_steps, lr=args.table_lr, seed=args.seed)
+            row["table"] = {**score(scene, feats, transform, scale, encoder), "seconds": time.perf_counter() - t0,
+                            "steps": args.table_steps, "last_loss": stats["last_loss"]}
+            t0 = time.perf_counter()
+            feats, _ = backproject_scene(scene, num_quantiles=10)
+            row["backproject"] = {**score(scene, feats, transform, scale, encoder), "seconds": time.perf_counter() - t0}
+            for name, (net, _) in nets.items():
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    feats = net(**scene.gaussians.gsnet_inputs(), units_per_metre=scene.units_per_metre)
+                    seconds = time.perf_counter() - t0
+                row[f"gsnet_{name}"] = {**score(scene, feats, transform, scale, encoder), "seconds": seconds}
+            t0 = time.perf_counter()
+            feats, stats = finetune_gsnet(nets["k10"][0], scene, args.finetune_steps, seed=args.seed)
+            row["gsnet_k10_finetune"] = {**score(scene, feats, transform, scale, encoder),
+                                         "seconds": time.perf_counter() - t0 + row["gsnet_k10"]["seconds"],
+                                         "steps": args.finetune_steps}
+            print(f"[bench] {kind} {scene.name}: " + ", ".join(
+                f"{k} {v['miou']:.3f}" for k, v in row.items() if isinstance(v, dict)), flush=True)
+            rows.append(row)
+        methods = [k for k, v in rows[0].items() if isinstance(v, dict)] if rows else []
+        mean = {m: {key: float(np.nanmean([r[m][key] for r in rows])) for key in ("miou", "macc", "seconds")}
+                for m in methods}
+        result["fits"][kind] = {"gsnet": {k: v[1] for k, v in nets.items()}, "val_scenes": rows, "mean": mean,
+                                "num_val_scenes": len(rows)}
+    result["seconds_this_run"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.out)
+    for kind, r in result["fits"].items():
+        print(f"\n{kind} fits, {r['num_val_scenes']} held-out rooms:")
+        for m, v in r["mean"].items():
+            print(f"  {m:20s} mIoU {v['miou']:.3f}  mAcc {v['macc']:.3f}  {v['seconds']:.2f} s/scene")
+    print(f"wrote {args.out} ({result['seconds_this_run']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
