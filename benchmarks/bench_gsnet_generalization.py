@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--table-lr", type=float, default=0.05)
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-blending GS-Net (V-Render) row")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="only the GS-Net rows (e.g. a longer GS-Net run: re-running with more --gsnet-steps "
+                             "resumes the checkpoints in --work)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="GS-Net checkpoints (default: <dataset>/bench)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gsnet_generalization_cpu.json"))
@@ -107,12 +110,14 @@ def main() -> None:
             encoder = load_text_encoder(scene.teacher_root)
             row = {"scene": scene.name, "gaussians": scene.gaussians.num}
             t0 = time.perf_counter()
-            feats, stats = fit_feature_table(scene, args.table_steps, lr=args.table_lr, seed=args.seed)
-            row["table"] = {**score(scene, feats, transform, scale, encoder), "seconds": time.perf_counter() - t0,
-                            "steps": args.table_steps, "last_loss": stats["last_loss"]}
-            t0 = time.perf_counter()
-            feats, _ = backproject_scene(scene, num_quantiles=10)
-            row["backproject"] = {**score(scene, feats, transform, scale, encoder), "seconds": time.perf_counter() - t0}
+            if not args.skip_baselines:
+                feats, stats = fit_feature_table(scene, args.table_steps, lr=args.table_lr, seed=args.seed)
+                row["table"] = {**score(scene, feats, transform, scale, encoder), "seconds": time.perf_counter() - t0,
+                                "steps": args.table_steps, "last_loss": stats["last_loss"]}
+                t0 = time.perf_counter()
+                feats, _ = backproject_scene(scene, num_quantiles=10)
+                row["backproject"] = {**score(scene, feats, transform, scale, encoder),
+                                      "seconds": time.perf_counter() - t0}
             for name, (net, _) in nets.items():
                 with torch.no_grad():
                     t0 = time.perf_counter()

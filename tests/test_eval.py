@@ -264,6 +264,23 @@ def test_eval_scannet_subset_skips_absent_classes(run, tmp_path):
         load_labels(run["root"] / "gt" / "points.ply", "scene", run["root"], label_space="nyu40")
 
 
+def test_scannet_metrics_of_features_equal_eval_scannet(run, tmp_path):
+    """The in-memory version (GS-Net benchmark) gives eval-scannet's numbers on the same Gaussians and features."""
+    from qrender_ns.eval import dataparser_frame, to_world
+    from qrender_ns.eval.scannet3d import scannet_metrics_of_features
+
+    model = run["pipeline"].model
+    expected = run_eval_scannet(EvalScannet(load_config=run["config_path"], classes="19", output=tmp_path, timing=False,
+                                            supervision_diagnostic=False), pipeline=run["pipeline"])
+    transform, scale = dataparser_frame(run["pipeline"])
+    got = scannet_metrics_of_features(run["root"], to_world(model.means.detach().numpy(), transform, scale),
+                                      model.opacities.detach().sigmoid(), model.gaussian_features.detach(),
+                                      model.text_encoder, classes="19")
+    assert got["miou"] == pytest.approx(expected["miou"], abs=1e-9)
+    assert got["macc"] == pytest.approx(expected["macc"], abs=1e-9)
+    assert got["evaluated"] == expected["counts"]["evaluated"]
+
+
 def test_eval_lerf_ovs(run, tmp_path):
     cfg = EvalLerfOvs(load_config=run["config_path"], output=tmp_path, smooth_kernel=3)
     result = run_eval_lerf_ovs(cfg, pipeline=run["pipeline"])
