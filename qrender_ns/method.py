@@ -40,7 +40,7 @@ class QSplatTrainer(Trainer):
         checkpoint.remove_stale_partials(self.checkpoint_dir)
         ckpt_path: Path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
-        if hasattr(pipeline.model, "prepare_checkpoint"):  # e.g. feature_head=backproject: features of these Gaussians
+        if hasattr(getattr(pipeline, "model", None), "prepare_checkpoint"):  # e.g. feature_head=backproject: features of these Gaussians
             pipeline.model.prepare_checkpoint()
         checkpoint.atomic_torch_save_or_exit(
             {
