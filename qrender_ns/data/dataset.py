@@ -561,7 +561,7 @@ class _DatasetProgress:
         if cfg.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("[q-splat] {task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
+            self.bar = Progress(TextColumn(r"\[q-splat] {task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
                                 MofNCompleteColumn(), TimeElapsedColumn())
             self.overall = self.bar.add_task("dataset", total=cfg.scenes, stage="scenes")
 
