@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,13 @@ def train_net(args, kind: str, num_quantiles, work: Path) -> tuple:
                      scenes_per_step=args.scenes_per_step, views_per_scene=4, num_quantiles=num_quantiles,
                      lr=args.lr, plateau_patience=3, save_every=25, seed=args.seed, eval_val=False,
                      progress=False, tensorboard=True, gsnet=GSNetConfig())
-    start = time.perf_counter()
     summary = train_gsnet(cfg)
     net = GSNet.from_checkpoint(out).eval()
+    # seconds_total: training time over all the runs that made this checkpoint (it may have been resumed, or
+    # trained beforehand with the same `qsplat train-gsnet` settings), evaluations excluded
     return net, {"checkpoint": str(out), "steps": summary["steps"], "loss": summary["loss"],
-                 "train_seconds": time.perf_counter() - start, "num_quantiles": num_quantiles}
+                 "train_seconds": summary["seconds_total"], "num_quantiles": num_quantiles,
+                 "augment": asdict(cfg.augment)}
 
 
 def main() -> None:

@@ -202,6 +202,54 @@ def check_output_path(path: Path) -> None:
                          "place; checked before the evaluation so that no work is lost") from None
 
 
+# Programs of nerfstudio that read a run's --load-config (nerfstudio imports the plugin, i.e. this module, while
+# it discovers methods: before it reads that file).
+NS_LOAD_CONFIG_PROGRAMS = ("ns-eval", "ns-viewer", "ns-render", "ns-export")
+
+
+def ns_load_config(argv: List[str]) -> Optional[Tuple[str, Path]]:
+    """(program, --load-config path) when `argv` is one of NS_LOAD_CONFIG_PROGRAMS with that option, else None."""
+    if not argv or Path(argv[0]).name not in NS_LOAD_CONFIG_PROGRAMS:
+        return None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg in ("--load-config", "--load_config") and i + 1 < len(argv):
+            return Path(argv[0]).name, Path(argv[i + 1])
+        if arg.startswith(("--load-config=", "--load_config=")):
+            return Path(argv[0]).name, Path(arg.split("=", 1)[1])
+    return None
+
+
+def check_ns_load_config(program: str, config_path: Path) -> None:
+    """SystemExit with a sentence when nerfstudio's `program` is given a --load-config that is missing, a folder,
+    unreadable or not YAML (nerfstudio would print a traceback). Any method's run passes: only the file is checked,
+    its syntax parsed without constructing the objects it names."""
+    import yaml
+
+    config_path = Path(config_path)
+    hint = "pass the config.yml that ns-train wrote (outputs/<scene>/<method>/<timestamp>/config.yml)"
+    if config_path.is_dir():
+        inside = config_path / "config.yml"
+        more = f" (did you mean {inside}?)" if inside.is_file() else ""
+        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} is a folder{more}: {hint}")
+    if not config_path.is_file():
+        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} does not exist: {hint}")
+    try:
+        for _ in yaml.parse(config_path.read_text()):
+            pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"[q-splat] {program}: cannot read --load-config {config_path} ({e}): {hint}") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} is not valid YAML "
+                         f"({str(e).splitlines()[0]}): {hint}") from None
+
+
+def check_ns_command_line(argv: Optional[List[str]] = None) -> None:
+    """At plugin import: the --load-config of ns-eval / ns-viewer / ns-render / ns-export (check_ns_load_config)."""
+    found = ns_load_config(sys.argv if argv is None else argv)
+    if found is not None:
+        check_ns_load_config(*found)
+
+
 def preflight() -> None:
     """What the plugin checks before nerfstudio's eval_setup loads anything: install the checkpoint fallback
     and, under ns-eval, the output path."""

@@ -20,6 +20,10 @@ from .model import FEATURE_PARAM, QSplatModelConfig
 
 MAX_STEPS = 30000
 
+# nerfstudio imports this module while it discovers methods, before ns-eval / ns-viewer / ns-render / ns-export
+# read their --load-config: a missing or broken file gets a sentence here instead of a traceback there.
+checkpoint.check_ns_command_line()
+
 
 def _adam(lr, final=None, warmup=0):
     scheduler = None

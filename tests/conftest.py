@@ -5,6 +5,8 @@ from pathlib import Path
 # Offline by construction: a missing weight must fail at once, not after hub retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# ns-train q-splat subprocesses would otherwise restart themselves once to set it (qrender_ns/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

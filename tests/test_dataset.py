@@ -192,7 +192,7 @@ def test_fit_kinds_set_the_depth_loss_option(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- GS-Net on it
-def test_train_gsnet_reads_the_dataset(dataset, tmp_path):
+def test_train_gsnet_reads_the_dataset(dataset, tmp_path, capsys):
     from qrender_ns.gsnet.gsnet import GSNetConfig
     from qrender_ns.gsnet.scenes import load_scene
     from qrender_ns.gsnet.train import TrainGSNet, train_gsnet
@@ -203,10 +203,17 @@ def test_train_gsnet_reads_the_dataset(dataset, tmp_path):
     fitted = load_scene(ds.dataset_scenes(out, "val")[0])
     assert fitted.gaussians.labels is None and fitted.gaussians.opacities.min() < 0.5  # fitted, not points
     cfg = TrainGSNet(dataset=out, out=tmp_path / "g.ckpt", gsnet=GSNetConfig(**TINY_GSNET), steps=2,
-                     scenes_per_step=1, views_per_scene=1, progress=False, tensorboard=False)
+                     scenes_per_step=1, views_per_scene=1, progress=False, tensorboard=True, val_every=1)
     summary = train_gsnet(cfg)
     assert summary["steps"] == 2 and (tmp_path / "g.ckpt").is_file()
+    printed = capsys.readouterr().out
+    assert "GS-Net at step 1 on 1 val scenes" in printed and "GS-Net at step 2 on 1 val scenes" in printed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "g_tb")).Reload()
+    assert [e.step for e in events.Scalars("gsnet/val_miou_2d")] == [1]  # the final one is in g_val.json
     val = json.loads((tmp_path / "g_val.json").read_text())
+    assert val["step"] == 2 and [h["step"] for h in val["history"]] == [1, 2]
     assert [Path(r["scene"]).parts[-5] for r in val["scenes"]] == ["scene_002"] and "miou_2d" in val["mean"]
     none = train_gsnet(TrainGSNet(dataset=out, fit="none", out=tmp_path / "p.ckpt", gsnet=GSNetConfig(**TINY_GSNET),
                                   steps=1, scenes_per_step=1, views_per_scene=1, progress=False, tensorboard=False))

@@ -41,6 +41,32 @@ def test_second_writer_is_refused_and_keeps_the_first_writers_files(tmp_path):
         assert not in_flight.exists() and second.keys() == ["color/0.jpg", "color/1.jpg"]
 
 
+def test_a_training_waits_for_another_writer_of_its_teacher_cache(tmp_path, capsys):
+    """Two ns-train of one scene started at once: the second waits for the first's cache writes (it used to
+    crash with CacheBusyError at datamanager set-up)."""
+    import threading
+    from types import SimpleNamespace
+
+    from qrender_ns.data.datamanager import QSplatDataManager
+
+    root = tmp_path / "cache"
+    first = TeacherCache.create(root, INFO, feature_dim=DIM)
+    teacher = SimpleNamespace(cache_root=root, teacher_info=INFO, dim=DIM, class_names=[], name="synthetic")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("w", QSplatDataManager._open_cache_when_free(
+        teacher, ["color/0.jpg"], poll_s=0.05)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and "w" not in got  # still waiting
+    first.write("color/0.jpg", *_entry(), "a")
+    first.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    with got["w"] as second:
+        assert second.keys() == ["color/0.jpg"]  # the first writer's image is kept
+    assert "being written by pid" in capsys.readouterr().out
+
+
 def test_lock_is_released_when_the_writer_process_dies(tmp_path):
     root = tmp_path / "cache"
     code = ("import os, sys; from qrender_ns.teachers.cache import TeacherCache; "
@@ -319,6 +345,34 @@ def test_load_config_sentences(tmp_path):
         check_output_path(tmp_path / "metrics.txt")
     check_output_path(tmp_path / "new" / "metrics.json")
     assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_nerfstudio_commands_get_a_sentence_for_a_missing_or_broken_load_config(tmp_path):
+    """ns-eval / ns-viewer / ns-render / ns-export read --load-config before any q-splat code of the run: the
+    plugin, imported while nerfstudio discovers methods, checks the file first (any method's run)."""
+    from qrender_ns.checkpoint import check_ns_command_line, ns_load_config
+
+    assert ns_load_config(["/v/bin/ns-eval", "--load-config", "a.yml"]) == ("ns-eval", Path("a.yml"))
+    assert ns_load_config(["/v/bin/ns-render", "camera-path", "--load-config=b.yml"]) == ("ns-render", Path("b.yml"))
+    assert ns_load_config(["/v/bin/ns-train", "--load-config", "a.yml"]) is None
+    assert ns_load_config(["/v/bin/ns-eval"]) is None
+    bad = tmp_path / "bad.yml"
+    bad.write_text("method_name: [unclosed\n")
+    with pytest.raises(SystemExit, match="ns-viewer: --load-config .*bad.yml is not valid YAML"):
+        check_ns_command_line(["ns-viewer", "--load-config", str(bad)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yml").write_text("!!python/object:nerfstudio.engine.trainer.TrainerConfig\nmethod_name: splatfacto\n")
+    with pytest.raises(SystemExit, match=r"is a folder \(did you mean .*config.yml\?\)"):
+        check_ns_command_line(["ns-export", "gaussian-splat", "--load-config", str(run)])
+    check_ns_command_line(["ns-eval", "--load-config", str(run / "config.yml")])  # another method's run passes
+
+    ns_eval = Path(sys.executable).parent / "ns-eval"
+    result = subprocess.run([str(ns_eval), "--load-config", str(tmp_path / "missing.yml")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "ns-eval: --load-config" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 # ---------------------------------------------------------------------------------------- 9: read-only, disk full

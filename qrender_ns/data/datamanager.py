@@ -140,7 +140,7 @@ class QSplatDataManager(FullImageDatamanager):
                 if cache is None:
                     raise
                 return cache
-            with ts.open_cache_for(teacher, keys, PREFIX) as writer:  # one writer at a time (a lock)
+            with self._open_cache_when_free(teacher, keys) as writer:  # one writer at a time (a lock)
                 if hasattr(teacher, "write_weights_sidecar"):
                     teacher.write_weights_sidecar()
                 stats = ts.fill_teacher_cache(writer, teacher, items, progress=True)
@@ -168,6 +168,27 @@ class QSplatDataManager(FullImageDatamanager):
 
         check_teacher_masks(cache, keys)  # no mask anywhere would train RGB only without a word
         return cache
+
+    @staticmethod
+    def _open_cache_when_free(teacher, keys, poll_s: float = 1.0):
+        """The cache's writer; while another process writes it (e.g. a second training of the same scene started
+        at once), wait for it: what it finishes is then already cached here."""
+        import time
+
+        from ..teachers import setup as ts
+        from ..teachers.cache import CacheBusyError
+
+        said = False
+        while True:
+            try:
+                return ts.open_cache_for(teacher, keys, PREFIX)
+            except CacheBusyError as e:
+                if not said:
+                    holder = str(e).split(" is being written by ", 1)[-1].split(":", 1)[0]
+                    CONSOLE.print(f"\\[q-splat] the teacher cache is being written by {holder} (another training or "
+                                  "extract-features): waiting for it to finish (Ctrl+C stops)")
+                    said = True
+                time.sleep(poll_s)
 
     def _complete_cache_without_models(self, settings, name: str, items):
         """A cache that already holds every training image as served (e.g. extracted on another machine) trains

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
+from ..progressbar import OptionalProgress
 from .scene_generator import STRUCTURE_CLASSES, SceneVariation, generate_scene
 
 FORMAT = "qsplat-dataset/1"
@@ -546,7 +547,7 @@ def _worker_build(cfg_dict: dict, index: int, dataset_dir: str, events) -> dict:
                               lambda stage, completed, total: events.put((index, stage, completed, total)))
 
 
-class _DatasetProgress:
+class _DatasetProgress(OptionalProgress):
     """One rich progress bar per scene (its current stage and step), one for the whole dataset."""
 
     def __init__(self, cfg: MakeDataset, stages: List[str]):
@@ -564,15 +565,6 @@ class _DatasetProgress:
             self.bar = Progress(TextColumn(r"\[q-splat] {task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
                                 MofNCompleteColumn(), TimeElapsedColumn())
             self.overall = self.bar.add_task("dataset", total=cfg.scenes, stage="scenes")
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
     def _task(self, index: int):
         if index not in self.tasks:

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import mean_class_iou
+from ..progressbar import OptionalProgress
+from .augment import GSNetAugment, augment_inputs
 from .gsnet import GSNet, GSNetConfig, read_checkpoint
 from .scenes import TrainingScene, load_scene
 
@@ -49,9 +51,15 @@ class TrainGSNet:
     Gaussians made from the labelled point clouds)."""
     eval_val: bool = True
     """--dataset: evaluate the val scenes after training."""
+    val_every: int = 0
+    """--dataset: also evaluate the val scenes every this many steps (feed-forward mIoU to TensorBoard as
+    gsnet/val_<metric>, and `<out stem>_val.json`); 0 = only at the end."""
     out: Path = Path("outputs/gsnet/gsnet.ckpt")
     """Checkpoint to write (and to resume from when it exists)."""
     gsnet: GSNetConfig = field(default_factory=GSNetConfig)
+    augment: GSNetAugment = field(default_factory=GSNetAugment)
+    """Random rotation about z / mirror / scale / colour jitter of GS-Net's inputs per scene and step (the rendered
+    scene is untouched; gsnet/augment.py). --augment.no-enabled turns it off."""
     steps: int = 1000
     """Optimiser steps (total, including resumed ones)."""
     scenes_per_step: int = 4
@@ -120,13 +128,15 @@ def render_features(scene: TrainingScene, features: Tensor, views, view_ids: Lis
 
 
 def scene_loss(net: nn.Module, scene: TrainingScene, cfg: TrainGSNet, generator: torch.Generator,
-               log_temperature: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
+               log_temperature: Optional[Tensor] = None, augment: bool = False) -> Tuple[Tensor, Dict[str, float]]:
     """Mean contrastive loss over `views_per_scene` random training views of one scene. Always
-    connected to the network's output (a zero loss when no view has >= 2 masks), as DDP requires."""
+    connected to the network's output (a zero loss when no view has >= 2 masks), as DDP requires.
+    `augment`: the network sees `cfg.augment`'s transform of the Gaussians; the render uses them as they are."""
     from ..losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
 
     g = scene.gaussians
-    features = net(**g.gsnet_inputs(), units_per_metre=scene.units_per_metre)
+    inputs = augment_inputs(g.gsnet_inputs(), cfg.augment, generator) if augment else g.gsnet_inputs()
+    features = net(**inputs, units_per_metre=scene.units_per_metre)
     views = scene.train
     num_views = len(views.image_keys)
     view_ids = torch.randperm(num_views, generator=generator)[:min(cfg.views_per_scene, num_views)].tolist()
@@ -309,6 +319,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
     step, epoch, consumed = 0, 0, 0
+    seconds_before = 0.0  # training time of the runs this one resumes
     if cfg.resume and cfg.out.is_file():
         payload = read_checkpoint(cfg.out, map_location=device)
         if payload["config"] != cfg.gsnet.to_dict():
@@ -320,6 +331,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed_in_epoch"])
+            seconds_before = float(state.get("seconds_total", 0.0))
             if log_temperature is not None and "log_temperature" in state:
                 log_temperature.data.fill_(float(state["log_temperature"]))
         if rank == 0:
@@ -346,6 +358,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
         if rank != 0:
             return
         training = {"step": step, "epoch": epoch, "consumed_in_epoch": consumed,
+                    "seconds_total": seconds_before + time.perf_counter() - start - val_seconds[0],
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "config": _train_state(cfg)}
         if log_temperature is not None:
@@ -354,6 +367,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
 
     epoch_losses: List[float] = []
     last_loss, start = float("nan"), time.perf_counter()
+    val_seconds = [0.0]  # spent in --val-every evaluations (not training time)
     net.train()
     with progress:
         while step < cfg.steps:
@@ -368,7 +382,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
                 consumed += 1
                 sync = contextlib.nullcontext() if (world == 1 or i == cfg.scenes_per_step - 1) else model.no_sync()
                 with sync:
-                    loss, _ = scene_loss(model, store[index], cfg, generator, log_temperature)
+                    loss, _ = scene_loss(model, store[index], cfg, generator, log_temperature, augment=True)
                     (loss / cfg.scenes_per_step).backward()
                 step_losses.append(float(loss.detach()))
                 epoch_losses.append(step_losses[-1])
@@ -384,8 +398,15 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
                     writer.add_scalar("gsnet/num_voxels", net.last_stats.get("num_voxels", 0), step)
                 if step % cfg.save_every == 0 and step < cfg.steps:
                     save()
+                if cfg.dataset is not None and cfg.val_every > 0 and step % cfg.val_every == 0 and step < cfg.steps:
+                    t_val = time.perf_counter()
+                    val = evaluate_dataset_split(net, cfg, "val", step=step)
+                    val_seconds[0] += time.perf_counter() - t_val
+                    if writer is not None:
+                        for key, value in val.get("mean", {}).items():
+                            writer.add_scalar(f"gsnet/val_{key}", value, step)
     save()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - val_seconds[0]
     if writer is not None:
         writer.close()
     if world > 1:
@@ -394,16 +415,17 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     summary = {"checkpoint": str(cfg.out), "steps": step, "loss": last_loss, "seconds": seconds,
+               "seconds_total": seconds_before + seconds,
                "world_size": world, "backend": net.backend_name, "device": str(device)}
     if rank == 0:
         print(f"[q-splat] GS-Net checkpoint {cfg.out} (step {step}, loss {last_loss:.4f}, {seconds:.1f} s, "
               f"sparse-conv backend {net.backend_name})")
         if cfg.dataset is not None and cfg.eval_val:
-            summary["val"] = evaluate_dataset_split(net, cfg, "val")
+            summary["val"] = evaluate_dataset_split(net, cfg, "val", step=step)
     return summary
 
 
-def evaluate_dataset_split(net: GSNet, cfg: TrainGSNet, split: str = "val") -> dict:
+def evaluate_dataset_split(net: GSNet, cfg: TrainGSNet, split: str = "val", step: Optional[int] = None) -> dict:
     """Feed-forward mIoU (evaluate_net) on every scene of a dataset split; written to <out stem>_<split>.json."""
     import json
 
@@ -420,17 +442,25 @@ def evaluate_dataset_split(net: GSNet, cfg: TrainGSNet, split: str = "val") -> d
                      **evaluate_net(net, scene, cfg.num_quantiles, cfg.render_scale, cfg.rasterizer_backend)})
     keys = sorted({k for r in rows for k in r if k.startswith("miou")})
     mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-    result = {"split": split, "fit": cfg.fit, "scenes": rows, "mean": mean}
     path = cfg.out.parent / f"{cfg.out.stem}_{split}.json"
+    history = []  # the means of earlier evaluations of this checkpoint's training (--val-every, resumed runs)
+    if step is not None and path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            history = [h for h in json.loads(path.read_text()).get("history", [])
+                       if isinstance(h, dict) and h.get("step") is not None and h["step"] < step]
+    if step is not None:
+        history.append({"step": step, "mean": mean})
+    result = {"split": split, "fit": cfg.fit, "step": step, "scenes": rows, "mean": mean, "history": history}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) or "no ground truth"
-    print(f"[q-splat] GS-Net on {len(rows)} {split} scenes of {cfg.dataset}: {scores} ({path})")
+    at = f" at step {step}" if step is not None else ""
+    print(f"[q-splat] GS-Net{at} on {len(rows)} {split} scenes of {cfg.dataset}: {scores} ({path})")
     return result
 
 
-class _progress:
+class _progress(OptionalProgress):
     """A rich progress bar on rank 0 (silent elsewhere or with --no-progress)."""
 
     def __init__(self, cfg: TrainGSNet, rank: int, step: int):
@@ -444,15 +474,6 @@ class _progress:
                                 TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
                                 TimeElapsedColumn(), TimeRemainingColumn())
             self.task = self.bar.add_task("train", total=cfg.steps, completed=step, loss="-", lr="-")
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
     def update_loss(self, step: int, loss: float, lr: float) -> None:
         if self.bar is not None:
