@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true",
                         help="only the GS-Net rows (e.g. a longer GS-Net run: re-running with more --gsnet-steps "
                              "resumes the checkpoints in --work)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only the per-scene table and back-projection rows (e.g. while GS-Net trains elsewhere)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="GS-Net checkpoints (default: <dataset>/bench)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gsnet_generalization_cpu.json"))
@@ -99,13 +101,19 @@ def main() -> None:
                           "platform": platform.platform(), "torch": torch.__version__},
               "protocol": "ScanNet-19 (OpenGaussian's list), kNN-5 transfer within 0.1 m, opacity >= 0.1",
               "fits": {}}
+    previous_fits = {}
     if args.out.is_file():  # one fit kind per run is fine: the others' results are kept
-        previous = json.loads(args.out.read_text())
-        result["fits"] = {k: v for k, v in previous.get("fits", {}).items() if k not in args.fits}
+        previous_fits = json.loads(args.out.read_text()).get("fits", {})
+        result["fits"] = {k: v for k, v in previous_fits.items() if k not in args.fits}
     for kind in args.fits:
-        nets = {"k10": train_net(args, kind, 10, work)}
-        if kind == "plain" and not args.no_dense:
-            nets["dense"] = train_net(args, kind, None, work)
+        # Rows of methods this run does not compute (--skip-baselines / --baselines-only) are kept from the previous
+        # JSON for the same room with the same fitted Gaussians (same count: a re-made dataset's fits differ).
+        previous_rows = {(r["scene"], r["gaussians"]): r for r in previous_fits.get(kind, {}).get("val_scenes", [])}
+        nets = {}
+        if not args.baselines_only:
+            nets["k10"] = train_net(args, kind, 10, work)
+            if kind == "plain" and not args.no_dense:
+                nets["dense"] = train_net(args, kind, None, work)
         rows = []
         for spec in dataset_scenes(args.dataset, "val", kind):
             scene = load_scene(spec, with_eval=False)
@@ -127,18 +135,22 @@ def main() -> None:
                     feats = net(**scene.gaussians.gsnet_inputs(), units_per_metre=scene.units_per_metre)
                     seconds = time.perf_counter() - t0
                 row[f"gsnet_{name}"] = {**score(scene, feats, transform, scale, encoder), "seconds": seconds}
-            t0 = time.perf_counter()
-            feats, stats = finetune_gsnet(nets["k10"][0], scene, args.finetune_steps, seed=args.seed)
-            row["gsnet_k10_finetune"] = {**score(scene, feats, transform, scale, encoder),
-                                         "seconds": time.perf_counter() - t0 + row["gsnet_k10"]["seconds"],
-                                         "steps": args.finetune_steps}
+            if "k10" in nets:
+                t0 = time.perf_counter()
+                feats, stats = finetune_gsnet(nets["k10"][0], scene, args.finetune_steps, seed=args.seed)
+                row["gsnet_k10_finetune"] = {**score(scene, feats, transform, scale, encoder),
+                                             "seconds": time.perf_counter() - t0 + row["gsnet_k10"]["seconds"],
+                                             "steps": args.finetune_steps}
+            for method, value in previous_rows.get((row["scene"], row["gaussians"]), {}).items():
+                row.setdefault(method, value)
             print(f"[bench] {kind} {scene.name}: " + ", ".join(
                 f"{k} {v['miou']:.3f}" for k, v in row.items() if isinstance(v, dict)), flush=True)
             rows.append(row)
-        methods = [k for k, v in rows[0].items() if isinstance(v, dict)] if rows else []
+        methods = [k for k, v in rows[0].items() if isinstance(v, dict) and all(k in r for r in rows)] if rows else []
         mean = {m: {key: float(np.nanmean([r[m][key] for r in rows])) for key in ("miou", "macc", "seconds")}
                 for m in methods}
-        result["fits"][kind] = {"gsnet": {k: v[1] for k, v in nets.items()}, "val_scenes": rows, "mean": mean,
+        gsnet_info = {k: v[1] for k, v in nets.items()}
+        result["fits"][kind] = {"gsnet": gsnet_info, "val_scenes": rows, "mean": mean,
                                 "num_val_scenes": len(rows)}
     result["seconds_this_run"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -320,6 +320,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
                                                            patience=cfg.plateau_patience)
     step, epoch, consumed = 0, 0, 0
     seconds_before = 0.0  # training time of the runs this one resumes
+    resumed_loss = float("nan")  # their last step's loss (reported when this run has no step left to do)
     if cfg.resume and cfg.out.is_file():
         payload = read_checkpoint(cfg.out, map_location=device)
         if payload["config"] != cfg.gsnet.to_dict():
@@ -332,6 +333,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed_in_epoch"])
             seconds_before = float(state.get("seconds_total", 0.0))
+            resumed_loss = float(state.get("last_loss", float("nan")))
             if log_temperature is not None and "log_temperature" in state:
                 log_temperature.data.fill_(float(state["log_temperature"]))
         if rank == 0:
@@ -359,6 +361,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
             return
         training = {"step": step, "epoch": epoch, "consumed_in_epoch": consumed,
                     "seconds_total": seconds_before + time.perf_counter() - start - val_seconds[0],
+                    "last_loss": last_loss,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "config": _train_state(cfg)}
         if log_temperature is not None:
@@ -366,7 +369,7 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
         net.save_checkpoint(cfg.out, extra={"training": training})
 
     epoch_losses: List[float] = []
-    last_loss, start = float("nan"), time.perf_counter()
+    last_loss, start = resumed_loss, time.perf_counter()
     val_seconds = [0.0]  # spent in --val-every evaluations (not training time)
     net.train()
     with progress:
