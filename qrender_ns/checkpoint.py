@@ -177,12 +177,18 @@ def ns_eval_output_path(argv: List[str]) -> Optional[Path]:
     program is not ns-eval."""
     if not argv or Path(argv[0]).name not in ("ns-eval", "eval.py"):
         return None
+    return _option_path(argv, "output-path") or Path("output.json")
+
+
+def _option_path(argv: List[str], name: str) -> Optional[Path]:
+    """The value of `--name VALUE` / `--name=VALUE` (dashes or underscores, as tyro accepts) in argv, or None."""
+    spellings = (f"--{name}", f"--{name.replace('-', '_')}")
     for i, arg in enumerate(argv[1:], start=1):
-        if arg in ("--output-path", "--output_path") and i + 1 < len(argv):
+        if arg in spellings and i + 1 < len(argv):
             return Path(argv[i + 1])
-        if arg.startswith(("--output-path=", "--output_path=")):
+        if arg.startswith(tuple(f"{s}=" for s in spellings)):
             return Path(arg.split("=", 1)[1])
-    return Path("output.json")
+    return None
 
 
 def check_output_path(path: Path) -> None:
@@ -211,36 +217,39 @@ def ns_load_config(argv: List[str]) -> Optional[Tuple[str, Path]]:
     """(program, --load-config path) when `argv` is one of NS_LOAD_CONFIG_PROGRAMS with that option, else None."""
     if not argv or Path(argv[0]).name not in NS_LOAD_CONFIG_PROGRAMS:
         return None
-    for i, arg in enumerate(argv[1:], start=1):
-        if arg in ("--load-config", "--load_config") and i + 1 < len(argv):
-            return Path(argv[0]).name, Path(argv[i + 1])
-        if arg.startswith(("--load-config=", "--load_config=")):
-            return Path(argv[0]).name, Path(arg.split("=", 1)[1])
-    return None
+    path = _option_path(argv, "load-config")
+    return (Path(argv[0]).name, path) if path is not None else None
 
 
 def check_ns_load_config(program: str, config_path: Path) -> None:
     """SystemExit with a sentence when nerfstudio's `program` is given a --load-config that is missing, a folder,
     unreadable or not YAML (nerfstudio would print a traceback). Any method's run passes: only the file is checked,
     its syntax parsed without constructing the objects it names."""
+    check_config_file(Path(config_path), f"[q-splat] {program}",
+                      "pass the config.yml that ns-train wrote (outputs/<scene>/<method>/<timestamp>/config.yml)")
+
+
+def check_config_file(config_path: Path, command: str, hint: str) -> str:
+    """The text of a --load-config file; SystemExit with a sentence when it is a folder, missing, unreadable or
+    not YAML (syntax only: the objects it names are not constructed)."""
     import yaml
 
-    config_path = Path(config_path)
-    hint = "pass the config.yml that ns-train wrote (outputs/<scene>/<method>/<timestamp>/config.yml)"
     if config_path.is_dir():
         inside = config_path / "config.yml"
         more = f" (did you mean {inside}?)" if inside.is_file() else ""
-        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} is a folder{more}: {hint}")
+        raise SystemExit(f"{command}: --load-config {config_path} is a folder{more}: {hint}")
     if not config_path.is_file():
-        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} does not exist: {hint}")
+        raise SystemExit(f"{command}: --load-config {config_path} does not exist: {hint}")
     try:
-        for _ in yaml.parse(config_path.read_text()):
+        text = config_path.read_text()
+        for _ in yaml.parse(text):
             pass
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"[q-splat] {program}: cannot read --load-config {config_path} ({e}): {hint}") from None
+        raise SystemExit(f"{command}: cannot read --load-config {config_path} ({e}): {hint}") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"[q-splat] {program}: --load-config {config_path} is not valid YAML "
-                         f"({str(e).splitlines()[0]}): {hint}") from None
+        raise SystemExit(f"{command}: --load-config {config_path} is not valid YAML ({str(e).splitlines()[0]}): "
+                         f"{hint}") from None
+    return text
 
 
 def check_ns_command_line(argv: Optional[List[str]] = None) -> None:
@@ -267,14 +276,10 @@ def check_run_config(config_path: Path, command: str = "qsplat") -> None:
     import yaml
 
     config_path = Path(config_path)
-    if not config_path.is_file():
-        raise SystemExit(f"{command}: --load-config {config_path} does not exist: pass the config.yml that "
-                         "ns-train q-splat wrote (outputs/<scene>/q-splat/<time>/config.yml)")
+    text = check_config_file(config_path, command, "pass the config.yml that ns-train q-splat wrote "
+                                                   "(outputs/<scene>/q-splat/<time>/config.yml)")
     try:
-        config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-    except yaml.YAMLError as e:
-        raise SystemExit(f"{command}: --load-config {config_path} is not valid YAML ({str(e).splitlines()[0]}): "
-                         "pass the config.yml that ns-train q-splat wrote") from None
+        config = yaml.load(text, Loader=yaml.Loader)
     except (ImportError, AttributeError, TypeError) as e:
         raise SystemExit(f"{command}: --load-config {config_path} names code that is not installed here "
                          f"({type(e).__name__}: {e})") from None

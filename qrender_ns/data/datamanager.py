@@ -184,8 +184,7 @@ class QSplatDataManager(FullImageDatamanager):
                 return ts.open_cache_for(teacher, keys, PREFIX)
             except CacheBusyError as e:
                 if not said:
-                    holder = str(e).split(" is being written by ", 1)[-1].split(":", 1)[0]
-                    CONSOLE.print(f"\\[q-splat] the teacher cache is being written by {holder} (another training or "
+                    CONSOLE.print(f"\\[q-splat] the teacher cache is being written by {e.holder} (another training or "
                                   "extract-features): waiting for it to finish (Ctrl+C stops)")
                     said = True
                 time.sleep(poll_s)

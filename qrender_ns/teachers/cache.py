@@ -152,7 +152,11 @@ def _write_error(path: Path, err: OSError) -> Optional["TeacherCacheError"]:
 
 
 class CacheBusyError(TeacherCacheError):
-    """Another process is writing this cache."""
+    """Another process is writing this cache (`holder`: who, as its lock file says)."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
 
 
 def _lock_writer(root: Path):
@@ -172,7 +176,7 @@ def _lock_writer(root: Path):
         lock.close()
         raise CacheBusyError(
             f"Teacher cache {root} is being written by {holder}: one writer at a time. Wait for it to finish "
-            "(or stop it), then re-run; images it has finished are kept.") from None
+            "(or stop it), then re-run; images it has finished are kept.", holder=holder) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()}\n")
