@@ -10,6 +10,8 @@ For every fit kind (`plain`: RGB fit; `depth`: RGB + depth loss) of a `qsplat ma
      (d) GS-Net fine-tuned on that scene (FINETUNE_STEPS steps);
   3. each is scored with the ScanNet-19 protocol (eval-scannet's kNN transfer to the Gaussians, 0.1 opacity cut):
      mIoU / mAcc, with seconds per scene (for (c): the forward pass only; fitting the 3DGS is excluded for all).
+  --train-scenes N ... adds GS-Net rows trained on only the first N train rooms (same steps): how the
+  feed-forward score grows with the number of training rooms.
 
     python benchmarks/bench_gsnet_generalization.py --dataset data/rooms --fits plain depth \\
         --gsnet-steps 150 --table-steps 150 --finetune-steps 30 --out benchmarks/results/gsnet_generalization_cpu.json
@@ -58,9 +60,17 @@ def score(scene, features, transform, scale, encoder) -> dict:
     return scannet_metrics_of_features(scene.root, means, g.opacities, features, encoder, classes="19")
 
 
-def train_net(args, kind: str, num_quantiles, work: Path) -> tuple:
-    out = work / f"gsnet_{kind}_{'dense' if num_quantiles is None else f'k{num_quantiles}'}.ckpt"
-    cfg = TrainGSNet(scenes=(), dataset=args.dataset, fit=kind, out=out, steps=args.gsnet_steps,
+def train_net(args, kind: str, num_quantiles, work: Path, train_scenes=None) -> tuple:
+    """GS-Net over the dataset's train split, or over its first `train_scenes` rooms (a data-scaling row)."""
+    rooms = "" if train_scenes is None else f"_{train_scenes}rooms"
+    out = work / f"gsnet_{kind}_{'dense' if num_quantiles is None else f'k{num_quantiles}'}{rooms}.ckpt"
+    scenes, dataset = (), args.dataset
+    if train_scenes is not None:
+        train = dataset_scenes(args.dataset, "train", kind)
+        if not 0 < train_scenes <= len(train):
+            raise SystemExit(f"--train-scenes {train_scenes}: the train split of {args.dataset} has {len(train)} scenes")
+        scenes, dataset = tuple(train[:train_scenes]), None
+    cfg = TrainGSNet(scenes=scenes, dataset=dataset, fit=kind, out=out, steps=args.gsnet_steps,
                      scenes_per_step=args.scenes_per_step, views_per_scene=4, num_quantiles=num_quantiles,
                      lr=args.lr, plateau_patience=3, save_every=25, seed=args.seed, eval_val=False,
                      progress=False, tensorboard=True, gsnet=GSNetConfig())
@@ -68,7 +78,8 @@ def train_net(args, kind: str, num_quantiles, work: Path) -> tuple:
     net = GSNet.from_checkpoint(out).eval()
     # seconds_total: training time over all the runs that made this checkpoint (it may have been resumed, or
     # trained beforehand with the same `qsplat train-gsnet` settings), evaluations excluded
-    return net, {"checkpoint": str(out), "steps": summary["steps"], "loss": summary["loss"],
+    num_train = train_scenes if train_scenes is not None else len(dataset_scenes(args.dataset, "train", kind))
+    return net, {"checkpoint": str(out), "train_scenes": num_train, "steps": summary["steps"], "loss": summary["loss"],
                  "train_seconds": summary["seconds_total"], "num_quantiles": num_quantiles,
                  "augment": asdict(cfg.augment)}
 
@@ -89,6 +100,9 @@ def main() -> None:
                              "resumes the checkpoints in --work)")
     parser.add_argument("--baselines-only", action="store_true",
                         help="only the per-scene table and back-projection rows (e.g. while GS-Net trains elsewhere)")
+    parser.add_argument("--train-scenes", type=int, nargs="+", default=[],
+                        help="also GS-Net (K=10) trained on only the first N train rooms, for each N: rows "
+                             "gsnet_k10_<N>rooms (how feed-forward mIoU grows with the number of training rooms)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="GS-Net checkpoints (default: <dataset>/bench)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gsnet_generalization_cpu.json"))
@@ -114,6 +128,8 @@ def main() -> None:
             nets["k10"] = train_net(args, kind, 10, work)
             if kind == "plain" and not args.no_dense:
                 nets["dense"] = train_net(args, kind, None, work)
+            for count in args.train_scenes:
+                nets[f"k10_{count}rooms"] = train_net(args, kind, 10, work, train_scenes=count)
         rows = []
         for spec in dataset_scenes(args.dataset, "val", kind):
             scene = load_scene(spec, with_eval=False)

@@ -175,15 +175,149 @@ struct DirectAlphas {
   }
 };
 
-// Row kernels (C = 512: the hot loops of every path). Wide rows run through clones built for
-// AVX2 + FMA and for baseline x86-64, picked once at load time by the CPU (GCC target_clones),
-// so one build is portable and still uses 8-wide FMAs where the CPU has them. Rows of a few
-// channels (RGB) stay inline: a call per Gaussian would cost more than the row.
+// Hot loops run through clones built for AVX2 + FMA and for baseline x86-64, picked once at
+// load time by the CPU (GCC target_clones): one build is portable and still 8-wide.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define QR_CLONES
 #endif
+
+// ------------------------------------------------------------------- quantile selection
+// The <= K quantile Gaussians of one pixel (pass 1 of quantile blending: scalars only).
+template <typename scalar_t>
+struct Selection {
+  int count;
+  scalar_t trans_q;                   // prod over the picks of (1 - alpha)
+  scalar_t weight[kMaxQuantiles];     // alpha_j * T_q before pick j (not normalised)
+  int32_t local[kMaxQuantiles];       // index into the pixel's tile list
+};
+
+// One pixel's walk, with any Alphas (the tile cache or the inputs directly).
+template <typename scalar_t, typename Alphas>
+inline void select_quantiles(const Alphas& alphas, const PixelRef<scalar_t>& p, int K,
+                             Selection<scalar_t>* s) {
+  s->count = 0;
+  scalar_t trans = 1, trans_q = 1;
+  int next_level = 1;
+  for (int64_t i = p.start; i < p.end; ++i) {
+    const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
+    if (!a.used) continue;
+    const scalar_t next_trans = trans * (1 - a.alpha);
+    if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
+      s->weight[s->count] = a.alpha * trans_q;
+      s->local[s->count++] = static_cast<int32_t>(i - p.start);  // <= K: each pick crosses a level
+      trans_q *= 1 - a.alpha;
+      while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
+        ++next_level;
+      if (next_level > K) break;
+    }
+    trans = next_trans;
+  }
+  s->trans_q = trans_q;
+}
+
+// kLanes adjacent pixels of one tile row walk the tile's list together, one SIMD lane each
+// (what a GPU warp does): the early reject, the alpha and its exp run 8-wide and a pixel that
+// has all its picks drops out of the mask; picks are rare (<= K of ~100 entries) and are
+// handled lane by lane. Same arithmetic as select_quantiles over TileCache::alpha, operation
+// for operation (no FMA contraction, exp_nonpositive for both), so the same Gaussians are
+// picked with the same weights as a pixel walked alone (sampled pixels, the reference tests).
+constexpr int kLanes = 8;
+#define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+
+template <typename M>
+inline bool any_lane(const M& mask) {
+  uint64_t words[sizeof(M) / 8];
+  std::memcpy(words, &mask, sizeof(M));
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
+}
+
+#define QR_GROUP_SELECT(T, VT, VI, IT)                                                         \
+  QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                       \
+      const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,   \
+      Selection<T>* sel) {                                                                     \
+    VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                         \
+    VT bound = VT{} + quantile_boundary<T>(1, K);                                              \
+    VI active;                                                                                 \
+    int next_level[kLanes];                                                                    \
+    for (int l = 0; l < kLanes; ++l) {                                                         \
+      px[l] = T(x0 + l) + T(0.5);                                                              \
+      active[l] = l < lanes ? IT(-1) : IT(0);                                                  \
+      next_level[l] = 1;                                                                       \
+      sel[l].count = 0;                                                                        \
+    }                                                                                          \
+    const T py = T(y) + T(0.5);                                                                \
+    for (int64_t j = 0; j < n; ++j) {                                                          \
+      const T* g = packed + j * TileCache<T>::kStride;                                         \
+      const VT dx = g[0] - px;                                                                 \
+      const T dy = g[1] - py;                                                                  \
+      const VT sigma = T(0.5) * (g[2] * dx * dx + g[4] * dy * dy) + g[3] * dx * dy;            \
+      const VI pass = active & ~(sigma > reject[j]);                                           \
+      if (!any_lane(pass)) continue;                                                           \
+      const VT raw = g[5] * exp_nonpositive<VT, VI, T, IT>(-sigma);                           \
+      const VT alpha = raw > T(kAlphaMax) ? VT{} + T(kAlphaMax) : raw;                         \
+      const VI used = pass & ~(sigma < T(0)) & ~(alpha < T(kAlphaMin));                        \
+      if (!any_lane(used)) continue;                                                           \
+      const VT next_trans = trans * (T(1) - alpha);                                            \
+      const VI cross = used & (next_trans < bound);                                            \
+      if (any_lane(cross)) {                                                                   \
+        for (int l = 0; l < kLanes; ++l) {                                                     \
+          if (!cross[l]) continue;                                                             \
+          Selection<T>& s = sel[l];                                                            \
+          s.weight[s.count] = alpha[l] * trans_q[l];                                           \
+          s.local[s.count++] = static_cast<int32_t>(j);                                        \
+          trans_q[l] *= T(1) - alpha[l];                                                       \
+          while (next_level[l] <= K && next_trans[l] < quantile_boundary<T>(next_level[l], K)) \
+            ++next_level[l];                                                                   \
+          if (next_level[l] > K)                                                               \
+            active[l] = IT(0);                                                                 \
+          else                                                                                 \
+            bound[l] = quantile_boundary<T>(next_level[l], K);                                 \
+        }                                                                                      \
+        if (!any_lane(active)) break;                                                          \
+      }                                                                                        \
+      trans = used ? next_trans : trans;                                                       \
+    }                                                                                          \
+    for (int l = 0; l < kLanes; ++l) sel[l].trans_q = trans_q[l];                              \
+  }
+
+typedef float FloatLanes __attribute__((vector_size(4 * kLanes)));
+typedef int32_t FloatMask __attribute__((vector_size(4 * kLanes)));
+typedef double DoubleLanes __attribute__((vector_size(8 * kLanes)));
+typedef int64_t DoubleMask __attribute__((vector_size(8 * kLanes)));
+QR_GROUP_SELECT(float, FloatLanes, FloatMask, int32_t)
+QR_GROUP_SELECT(double, DoubleLanes, DoubleMask, int64_t)
+
+// A pixel whose selection the lanes walk already made; alpha() serves the dense paths.
+template <typename scalar_t>
+struct Preselected {
+  const TileCache<scalar_t>& cache;
+  const Selection<scalar_t>& selection;
+  PixelAlpha<scalar_t> alpha(int64_t j, scalar_t px, scalar_t py) const {
+    return cache.alpha(j, px, py);
+  }
+};
+
+template <typename scalar_t, typename Alphas>
+inline const Selection<scalar_t>& selection_of(const Alphas& alphas, const PixelRef<scalar_t>& p,
+                                               int K, Selection<scalar_t>* scratch) {
+  select_quantiles(alphas, p, K, scratch);
+  return *scratch;
+}
+
+template <typename scalar_t>
+inline const Selection<scalar_t>& selection_of(const Preselected<scalar_t>& alphas,
+                                               const PixelRef<scalar_t>&, int,
+                                               Selection<scalar_t>*) {
+  return alphas.selection;
+}
+
+// Row kernels (C = 512: the hot loops of every path). Wide rows run through the clones
+// (8-wide FMAs where the CPU has them); rows of a few channels (RGB) stay inline: a call per
+// Gaussian would cost more than the row.
 constexpr int64_t kWideRow = 16;
 
 #define QR_ROW_KERNELS(T)                                                                    \
@@ -295,26 +429,11 @@ inline BlendOut<scalar_t> blend_pixel(const Layout& l, const Alphas& alphas,
     return r;
   }
   // Quantile mode, pass 1: scalars only, pick the <= K quantile Gaussians.
-  scalar_t weight[kMaxQuantiles];
-  int32_t ids[kMaxQuantiles];
-  scalar_t trans_q = 1;
-  int next_level = 1;
-  for (int64_t i = p.start; i < p.end; ++i) {
-    const PixelAlpha<scalar_t> a = alphas.alpha(i - p.start, p.px, p.py);
-    if (!a.used) continue;
-    const scalar_t next_trans = trans * (1 - a.alpha);
-    if (next_trans < quantile_boundary<scalar_t>(next_level, K)) {
-      weight[r.count] = a.alpha * trans_q;
-      ids[r.count] = flatten_ids[i];
-      sel[r.count++] = static_cast<int32_t>(i);  // <= K: every pick crosses a boundary
-      trans_q *= 1 - a.alpha;
-      while (next_level <= K && next_trans < quantile_boundary<scalar_t>(next_level, K))
-        ++next_level;
-      if (next_level > K) break;
-    }
-    trans = next_trans;
-  }
-  for (int j = r.count; j < K; ++j) sel[j] = -1;
+  Selection<scalar_t> scratch;
+  const Selection<scalar_t>& s = selection_of(alphas, p, K, &scratch);
+  r.count = s.count;
+  for (int j = 0; j < s.count; ++j) sel[j] = static_cast<int32_t>(p.start + s.local[j]);
+  for (int j = s.count; j < K; ++j) sel[j] = -1;
   // Pass 2: the selected rows, normalised by 1 - T_Q, into the L1 buffer.
   if (r.count == 0) {
     if (bg)
@@ -324,8 +443,13 @@ inline BlendOut<scalar_t> blend_pixel(const Layout& l, const Alphas& alphas,
     r.alpha = 0;
     return r;
   }
-  const scalar_t norm = 1 - trans_q;
-  for (int j = 0; j < r.count; ++j) weight[j] /= norm;
+  const scalar_t norm = 1 - s.trans_q;
+  scalar_t weight[kMaxQuantiles];
+  int32_t ids[kMaxQuantiles];
+  for (int j = 0; j < r.count; ++j) {
+    weight[j] = s.weight[j] / norm;
+    ids[j] = flatten_ids[p.start + s.local[j]];
+  }
   scale_copy(acc, weight[0], features + feature_row(l, ids[0]) * C, C);
   for (int j = 1; j < r.count; ++j) axpy(acc, weight[j], features + feature_row(l, ids[j]) * C, C);
   if (sel_g)
@@ -369,6 +493,7 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
 #pragma omp parallel num_threads(num_threads_for(total_tiles))
   {
     TileCache<scalar_t> cache;
+    std::vector<Selection<scalar_t>> lane_sel(kLanes);
     std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < total_tiles; ++tile) {
@@ -378,8 +503,23 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
       p.cam = cam;
       tile_range(offsets, l, tile, &p.start, &p.end);
       if (cache_tile) cache.fill(means2d, conics, opacities, flatten_ids, p.start, p.end);
+      const int64_t x_end = std::min((tx + 1) * l.tile_size, l.width);
       for (int64_t y = ty * l.tile_size; y < std::min((ty + 1) * l.tile_size, l.height); ++y) {
-        for (int64_t x = tx * l.tile_size; x < std::min((tx + 1) * l.tile_size, l.width); ++x) {
+        if (cache_tile && l.num_quantiles > 0) {  // quantile walks: kLanes pixels at a time
+          for (int64_t x0 = tx * l.tile_size; x0 < x_end; x0 += kLanes) {
+            const int lanes = static_cast<int>(std::min<int64_t>(kLanes, x_end - x0));
+            select_quantiles_lanes(cache.packed.data(), cache.reject.data(), p.end - p.start, x0,
+                                   y, lanes, l.num_quantiles, lane_sel.data());
+            for (int k = 0; k < lanes; ++k) {
+              p.row = (cam * l.height + y) * l.width + x0 + k;
+              p.px = scalar_t(x0 + k) + scalar_t(0.5);
+              p.py = scalar_t(y) + scalar_t(0.5);
+              visit(p, Preselected<scalar_t>{cache, lane_sel[k]}, acc.data());
+            }
+          }
+          continue;
+        }
+        for (int64_t x = tx * l.tile_size; x < x_end; ++x) {
           p.row = (cam * l.height + y) * l.width + x;
           p.px = scalar_t(x) + scalar_t(0.5);
           p.py = scalar_t(y) + scalar_t(0.5);
