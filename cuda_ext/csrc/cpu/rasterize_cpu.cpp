@@ -235,12 +235,20 @@ inline bool any_lane(const M& mask) {
   return any != 0;
 }
 
+// Bit l set where lane l of the mask is set (the lanes that picked: usually one).
+template <typename M>
+inline unsigned lane_bits(const M& mask) {
+  unsigned bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<unsigned>(mask[l] != 0) << l;
+  return bits;
+}
+
 #define QR_GROUP_SELECT(T, VT, VI, IT)                                                         \
   QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                       \
       const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,   \
-      Selection<T>* sel) {                                                                     \
+      const T* bounds, Selection<T>* sel) {                                                    \
     VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                         \
-    VT bound = VT{} + quantile_boundary<T>(1, K);                                              \
+    VT bound = VT{} + bounds[1];                                                               \
     VI active;                                                                                 \
     int next_level[kLanes];                                                                    \
     for (int l = 0; l < kLanes; ++l) {                                                         \
@@ -264,18 +272,17 @@ inline bool any_lane(const M& mask) {
       const VT next_trans = trans * (T(1) - alpha);                                            \
       const VI cross = used & (next_trans < bound);                                            \
       if (any_lane(cross)) {                                                                   \
-        for (int l = 0; l < kLanes; ++l) {                                                     \
-          if (!cross[l]) continue;                                                             \
+        for (unsigned bits = lane_bits(cross); bits != 0; bits &= bits - 1) {                  \
+          const int l = __builtin_ctz(bits);                                                   \
           Selection<T>& s = sel[l];                                                            \
           s.weight[s.count] = alpha[l] * trans_q[l];                                           \
           s.local[s.count++] = static_cast<int32_t>(j);                                        \
           trans_q[l] *= T(1) - alpha[l];                                                       \
-          while (next_level[l] <= K && next_trans[l] < quantile_boundary<T>(next_level[l], K)) \
-            ++next_level[l];                                                                   \
+          while (next_level[l] <= K && next_trans[l] < bounds[next_level[l]]) ++next_level[l];  \
           if (next_level[l] > K)                                                               \
             active[l] = IT(0);                                                                 \
           else                                                                                 \
-            bound[l] = quantile_boundary<T>(next_level[l], K);                                 \
+            bound[l] = bounds[next_level[l]];                                                  \
         }                                                                                      \
         if (!any_lane(active)) break;                                                          \
       }                                                                                        \
@@ -494,6 +501,8 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
   {
     TileCache<scalar_t> cache;
     std::vector<Selection<scalar_t>> lane_sel(kLanes);
+    std::vector<scalar_t> bounds(l.num_quantiles + 1);  // quantile_boundary(k, K), k >= 1
+    for (int k = 1; k <= l.num_quantiles; ++k) bounds[k] = quantile_boundary<scalar_t>(k, l.num_quantiles);
     std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < total_tiles; ++tile) {
@@ -509,7 +518,7 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
           for (int64_t x0 = tx * l.tile_size; x0 < x_end; x0 += kLanes) {
             const int lanes = static_cast<int>(std::min<int64_t>(kLanes, x_end - x0));
             select_quantiles_lanes(cache.packed.data(), cache.reject.data(), p.end - p.start, x0,
-                                   y, lanes, l.num_quantiles, lane_sel.data());
+                                   y, lanes, l.num_quantiles, bounds.data(), lane_sel.data());
             for (int k = 0; k < lanes; ++k) {
               p.row = (cam * l.height + y) * l.width + x0 + k;
               p.px = scalar_t(x0 + k) + scalar_t(0.5);
