@@ -164,6 +164,62 @@ def test_crash_mid_fit_is_redone_cleanly(tmp_path, monkeypatch):
     assert json.loads((out / "splits.json").read_text())["val"] == ["scene_002"]
 
 
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid):  # a zombie (dead, not yet reaped by its new parent) does not count
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux /proc")
+def test_kill_9_of_make_dataset_takes_its_workers_with_it(tmp_path):
+    # --jobs workers (and the queue's manager) must not fit on for a dataset whose writer is gone.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "qrender_ns.cli", "make-dataset", "--out", str(tmp_path / "D"), "--scenes", "4",
+           "--val-scenes", "1", "--jobs", "2", "--fit-steps", "3000", "--width", "48", "--height", "36",
+           "--num-images", "6", "--num-eval", "2", "--num-points", "3000", "--no-progress"]
+    main = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the manager and both workers are up and a scene is being made
+            helpers = _children(main.pid)
+            if len(helpers) >= 3 and list((tmp_path / "D").glob("scene_*/stages/generate.json")):
+                break
+            assert main.poll() is None, "make-dataset ended before its workers started"
+            time.sleep(0.5)
+        else:
+            pytest.fail("make-dataset's workers did not start within 120 s")
+        main.send_signal(signal.SIGKILL)
+        main.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(p) for p in helpers):
+            time.sleep(0.2)
+        alive = [p for p in helpers if _running(p)]
+        for p in alive:
+            os.kill(p, signal.SIGKILL)
+        assert not alive, f"{len(alive)} of make-dataset's {len(helpers)} helper processes outlived it"
+    finally:
+        if main.poll() is None:
+            main.kill()
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ds.DatasetError, match="val-scenes"):
         ds.make_dataset(_config(tmp_path / "a", scenes=2, val_scenes=2))

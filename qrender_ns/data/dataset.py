@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -511,10 +512,15 @@ def _run_parallel(cfg: MakeDataset, cfg_dict: dict, out: Path, scenes: Dict[int,
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from multiprocessing.managers import SyncManager
+
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch / rich state
-    with ctx.Manager() as manager:
+    manager = SyncManager(ctx=ctx)
+    manager.start(_die_with_parent, (os.getpid(),))
+    with manager:
         events = manager.Queue()
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(_worker_build, cfg_dict, i, str(out), events): i for i in range(cfg.scenes)}
             try:
                 while pending:
@@ -536,7 +542,23 @@ def _run_parallel(cfg: MakeDataset, cfg_dict: dict, out: Path, scenes: Dict[int,
                 raise
 
 
-def _worker_init() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: this helper process gets SIGKILL when make-dataset's process dies (kill -9 included), so no fit
+    goes on for a dataset nobody is writing (the next run redoes the unfinished scenes anyway)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_init(parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     import torch
 
     torch.set_num_threads(1)
