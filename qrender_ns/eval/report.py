@@ -188,10 +188,18 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
     for r in results:
         for kind, fit in r.get("fits", {}).items():
             fit_label = {"plain": "RGB only", "depth": "RGB + depth loss"}.get(kind, kind)
-            for key, label in GSNET_METHODS:
+            trained_on = {k: v.get("train_scenes") for k, v in fit.get("gsnet", {}).items()}
+            # --train-scenes N rows: GS-Net trained on fewer rooms (data scaling), fewest first
+            scaling = sorted((int(k[len("gsnet_k10_"):-len("rooms")]), k) for k in fit.get("mean", {})
+                             if k.startswith("gsnet_k10_") and k.endswith("rooms") and k[10:-5].isdigit())
+            methods = list(GSNET_METHODS[:2]) + [
+                (key, f"(c) GS-Net feed-forward (Q-Render K = 10), trained on {count} rooms") for count, key in scaling]
+            for key, label in methods + list(GSNET_METHODS[2:]):
                 m = fit.get("mean", {}).get(key)
                 if m is None:
                     continue
+                if key in ("gsnet_k10", "gsnet_dense") and trained_on.get(key[len("gsnet_"):]):
+                    label += f", {trained_on[key[len('gsnet_'):]]} rooms"
                 lines.append(f"| {label} | {fit_label} | {fit.get('num_val_scenes')} | {fmt(m.get('miou'))} | "
                              f"{fmt(m.get('macc'))} | {fmt(m.get('seconds'), 2, 1)} | {r['_file']} |")
     lines += ["", "Every method uses the same fitted Gaussians of each held-out room; s / scene excludes the 3DGS fit "
