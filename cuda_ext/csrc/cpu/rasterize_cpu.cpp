@@ -29,6 +29,11 @@
 #include "../common.h"
 #include "../rasterize.h"
 
+// The lane vectors of the quantile walk never cross a call (always-inlined helpers), so GCC's
+// note that AVX vectors would change the ABI of such a call does not apply (it is reported at
+// the end of the file, hence for the whole file).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace qrender {
 namespace {
 
