@@ -398,7 +398,7 @@ def test_report_gsnet_generalization_table(tmp_path):
     assert len(rows) == 5, rows
     assert any("back-projection" in r and "RGB only" in r and "90.00" in r for r in rows), rows
     # data scaling rows (--train-scenes), fewest rooms first, before the full-split net (which names its count)
-    assert "trained on 16 rooms" in rows[1] and "50.00" in rows[1] and "trained on 40 rooms" in rows[2], rows
+    assert "K = 10), 16 rooms" in rows[1] and "50.00" in rows[1] and "K = 10), 40 rooms" in rows[2], rows
     assert "K = 10), 88 rooms" in rows[3] and "61.00" in rows[3], rows
     assert any("GS-Net feed-forward (trained with Q-Render" in r and "RGB + depth loss" in r and "65.00" in r
                for r in rows), rows

@@ -193,7 +193,7 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
             scaling = sorted((int(k[len("gsnet_k10_"):-len("rooms")]), k) for k in fit.get("mean", {})
                              if k.startswith("gsnet_k10_") and k.endswith("rooms") and k[10:-5].isdigit())
             methods = list(GSNET_METHODS[:2]) + [
-                (key, f"(c) GS-Net feed-forward (Q-Render K = 10), trained on {count} rooms") for count, key in scaling]
+                (key, f"(c) GS-Net feed-forward (trained with Q-Render K = 10), {count} rooms") for count, key in scaling]
             for key, label in methods + list(GSNET_METHODS[2:]):
                 m = fit.get("mean", {}).get(key)
                 if m is None:
