@@ -386,7 +386,7 @@ def test_report_table(run, tmp_path):
 def test_report_gsnet_generalization_table(tmp_path):
     """`qsplat report` turns the GS-Net benchmark JSON into one table row per method and fit kind."""
     bench = {"benchmark": "gsnet_generalization", "fits": {
-        "plain": {"num_val_scenes": 8, "gsnet": {"k10": {"train_scenes": 88}},
+        "plain": {"num_val_scenes": 8, "gsnet": {"k10": {"train_scenes": 88, "steps": 900}},
                   "mean": {"backproject": {"miou": 0.9, "macc": 0.95, "seconds": 1.5},
                            "gsnet_k10": {"miou": 0.61, "macc": 0.7, "seconds": 0.2},
                            "gsnet_k10_40rooms": {"miou": 0.55, "macc": 0.6, "seconds": 0.2},
@@ -399,6 +399,6 @@ def test_report_gsnet_generalization_table(tmp_path):
     assert any("back-projection" in r and "RGB only" in r and "90.00" in r for r in rows), rows
     # data scaling rows (--train-scenes), fewest rooms first, before the full-split net (which names its count)
     assert "K = 10), 16 rooms" in rows[1] and "50.00" in rows[1] and "K = 10), 40 rooms" in rows[2], rows
-    assert "K = 10), 88 rooms" in rows[3] and "61.00" in rows[3], rows
+    assert "K = 10), 88 rooms, 900 steps" in rows[3] and "61.00" in rows[3], rows
     assert any("GS-Net feed-forward (trained with Q-Render" in r and "RGB + depth loss" in r and "65.00" in r
                for r in rows), rows

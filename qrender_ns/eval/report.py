@@ -200,6 +200,9 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
                     continue
                 if key in ("gsnet_k10", "gsnet_dense") and trained_on.get(key[len("gsnet_"):]):
                     label += f", {trained_on[key[len('gsnet_'):]]} rooms"
+                net = fit.get("gsnet", {}).get(key[len("gsnet_"):] if key != "gsnet_k10_finetune" else "k10", {})
+                if key.startswith("gsnet_") and net.get("steps"):
+                    label += f", {net['steps']} steps"
                 lines.append(f"| {label} | {fit_label} | {fit.get('num_val_scenes')} | {fmt(m.get('miou'))} | "
                              f"{fmt(m.get('macc'))} | {fmt(m.get('seconds'), 2, 1)} | {r['_file']} |")
     lines += ["", "Every method uses the same fitted Gaussians of each held-out room; s / scene excludes the 3DGS fit "
