@@ -12,6 +12,7 @@ everything else is measured by the listed commands.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -169,6 +170,7 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
     return "\n".join(lines)
 
 
+SCALING_KEY = re.compile(r"gsnet_k10_(\d+)rooms$")  # bench_gsnet_generalization.py --train-scenes N
 GSNET_METHODS = [  # (key in the benchmark JSON, row label)
     ("table", "(a) per-scene feature table (from scratch)"),
     ("backproject", "(b) back-projection of the teacher masks (K = 10)"),
@@ -188,19 +190,18 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
     for r in results:
         for kind, fit in r.get("fits", {}).items():
             fit_label = {"plain": "RGB only", "depth": "RGB + depth loss"}.get(kind, kind)
-            trained_on = {k: v.get("train_scenes") for k, v in fit.get("gsnet", {}).items()}
             # --train-scenes N rows: GS-Net trained on fewer rooms (data scaling), fewest first
-            scaling = sorted((int(k[len("gsnet_k10_"):-len("rooms")]), k) for k in fit.get("mean", {})
-                             if k.startswith("gsnet_k10_") and k.endswith("rooms") and k[10:-5].isdigit())
+            scaling = sorted((int(match.group(1)), k) for k in fit.get("mean", {}) if (match := SCALING_KEY.match(k)))
             methods = list(GSNET_METHODS[:2]) + [
                 (key, f"(c) GS-Net feed-forward (trained with Q-Render K = 10), {count} rooms") for count, key in scaling]
             for key, label in methods + list(GSNET_METHODS[2:]):
                 m = fit.get("mean", {}).get(key)
                 if m is None:
                     continue
-                if key in ("gsnet_k10", "gsnet_dense") and trained_on.get(key[len("gsnet_"):]):
-                    label += f", {trained_on[key[len('gsnet_'):]]} rooms"
-                net = fit.get("gsnet", {}).get(key[len("gsnet_"):] if key != "gsnet_k10_finetune" else "k10", {})
+                # the net behind the row (the fine-tune starts from the K = 10 one): its rooms and steps
+                net = fit.get("gsnet", {}).get("k10" if key == "gsnet_k10_finetune" else key[len("gsnet_"):], {})
+                if key in ("gsnet_k10", "gsnet_dense") and net.get("train_scenes"):
+                    label += f", {net['train_scenes']} rooms"
                 if key.startswith("gsnet_") and net.get("steps"):
                     label += f", {net['steps']} steps"
                 lines.append(f"| {label} | {fit_label} | {fit.get('num_val_scenes')} | {fmt(m.get('miou'))} | "
