@@ -54,7 +54,7 @@ def test_a_training_waits_for_another_writer_of_its_teacher_cache(tmp_path, caps
     teacher = SimpleNamespace(cache_root=root, teacher_info=INFO, dim=DIM, class_names=[], name="synthetic")
     got = {}
     waiter = threading.Thread(target=lambda: got.setdefault("w", QSplatDataManager._open_cache_when_free(
-        teacher, ["color/0.jpg"], poll_s=0.05)))
+        teacher, ["color/0.jpg"])))
     waiter.start()
     waiter.join(0.5)
     assert waiter.is_alive() and "w" not in got  # still waiting

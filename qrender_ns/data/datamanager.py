@@ -170,24 +170,16 @@ class QSplatDataManager(FullImageDatamanager):
         return cache
 
     @staticmethod
-    def _open_cache_when_free(teacher, keys, poll_s: float = 1.0):
+    def _open_cache_when_free(teacher, keys):
         """The cache's writer; while another process writes it (e.g. a second training of the same scene started
-        at once), wait for it: what it finishes is then already cached here."""
-        import time
-
+        at once), wait for it (blocking on its lock): what it finishes is then already cached here."""
         from ..teachers import setup as ts
-        from ..teachers.cache import CacheBusyError
 
-        said = False
-        while True:
-            try:
-                return ts.open_cache_for(teacher, keys, PREFIX)
-            except CacheBusyError as e:
-                if not said:
-                    CONSOLE.print(f"\\[q-splat] the teacher cache is being written by {e.holder} (another training or "
-                                  "extract-features): waiting for it to finish (Ctrl+C stops)")
-                    said = True
-                time.sleep(poll_s)
+        def say_waiting(holder: str) -> None:
+            CONSOLE.print(f"\\[q-splat] the teacher cache is being written by {holder} (another training or "
+                          "extract-features): waiting for it to finish (Ctrl+C stops)")
+
+        return ts.open_cache_for(teacher, keys, PREFIX, on_busy=say_waiting)
 
     def _complete_cache_without_models(self, settings, name: str, items):
         """A cache that already holds every training image as served (e.g. extracted on another machine) trains

@@ -184,6 +184,24 @@ def _lock_writer(root: Path):
     return lock
 
 
+def wait_for_writer(root: PathLike, on_busy: Callable[[str], None]) -> None:
+    """Returns once no process writes the cache at root: at once if none does; else calls on_busy(holder) and
+    blocks on the writer lock until its holder closes the cache or exits (the kernel drops the lock even after
+    kill -9). Ctrl+C interrupts the wait."""
+    import fcntl
+
+    path = Path(root) / LOCK_NAME
+    if not path.is_file():
+        return
+    with open(path, "r") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_busy(lock.read().strip() or "another process")
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def _as_numpy(x: Array) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 

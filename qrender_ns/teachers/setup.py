@@ -260,13 +260,30 @@ def served_image_sha256(image) -> str:
     return digest.hexdigest()
 
 
-def open_cache_for(teacher, image_keys: Sequence[str], prefix: str = "--", replace_other_teacher: bool = False):
+def open_cache_for(teacher, image_keys: Sequence[str], prefix: str = "--", replace_other_teacher: bool = False,
+                   on_busy=None):
     """The teacher's cache, opened for writing. A cache at that folder made by another teacher or with other
     settings, or one made for other images, is never silently replaced: a clear error says what to do
-    (synthetic caches, cheap to redo from ground truth, and replace_other_teacher=True are the exceptions)."""
-    from .cache import MANIFEST_NAME, TeacherCache, TeacherCacheError, _make_header
+    (synthetic caches, cheap to redo from ground truth, and replace_other_teacher=True are the exceptions).
+    While another process writes it: CacheBusyError, or with `on_busy`, on_busy(holder) and a wait until it is
+    done (a blocking wait on its lock); the checks are then made on what it wrote."""
+    from .cache import CacheBusyError, TeacherCache, wait_for_writer
 
     root = Path(teacher.cache_root)
+    while True:
+        if on_busy is not None:
+            wait_for_writer(root, on_busy)
+        _refuse_foreign_cache(teacher, root, image_keys, prefix, replace_other_teacher)
+        try:
+            return TeacherCache.create(root, teacher.teacher_info, teacher.dim, teacher.class_names)
+        except CacheBusyError:
+            if on_busy is None:
+                raise  # else another writer took the lock since the wait: wait for that one too
+
+
+def _refuse_foreign_cache(teacher, root: Path, image_keys: Sequence[str], prefix: str, replace_other_teacher: bool):
+    from .cache import MANIFEST_NAME, TeacherCache, TeacherCacheError, _make_header
+
     if (root / MANIFEST_NAME).is_file() and not replace_other_teacher:
         try:
             old = TeacherCache.open(root)
@@ -289,7 +306,6 @@ def open_cache_for(teacher, image_keys: Sequence[str], prefix: str = "--", repla
                     f"Teacher cache {root} holds {len(old)} images, none of which is an image of this scene "
                     f"(cache: {old.keys()[:3]}, scene: {list(image_keys)[:3]}): it was made for other images and is "
                     f"kept as it is. Use another {prefix}teacher-cache folder (or the default one).")
-    return TeacherCache.create(root, teacher.teacher_info, teacher.dim, teacher.class_names)
 
 
 def _scene_of(cache_root: Path):

@@ -368,6 +368,56 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return s;
 }
 
+// out = sum_j w[j] rows[j] over n >= 1 rows of C channels; returns |out|^2. Wide rows go in
+// chunks of 8 vectors whose partial sums stay in registers across the rows, so each row is
+// only loaded (no load and store of the output per row) and |out|^2 comes with the last one.
+#define QR_BLEND_ROWS(T)                                                                       \
+  QR_CLONES T blend_rows_wide(T* __restrict out, const T* const* rows, const T* w, int n,      \
+                              int64_t C) {                                                     \
+    typedef T V __attribute__((vector_size(32)));                                              \
+    typedef T VU __attribute__((vector_size(32), aligned(sizeof(T))));                         \
+    constexpr int kW = 32 / sizeof(T), kChunk = 8 * kW;                                        \
+    V sq = {};                                                                                 \
+    int64_t c = 0;                                                                             \
+    for (; c + kChunk <= C; c += kChunk) {                                                     \
+      V a[8];                                                                                  \
+      for (int v = 0; v < 8; ++v) a[v] = w[0] * *reinterpret_cast<const VU*>(rows[0] + c + v * kW); \
+      for (int j = 1; j < n; ++j) {                                                            \
+        const T* r = rows[j] + c;                                                              \
+        for (int v = 0; v < 8; ++v) a[v] += w[j] * *reinterpret_cast<const VU*>(r + v * kW);   \
+      }                                                                                        \
+      for (int v = 0; v < 8; ++v) {                                                            \
+        *reinterpret_cast<VU*>(out + c + v * kW) = a[v];                                       \
+        sq += a[v] * a[v];                                                                     \
+      }                                                                                        \
+    }                                                                                          \
+    T total = 0;                                                                               \
+    for (int k = 0; k < kW; ++k) total += sq[k];                                               \
+    for (; c < C; ++c) {                                                                       \
+      T x = w[0] * rows[0][c];                                                                 \
+      for (int j = 1; j < n; ++j) x += w[j] * rows[j][c];                                      \
+      out[c] = x;                                                                              \
+      total += x * x;                                                                          \
+    }                                                                                          \
+    return total;                                                                              \
+  }
+QR_BLEND_ROWS(float)
+QR_BLEND_ROWS(double)
+
+template <typename scalar_t>
+inline scalar_t blend_rows(scalar_t* __restrict out, const scalar_t* const* rows,
+                           const scalar_t* w, int n, int64_t C) {
+  if (C >= kWideRow) return blend_rows_wide(out, rows, w, n, C);
+  scalar_t total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    scalar_t x = w[0] * rows[0][c];
+    for (int j = 1; j < n; ++j) x += w[j] * rows[j][c];
+    out[c] = x;
+    total += x * x;
+  }
+  return total;
+}
+
 // One output row written once. Rows of whole cache lines bypass the cache (streaming
 // stores): a 640x480x512 map is 630 MB, which no cache holds, so reading the lines before
 // writing them (what plain stores do) would double the memory traffic.
@@ -398,6 +448,50 @@ inline void store_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// The quantile picks of one pixel, weights normalised by 1 - T_Q (norm; 0 if none).
+template <typename scalar_t>
+struct Picks {
+  int count;
+  scalar_t norm;
+  scalar_t weight[kMaxQuantiles];
+  const scalar_t* rows[kMaxQuantiles];  // feature rows, set by blend_picks' callers
+  int32_t ids[kMaxQuantiles];           // flat Gaussian ids
+  int32_t local[kMaxQuantiles];         // indices into the pixel's tile list
+};
+
+template <typename scalar_t, typename Alphas>
+inline Picks<scalar_t> picks_of(const Layout& l, const Alphas& alphas, const int32_t* flatten_ids,
+                                const PixelRef<scalar_t>& p) {
+  Selection<scalar_t> scratch;
+  const Selection<scalar_t>& s = selection_of(alphas, p, l.num_quantiles, &scratch);
+  Picks<scalar_t> picks;
+  picks.count = s.count;
+  picks.norm = s.count > 0 ? 1 - s.trans_q : scalar_t(0);
+  for (int j = 0; j < s.count; ++j) {
+    picks.weight[j] = s.weight[j] / picks.norm;
+    picks.local[j] = s.local[j];
+    picks.ids[j] = flatten_ids[p.start + s.local[j]];
+  }
+  return picks;
+}
+
+// acc = sum_j w_j f_j over the picks (the background, or zeros, where nothing was picked);
+// returns |acc|^2.
+template <typename scalar_t>
+inline scalar_t blend_picks(const Layout& l, const scalar_t* features, Picks<scalar_t>& picks,
+                            const scalar_t* bg, scalar_t* __restrict acc) {
+  const int64_t C = l.channels;
+  if (picks.count == 0) {
+    if (bg)
+      std::copy(bg, bg + C, acc);
+    else
+      std::fill(acc, acc + C, scalar_t(0));
+    return dot(acc, acc, C);
+  }
+  for (int j = 0; j < picks.count; ++j) picks.rows[j] = features + feature_row(l, picks.ids[j]) * C;
+  return blend_rows(acc, picks.rows, picks.weight, picks.count, C);
 }
 
 // Per-pixel results besides the feature (what backward needs, and the alpha).
@@ -441,35 +535,18 @@ inline BlendOut<scalar_t> blend_pixel(const Layout& l, const Alphas& alphas,
     return r;
   }
   // Quantile mode, pass 1: scalars only, pick the <= K quantile Gaussians.
-  Selection<scalar_t> scratch;
-  const Selection<scalar_t>& s = selection_of(alphas, p, K, &scratch);
-  r.count = s.count;
-  for (int j = 0; j < s.count; ++j) sel[j] = static_cast<int32_t>(p.start + s.local[j]);
-  for (int j = s.count; j < K; ++j) sel[j] = -1;
+  Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
+  r.count = picks.count;
+  for (int j = 0; j < picks.count; ++j) sel[j] = static_cast<int32_t>(p.start + picks.local[j]);
+  for (int j = picks.count; j < K; ++j) sel[j] = -1;
   // Pass 2: the selected rows, normalised by 1 - T_Q, into the L1 buffer.
-  if (r.count == 0) {
-    if (bg)
-      std::copy(bg, bg + C, acc);
-    else
-      std::fill(acc, acc + C, scalar_t(0));
-    r.alpha = 0;
-    return r;
-  }
-  const scalar_t norm = 1 - s.trans_q;
-  scalar_t weight[kMaxQuantiles];
-  int32_t ids[kMaxQuantiles];
-  for (int j = 0; j < r.count; ++j) {
-    weight[j] = s.weight[j] / norm;
-    ids[j] = flatten_ids[p.start + s.local[j]];
-  }
-  scale_copy(acc, weight[0], features + feature_row(l, ids[0]) * C, C);
-  for (int j = 1; j < r.count; ++j) axpy(acc, weight[j], features + feature_row(l, ids[j]) * C, C);
+  blend_picks(l, features, picks, bg, acc);
   if (sel_g)
     for (int j = 0; j < r.count; ++j) {
-      sel_g[j] = ids[j];
-      sel_w[j] = weight[j];
+      sel_g[j] = picks.ids[j];
+      sel_w[j] = picks.weight[j];
     }
-  r.alpha = norm;
+  r.alpha = picks.norm;
   return r;
 }
 
@@ -697,6 +774,7 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
     return q.proj + (q.proj_per_cam ? int64_t(g) : int64_t(g) % l.num_gs) * (Q + 1);
   };
   scalar_t mass = 0;  // sum_i |w_i| |f_i|
+  scalar_t length;    // |F(p)|
   BlendOut<scalar_t> b;
   if (l.num_quantiles == 0) {
     // Dense: the weights are re-derived in a second walk (cheap scalars) rather than stored.
@@ -714,21 +792,21 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
       axpy(score, 1 - b.alpha, bg_proj, Q);
       mass += (1 - b.alpha) * bg_proj[Q];
     }
+    length = std::sqrt(dot(acc, acc, C));
   } else {
-    int32_t sel[kMaxQuantiles], sel_g[kMaxQuantiles];
-    scalar_t sel_w[kMaxQuantiles];
-    b = blend_pixel(l, alphas, features, flatten_ids, bg, p, acc, sel, sel_g, sel_w);
-    for (int j = 0; j < b.count; ++j) {
-      const scalar_t* r = proj_row(sel_g[j]);
-      axpy(score, sel_w[j], r, Q);
-      mass += sel_w[j] * r[Q];
+    Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
+    b.alpha = picks.norm;
+    for (int j = 0; j < picks.count; ++j) {
+      const scalar_t* r = proj_row(picks.ids[j]);
+      axpy(score, picks.weight[j], r, Q);
+      mass += picks.weight[j] * r[Q];
     }
-    if (b.count == 0 && bg_proj) {
+    if (picks.count == 0 && bg_proj) {
       std::copy(bg_proj, bg_proj + Q, score);
       mass = bg_proj[Q];
     }
+    length = std::sqrt(blend_picks(l, features, picks, bg, acc));
   }
-  const scalar_t length = std::sqrt(dot(acc, acc, C));
   const scalar_t inv = 1 / std::max(length, scalar_t(1e-12));
   if (mass > scalar_t(kCancel) * length)
     for (int64_t k = 0; k < Q; ++k) score[k] = dot(acc, q.units + k * C, C) * inv;
