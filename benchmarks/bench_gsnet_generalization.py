@@ -12,6 +12,8 @@ For every fit kind (`plain`: RGB fit; `depth`: RGB + depth loss) of a `qsplat ma
      mIoU / mAcc, with seconds per scene (for (c): the forward pass only; fitting the 3DGS is excluded for all).
   --train-scenes N ... adds GS-Net rows trained on only the first N train rooms (same steps): how the
   feed-forward score grows with the number of training rooms.
+  --ema-decay D trains with a weight average (train-gsnet --ema-decay) and adds its rows (gsnet_<net>_ema);
+  --tta-views V adds every net's features averaged over V turned / mirrored copies of the inputs (..._tta<V>).
 
     python benchmarks/bench_gsnet_generalization.py --dataset data/rooms --fits plain depth \\
         --gsnet-steps 150 --table-steps 150 --finetune-steps 30 --out benchmarks/results/gsnet_generalization_cpu.json
@@ -38,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qrender_ns.data.dataset import dataset_scenes  # noqa: E402
 from qrender_ns.eval import to_world  # noqa: E402
 from qrender_ns.eval.scannet3d import scannet_metrics_of_features  # noqa: E402
+from qrender_ns.gsnet.augment import predict_with_tta, tta_transforms  # noqa: E402
 from qrender_ns.gsnet.backproject import backproject_scene  # noqa: E402
 from qrender_ns.gsnet.finetune import fit_feature_table, finetune_gsnet  # noqa: E402
 from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig  # noqa: E402
 from qrender_ns.gsnet.scenes import load_scene  # noqa: E402
-from qrender_ns.gsnet.train import TrainGSNet, train_gsnet  # noqa: E402
+from qrender_ns.gsnet.train import TrainGSNet, ema_path_of, train_gsnet  # noqa: E402
 from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
 
 
@@ -72,16 +75,20 @@ def train_net(args, kind: str, num_quantiles, work: Path, train_scenes=None) -> 
         scenes, dataset = tuple(train[:train_scenes]), None
     cfg = TrainGSNet(scenes=scenes, dataset=dataset, fit=kind, out=out, steps=args.gsnet_steps,
                      scenes_per_step=args.scenes_per_step, views_per_scene=4, num_quantiles=num_quantiles,
-                     lr=args.lr, plateau_patience=3, save_every=25, seed=args.seed, eval_val=False,
+                     lr=args.lr, ema_decay=args.ema_decay, plateau_patience=3, save_every=25, seed=args.seed,
+                     eval_val=False,
                      progress=False, tensorboard=True, gsnet=GSNetConfig())
     summary = train_gsnet(cfg)
     net = GSNet.from_checkpoint(out).eval()
     # seconds_total: training time over all the runs that made this checkpoint (it may have been resumed, or
     # trained beforehand with the same `qsplat train-gsnet` settings), evaluations excluded
     num_train = train_scenes if train_scenes is not None else len(dataset_scenes(args.dataset, "train", kind))
-    return net, {"checkpoint": str(out), "train_scenes": num_train, "steps": summary["steps"], "loss": summary["loss"],
-                 "train_seconds": summary["seconds_total"], "num_quantiles": num_quantiles,
-                 "augment": asdict(cfg.augment)}
+    info = {"checkpoint": str(out), "train_scenes": num_train, "steps": summary["steps"], "loss": summary["loss"],
+            "train_seconds": summary["seconds_total"], "num_quantiles": num_quantiles, "augment": asdict(cfg.augment)}
+    if args.ema_decay <= 0:
+        return [("", net, info)]
+    ema = GSNet.from_checkpoint(ema_path_of(out)).eval()
+    return [("", net, info), ("_ema", ema, {**info, "checkpoint": str(ema_path_of(out)), "ema_decay": args.ema_decay})]
 
 
 def main() -> None:
@@ -103,10 +110,15 @@ def main() -> None:
     parser.add_argument("--train-scenes", type=int, nargs="+", default=[],
                         help="also GS-Net (K=10) trained on only the first N train rooms, for each N: rows "
                              "gsnet_k10_<N>rooms (how feed-forward mIoU grows with the number of training rooms)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="train GS-Net with this weight-average decay (train-gsnet --ema-decay) and score the average too")
+    parser.add_argument("--tta-views", type=int, default=1,
+                        help="also score every net averaged over this many test-time views (1: none; else even)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="GS-Net checkpoints (default: <dataset>/bench)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gsnet_generalization_cpu.json"))
     args = parser.parse_args()
+    tta_transforms(args.tta_views)  # fails early on a bad count
     work = args.work or args.dataset / "bench"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -123,13 +135,14 @@ def main() -> None:
         # Rows of methods this run does not compute (--skip-baselines / --baselines-only) are kept from the previous
         # JSON for the same room with the same fitted Gaussians (same count: a re-made dataset's fits differ).
         previous_rows = {(r["scene"], r["gaussians"]): r for r in previous_fits.get(kind, {}).get("val_scenes", [])}
-        nets = {}
+        nets = {}  # name -> (net, info); "k10" is the one fine-tuned
         if not args.baselines_only:
-            nets["k10"] = train_net(args, kind, 10, work)
+            trained = [("k10", train_net(args, kind, 10, work))]
             if kind == "plain" and not args.no_dense:
-                nets["dense"] = train_net(args, kind, None, work)
+                trained.append(("dense", train_net(args, kind, None, work)))
             for count in args.train_scenes:
-                nets[f"k10_{count}rooms"] = train_net(args, kind, 10, work, train_scenes=count)
+                trained.append((f"k10_{count}rooms", train_net(args, kind, 10, work, train_scenes=count)))
+            nets = {name + suffix: (net, info) for name, variants in trained for suffix, net, info in variants}
         rows = []
         for spec in dataset_scenes(args.dataset, "val", kind):
             scene = load_scene(spec, with_eval=False)
@@ -146,11 +159,12 @@ def main() -> None:
                 row["backproject"] = {**score(scene, feats, transform, scale, encoder),
                                       "seconds": time.perf_counter() - t0}
             for name, (net, _) in nets.items():
-                with torch.no_grad():
+                for views in sorted({1, args.tta_views}):
                     t0 = time.perf_counter()
-                    feats = net(**scene.gaussians.gsnet_inputs(), units_per_metre=scene.units_per_metre)
+                    feats = predict_with_tta(net, scene.gaussians.gsnet_inputs(), scene.units_per_metre, views)
                     seconds = time.perf_counter() - t0
-                row[f"gsnet_{name}"] = {**score(scene, feats, transform, scale, encoder), "seconds": seconds}
+                    key = f"gsnet_{name}" + (f"_tta{views}" if views > 1 else "")
+                    row[key] = {**score(scene, feats, transform, scale, encoder), "seconds": seconds}
             if "k10" in nets:
                 t0 = time.perf_counter()
                 feats, stats = finetune_gsnet(nets["k10"][0], scene, args.finetune_steps, seed=args.seed)

@@ -402,3 +402,24 @@ def test_report_gsnet_generalization_table(tmp_path):
     assert "K = 10), 88 rooms, 900 steps" in rows[3] and "61.00" in rows[3], rows
     assert any("GS-Net feed-forward (trained with Q-Render" in r and "RGB + depth loss" in r and "65.00" in r
                for r in rows), rows
+
+
+def test_report_names_weight_average_and_test_time_rows(tmp_path):
+    """--ema-decay / --tta-views rows come right after their net's row, named, with that net's rooms and steps."""
+    bench = {"benchmark": "gsnet_generalization", "fits": {
+        "plain": {"num_val_scenes": 8, "gsnet": {"k10": {"train_scenes": 88, "steps": 900},
+                                                  "k10_ema": {"train_scenes": 88, "steps": 900}},
+                  "mean": {"gsnet_k10": {"miou": 0.61, "macc": 0.7, "seconds": 0.2},
+                           "gsnet_k10_tta8": {"miou": 0.63, "macc": 0.7, "seconds": 1.6},
+                           "gsnet_k10_ema": {"miou": 0.64, "macc": 0.7, "seconds": 0.2},
+                           "gsnet_k10_ema_tta8": {"miou": 0.66, "macc": 0.7, "seconds": 1.6},
+                           "gsnet_k10_finetune": {"miou": 0.7, "macc": 0.8, "seconds": 10}}}}}
+    (tmp_path / "gsnet.json").write_text(json.dumps(bench))
+    text = make_report([tmp_path], tmp_path / "report.md")
+    rows = [line for line in text.split("## GS-Net generalization")[1].splitlines() if line.startswith("| (")]
+    assert len(rows) == 5, rows
+    assert "K = 10), 88 rooms, 900 steps |" in rows[0] and "61.00" in rows[0], rows
+    assert "weight average (EMA), 88 rooms, 900 steps" in rows[1] and "64.00" in rows[1], rows
+    assert "weight average (EMA), test-time average of 8 views, 88 rooms" in rows[2] and "66.00" in rows[2], rows
+    assert "test-time average of 8 views, 88 rooms" in rows[3] and "EMA" not in rows[3], rows
+    assert "fine-tune" in rows[4], rows

@@ -321,6 +321,53 @@ def test_training_resumes(scenes, trained_gsnet, tmp_path):
         train_gsnet(_train_config(scenes[:2], ckpt, steps=26, gsnet=GSNetConfig(**dict(TINY, head_channels=16))))
 
 
+def test_weight_average_follows_the_formula_and_copies_integer_buffers(tmp_path):
+    from qrender_ns.gsnet.train import _WeightAverage
+
+    torch.manual_seed(0)
+    net = GSNet(GSNetConfig(**TINY))
+    average = _WeightAverage(net, 0.9, tmp_path / "avg.ckpt", step=0)
+    before = {k: v.clone() for k, v in average.net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        for name, b in net.named_buffers():
+            b.add_(2 if b.dtype.is_floating_point else 3)
+    average.update(step=1000)  # past the warm-up: decay 0.9
+    live = net.state_dict()
+    for key, value in average.net.state_dict().items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(value, 0.9 * before[key] + 0.1 * live[key], atol=1e-6), key
+        else:
+            assert torch.equal(value, live[key]), key
+    average.update(step=0)  # warm-up: decay min(0.9, 1/10) = 0.1, mostly the live weights
+    w = next(iter(average.net.parameters()))
+    assert torch.allclose(w, live[next(iter(dict(net.named_parameters())))], atol=0.2)
+
+
+def test_training_with_a_weight_average_saves_and_resumes_it(scenes, tmp_path, capsys):
+    from qrender_ns.gsnet.train import ema_path_of, train_gsnet
+
+    out = tmp_path / "gsnet.ckpt"
+    summary = train_gsnet(_train_config(scenes[:2], out, steps=3, ema_decay=0.9, tensorboard=False))
+    ema = ema_path_of(out)
+    assert summary["ema_checkpoint"] == str(ema) and ema.name == "gsnet_ema.ckpt"
+    payload = torch.load(ema, weights_only=True)
+    assert payload["extra"]["ema"] == {"decay": 0.9, "step": 3}
+    live, averaged = GSNet.from_checkpoint(out), GSNet.from_checkpoint(ema)  # a GS-Net checkpoint like any other
+    assert any(not torch.equal(a, b) for a, b in zip(live.state_dict().values(), averaged.state_dict().values()))
+    capsys.readouterr()
+    train_gsnet(_train_config(scenes[:2], out, steps=4, ema_decay=0.9, tensorboard=False))
+    assert "resuming the weight average" in capsys.readouterr().out
+    assert torch.load(ema, weights_only=True)["extra"]["ema"]["step"] == 4
+    # an average out of step with the checkpoint (a kill between the two saves) restarts, with a word
+    train_gsnet(_train_config(scenes[:2], out, steps=5, tensorboard=False))  # trained on without the average
+    train_gsnet(_train_config(scenes[:2], out, steps=6, ema_decay=0.9, tensorboard=False))
+    assert "does not match step 5" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="ema-decay"):
+        _train_config(scenes[:2], out, steps=6, ema_decay=1.0)
+
+
 def test_ddp_two_processes_gloo(scenes, tmp_path):
     out = tmp_path / "ddp.ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qrender_ns.gsnet.augment import GSNetAugment, augment_inputs
+from qrender_ns.gsnet.augment import GSNetAugment, augment_inputs, predict_with_tta, transform_inputs, tta_transforms
 from qrender_ns.gsnet.voxelize import quat_to_rotmat
 
 
@@ -86,3 +86,45 @@ def test_training_renders_the_untouched_scene_while_the_net_sees_the_augmented_o
         with pytest.raises(StopIteration):
             train_mod.scene_loss(Net(), scene, cfg, torch.Generator().manual_seed(0), augment=augment)
         assert torch.equal(seen["means"], inputs["means"]) == same
+
+
+# ----------------------------------------------------------------------------------- test-time views
+def test_mirroring_both_axes_is_the_half_turn():
+    inputs = _gaussians()
+    mirrored = transform_inputs(inputs, mirror=(True, True))
+    turned = transform_inputs(inputs, angle=torch.pi)
+    assert torch.allclose(mirrored["means"], turned["means"], atol=1e-9)
+    assert torch.allclose(_covariances(mirrored["quats"], mirrored["scales"]),
+                          _covariances(turned["quats"], turned["scales"]), atol=1e-9)
+    turned = transform_inputs(inputs, angle=0.7)  # rigid, about the up axis
+    dist = lambda x: torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # noqa: E731
+    assert torch.allclose(dist(turned["means"]), dist(inputs["means"]),
+                          atol=1e-9)
+    assert torch.allclose(turned["means"][:, 2], inputs["means"][:, 2], atol=1e-12)
+
+
+def test_tta_transforms_are_turns_times_a_mirror():
+    assert tta_transforms(1) == [((False, False), 0.0)]
+    views = tta_transforms(8)
+    assert len(views) == 8 and len(set(views)) == 8
+    assert sorted({angle for _, angle in views}) == pytest.approx([0, torch.pi / 2, torch.pi, 3 * torch.pi / 2])
+    for bad in (0, 3, -2):
+        with pytest.raises(ValueError, match="1 or an even number"):
+            tta_transforms(bad)
+
+
+def test_predict_with_tta_averages_the_views_and_one_view_is_the_net():
+    calls = []
+
+    def net(means, colors, opacities, scales=None, quats=None, units_per_metre=1.0):
+        calls.append(means.clone())
+        return torch.nn.functional.normalize(torch.cat([means, colors], dim=1), dim=-1)
+
+    inputs = _gaussians(n=16)
+    assert torch.equal(predict_with_tta(net, inputs, views=1), net(**inputs))
+    calls.clear()
+    out = predict_with_tta(net, inputs, views=4)
+    assert len(calls) == 4 and not torch.allclose(calls[0], calls[2])  # each view sees turned positions
+    expected = sum(net(**transform_inputs(inputs, m, a)) for m, a in tta_transforms(4))
+    assert torch.allclose(out, torch.nn.functional.normalize(expected, dim=-1), atol=1e-12)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(16, dtype=out.dtype))

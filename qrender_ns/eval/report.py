@@ -171,6 +171,8 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
 
 
 SCALING_KEY = re.compile(r"gsnet_k10_(\d+)rooms$")  # bench_gsnet_generalization.py --train-scenes N
+# --ema-decay / --tta-views rows of a net: its weight average, and features averaged over turned input copies
+VARIANT_KEY = re.compile(r"(gsnet_(?:k10|dense)(?:_\d+rooms)?)(_ema)?(?:_tta(\d+))?$")
 GSNET_METHODS = [  # (key in the benchmark JSON, row label)
     ("table", "(a) per-scene feature table (from scratch)"),
     ("backproject", "(b) back-projection of the teacher masks (K = 10)"),
@@ -194,13 +196,30 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
             scaling = sorted((int(match.group(1)), k) for k in fit.get("mean", {}) if (match := SCALING_KEY.match(k)))
             methods = list(GSNET_METHODS[:2]) + [
                 (key, f"(c) GS-Net feed-forward (trained with Q-Render K = 10), {count} rooms") for count, key in scaling]
-            for key, label in methods + list(GSNET_METHODS[2:]):
+            labels = dict(methods + list(GSNET_METHODS[2:]))
+            ordered = []
+            for key, _ in methods + list(GSNET_METHODS[2:]):
+                ordered.append(key)
+                ordered += sorted(k for k in fit.get("mean", {})
+                                  if (v := VARIANT_KEY.match(k)) and v.group(1) == key and (v.group(2) or v.group(3)))
+            for key in ordered:
                 m = fit.get("mean", {}).get(key)
                 if m is None:
                     continue
+                variant = VARIANT_KEY.match(key)
+                net_key = key[len("gsnet_"):]
+                if key in labels:
+                    label = labels[key]
+                else:  # a variant of the row before
+                    label = labels[variant.group(1)]
+                    net_key = variant.group(1)[len("gsnet_"):] + (variant.group(2) or "")
+                    if variant.group(2):
+                        label += ", weight average (EMA)"
+                    if variant.group(3):
+                        label += f", test-time average of {variant.group(3)} views"
                 # the net behind the row (the fine-tune starts from the K = 10 one): its rooms and steps
-                net = fit.get("gsnet", {}).get("k10" if key == "gsnet_k10_finetune" else key[len("gsnet_"):], {})
-                if key in ("gsnet_k10", "gsnet_dense") and net.get("train_scenes"):
+                net = fit.get("gsnet", {}).get("k10" if key == "gsnet_k10_finetune" else net_key, {})
+                if (variant.group(1) if variant else key) in ("gsnet_k10", "gsnet_dense") and net.get("train_scenes"):
                     label += f", {net['train_scenes']} rooms"
                 if key.startswith("gsnet_") and net.get("steps"):
                     label += f", {net['steps']} steps"

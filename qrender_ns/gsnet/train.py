@@ -12,7 +12,9 @@ Adam with reduce-on-plateau on the epoch loss, as the paper.
 DDP: gloo on CPU, nccl on GPUs; gradients are averaged across processes; rank 0 writes the
 checkpoint (atomically, every `save_every` steps and at the end) and the TensorBoard log
 (`<out stem>_tb/` next to the checkpoint). Re-running the same command resumes from `--out`
-(weights, optimiser, scheduler, step) unless `--no-resume`.
+(weights, optimiser, scheduler, step) unless `--no-resume`. With `--ema-decay D` an exponential moving
+average of the weights is kept too and written beside it as `<out stem>_ema.ckpt` (a GS-Net checkpoint like
+any other: predict with it as with --out).
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class TrainGSNet:
     pixels_per_mask: int = 256
     loss: Literal["paper", "infonce"] = "paper"
     lr: float = 1e-3
+    ema_decay: float = 0.0
+    """Also keep an exponential moving average of the weights and BN statistics, this decay per step (0.995
+    averages over ~200 steps; warmed up as min(D, (1 + t) / (10 + t))), saved as <out stem>_ema.ckpt with every
+    checkpoint and resumed from it. Small noisy batches (2-4 scenes a step) make the last weights a noisy
+    sample; the average is the net to predict with. 0 = off."""
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     """Epochs without improvement of the epoch loss before the learning rate is multiplied by plateau_factor."""
@@ -95,6 +102,51 @@ class TrainGSNet:
 
     def main(self) -> None:
         train_gsnet(self)
+
+    def __post_init__(self):
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+
+
+def ema_path_of(out: Path) -> Path:
+    """Where train-gsnet writes the weight average of the checkpoint `out` (--ema-decay)."""
+    return out.with_name(f"{out.stem}_ema{out.suffix}")
+
+
+class _WeightAverage:
+    """Exponential moving average of a net's floating-point state (parameters and BN running statistics;
+    integer buffers such as BN's batch counters are copied)."""
+
+    def __init__(self, net: GSNet, decay: float, path: Path, step: int):
+        self.decay, self.path = decay, path
+        self.net = GSNet(net.config).to(next(net.parameters()).device)
+        self.net.load_state_dict(net.state_dict())
+        resumed = False
+        if path.is_file():
+            payload = read_checkpoint(path, map_location=next(net.parameters()).device)
+            info = payload["extra"].get("ema") or {}
+            if payload["config"] == net.config.to_dict() and info.get("step") == step:
+                self.net.load_weights(payload["state_dict"], str(path))
+                resumed = True
+            else:  # another run's, or out of step with the checkpoint (e.g. killed between the two saves)
+                print(f"[q-splat] GS-Net: {path} does not match step {step} of the checkpoint; the weight "
+                      "average restarts from the current weights")
+        if resumed:
+            print(f"[q-splat] GS-Net: resuming the weight average {path} at step {step}")
+        self.net.eval()
+        self._pairs = list(zip(self.net.state_dict().values(), net.state_dict().values()))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for mine, live in self._pairs:
+            if mine.dtype.is_floating_point:
+                mine.lerp_(live, 1 - decay)
+            else:
+                mine.copy_(live)
+
+    def save(self, step: int) -> None:
+        self.net.save_checkpoint(self.path, extra={"ema": {"decay": self.decay, "step": step}})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,6 +404,8 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
 
         writer = SummaryWriter(str(cfg.out.parent / f"{cfg.out.stem}_tb"))
     progress = _progress(cfg, rank, step)
+    average = _WeightAverage(net, cfg.ema_decay, ema_path_of(cfg.out), step) if cfg.ema_decay > 0 and rank == 0 \
+        else None
     if rank == 0:
         print(f"[q-splat] GS-Net training: {len(store)} scenes, {world} process(es) on {device}, "
               f"steps {step}..{cfg.steps}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
@@ -367,6 +421,8 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
         if log_temperature is not None:
             training["log_temperature"] = float(log_temperature)
         net.save_checkpoint(cfg.out, extra={"training": training})
+        if average is not None:  # after the checkpoint: a kill between the two leaves an average marked stale
+            average.save(step)
 
     epoch_losses: List[float] = []
     last_loss, start = resumed_loss, time.perf_counter()
@@ -391,6 +447,8 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
                 epoch_losses.append(step_losses[-1])
             optimizer.step()
             step += 1
+            if average is not None:
+                average.update(step)
             local = sum(step_losses) / len(step_losses)
             last_loss = _all_mean([local], world, device)[0]
             if rank == 0:
@@ -404,6 +462,8 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
                 if cfg.dataset is not None and cfg.val_every > 0 and step % cfg.val_every == 0 and step < cfg.steps:
                     t_val = time.perf_counter()
                     val = evaluate_dataset_split(net, cfg, "val", step=step)
+                    if average is not None:
+                        evaluate_dataset_split(average.net, replace(cfg, out=average.path), "val", step=step)
                     val_seconds[0] += time.perf_counter() - t_val
                     if writer is not None:
                         for key, value in val.get("mean", {}).items():
@@ -425,6 +485,11 @@ def train_gsnet(cfg: TrainGSNet) -> dict:
               f"sparse-conv backend {net.backend_name})")
         if cfg.dataset is not None and cfg.eval_val:
             summary["val"] = evaluate_dataset_split(net, cfg, "val", step=step)
+            if average is not None:
+                summary["val_ema"] = evaluate_dataset_split(average.net, replace(cfg, out=average.path), "val",
+                                                            step=step)
+    if average is not None:
+        summary["ema_checkpoint"] = str(average.path)
     return summary
 
 
