@@ -419,6 +419,16 @@ def test_qsplat_gsnet_head_trains_and_predict_features(scenes, trained_gsnet, tm
     norms = pipeline.model.gauss_params["clip_features"].norm(dim=-1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)  # GS-Net's unit features, not the old table
 
+    tta = run_predict(PredictFeatures(load_config=table.get_base_dir() / "config.yml", gsnet_checkpoint=ckpt,
+                                      tta_views=4, suffix="-gsnet-tta4"))
+    assert tta["tta_views"] == 4 and tta["config"] != summary["config"] and tta["feature_miou_after"] is not None
+    with pytest.raises(SystemExit, match="test-time views need a table-head run"):
+        run_predict(PredictFeatures(load_config=config.get_base_dir() / "config.yml", gsnet_checkpoint=ckpt,
+                                    tta_views=2))
+    with pytest.raises(ValueError, match="1 or an even number"):
+        run_predict(PredictFeatures(load_config=table.get_base_dir() / "config.yml", gsnet_checkpoint=ckpt,
+                                    tta_views=3))
+
 
 def test_feature_table_and_finetune_on_one_scene(scenes, trained_gsnet):
     """The per-scene rows of the generalization benchmark: a feature table trained from scratch with GS-Net's

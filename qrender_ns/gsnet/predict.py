@@ -35,6 +35,9 @@ class PredictFeatures:
     """Scene units per metre (default: what the run's dataparser recorded, else 1)."""
     suffix: str = "-gsnet"
     """The new run is <run timestamp><suffix>, next to the original."""
+    tta_views: int = 1
+    """Average GS-Net over this many turned / mirrored copies of the Gaussians (1 = none; an even number:
+    V / 2 turns about z, each as is and mirrored). Table-head runs only (a gsnet-head run calls the net itself)."""
 
     def main(self) -> None:
         run_predict(self)
@@ -67,6 +70,9 @@ def run_predict(cfg: PredictFeatures) -> Dict:
 
     _safe.check_run_config(Path(cfg.load_config), "qsplat predict-features")
     _safe.install_eval_fallback()
+    from .augment import predict_with_tta, tta_transforms
+
+    tta_transforms(cfg.tta_views)  # a bad count fails before anything is loaded
     net_cpu = GSNet.from_checkpoint(cfg.gsnet_checkpoint)  # fails early, before the run is loaded
     config, pipeline, checkpoint_path, step = eval_setup(Path(cfg.load_config), test_mode="test")
     model = pipeline.model
@@ -76,6 +82,9 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     if net_cpu.config.feature_dim != model.config.feature_dim:
         raise SystemExit(f"{cfg.gsnet_checkpoint} predicts {net_cpu.config.feature_dim}-D features; the run has "
                          f"{model.config.feature_dim}-D")
+    if cfg.tta_views > 1 and model.config.feature_head != "table":
+        raise SystemExit(f"--tta-views {cfg.tta_views}: {cfg.load_config} has a gsnet feature head, which runs the net "
+                         "itself when it renders; test-time views need a table-head run (or --tta-views 1)")
     before = _eval_miou(pipeline) if cfg.evaluate else None
     net = net_cpu.to(model.device).eval()
     units = cfg.units_per_metre or getattr(model, "units_per_metre", 1.0)
@@ -83,8 +92,7 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.no_grad():
-        features = net(**inputs, units_per_metre=units)
+    features = predict_with_tta(net, inputs, units, cfg.tta_views)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -110,7 +118,8 @@ def run_predict(cfg: PredictFeatures) -> Dict:
         "seconds": seconds, "voxelize_s": net.last_stats.get("voxelize_s"),
         "network_s": net.last_stats.get("network_s"),
         "sparse_conv_backend": net.backend_name, "device": str(model.device), "feature_head": model.config.feature_head,
-        "gsnet_checkpoint": str(cfg.gsnet_checkpoint), "source_checkpoint": str(checkpoint_path),
+        "gsnet_checkpoint": str(cfg.gsnet_checkpoint), "tta_views": cfg.tta_views,
+        "source_checkpoint": str(checkpoint_path),
         "config": str(out_dir / "config.yml"), "checkpoint": str(ckpt),
         "feature_miou_before": before, "feature_miou_after": after,
     }
