@@ -21,7 +21,7 @@ def _render_both(scene, features, num_quantiles, backgrounds=None, opacities=Non
 
 
 @pytest.mark.parametrize("num_quantiles", MODES)
-@pytest.mark.parametrize("channels", [1, 3, 64, 512])
+@pytest.mark.parametrize("channels", [1, 3, 20, 64, 100, 512])  # 20, 100: rows that end in a partial chunk
 def test_forward_matches_reference(num_quantiles, channels):
     # 37x29 is not a multiple of the 16-pixel tile; 3 cameras.
     scene = make_scene(num_cams=3, num_gs=80, width=37, height=29, channels=channels, seed=channels)
@@ -31,6 +31,19 @@ def test_forward_matches_reference(num_quantiles, channels):
     torch.testing.assert_close(f_cpu, f_ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(a_cpu, a_ref, atol=2e-6, rtol=1e-6)
     assert (a_cpu > 0).float().mean() > 0.5  # the scene really covers the image
+
+
+@pytest.mark.parametrize("num_quantiles", [None, 8])
+@pytest.mark.parametrize("channels", [20, 100, 512])
+def test_float64_forward_matches_reference_to_rounding(num_quantiles, channels):
+    """Double rows run through the same register blend (chunks of 32 doubles, then the tail)."""
+    scene = make_scene(num_cams=2, num_gs=60, width=23, height=19, channels=channels, seed=3 + channels)
+    args = [t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in scene.args(scene.features)]
+    bg = torch.rand(2, channels, dtype=torch.float64)
+    outs = [rasterize_to_pixels(*args, backgrounds=bg, num_quantiles=num_quantiles, backend=b) for b in ("cpu", "torch")]
+    assert outs[0][0].dtype == torch.float64
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("num_quantiles", MODES)
