@@ -336,9 +336,6 @@ constexpr int64_t kWideRow = 16;
   QR_CLONES void axpy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) {       \
     _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];                 \
   }                                                                                          \
-  QR_CLONES void scale_copy_wide(T* __restrict out, T w, const T* __restrict f, int64_t n) { \
-    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];                  \
-  }                                                                                          \
   QR_CLONES T dot_wide(const T* a, const T* b, int64_t n) {                                  \
     T s = 0;                                                                                 \
     _Pragma("omp simd reduction(+ : s)") for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];  \
@@ -351,13 +348,6 @@ template <typename scalar_t>
 inline void axpy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f, int64_t n) {
   if (n >= kWideRow) return axpy_wide(out, w, f, n);
   for (int64_t c = 0; c < n; ++c) out[c] += w * f[c];
-}
-
-template <typename scalar_t>
-inline void scale_copy(scalar_t* __restrict out, scalar_t w, const scalar_t* __restrict f,
-                       int64_t n) {
-  if (n >= kWideRow) return scale_copy_wide(out, w, f, n);
-  for (int64_t c = 0; c < n; ++c) out[c] = w * f[c];
 }
 
 template <typename scalar_t>
