@@ -446,9 +446,8 @@ struct Picks {
   int count;
   scalar_t norm;
   scalar_t weight[kMaxQuantiles];
-  const scalar_t* rows[kMaxQuantiles];  // feature rows, set by blend_picks' callers
-  int32_t ids[kMaxQuantiles];           // flat Gaussian ids
-  int32_t local[kMaxQuantiles];         // indices into the pixel's tile list
+  int32_t ids[kMaxQuantiles];    // flat Gaussian ids
+  int32_t local[kMaxQuantiles];  // indices into the pixel's tile list
 };
 
 template <typename scalar_t, typename Alphas>
@@ -470,7 +469,7 @@ inline Picks<scalar_t> picks_of(const Layout& l, const Alphas& alphas, const int
 // acc = sum_j w_j f_j over the picks (the background, or zeros, where nothing was picked);
 // returns |acc|^2.
 template <typename scalar_t>
-inline scalar_t blend_picks(const Layout& l, const scalar_t* features, Picks<scalar_t>& picks,
+inline scalar_t blend_picks(const Layout& l, const scalar_t* features, const Picks<scalar_t>& picks,
                             const scalar_t* bg, scalar_t* __restrict acc) {
   const int64_t C = l.channels;
   if (picks.count == 0) {
@@ -480,8 +479,9 @@ inline scalar_t blend_picks(const Layout& l, const scalar_t* features, Picks<sca
       std::fill(acc, acc + C, scalar_t(0));
     return dot(acc, acc, C);
   }
-  for (int j = 0; j < picks.count; ++j) picks.rows[j] = features + feature_row(l, picks.ids[j]) * C;
-  return blend_rows(acc, picks.rows, picks.weight, picks.count, C);
+  const scalar_t* rows[kMaxQuantiles];
+  for (int j = 0; j < picks.count; ++j) rows[j] = features + feature_row(l, picks.ids[j]) * C;
+  return blend_rows(acc, rows, picks.weight, picks.count, C);
 }
 
 // Per-pixel results besides the feature (what backward needs, and the alpha).
@@ -525,7 +525,7 @@ inline BlendOut<scalar_t> blend_pixel(const Layout& l, const Alphas& alphas,
     return r;
   }
   // Quantile mode, pass 1: scalars only, pick the <= K quantile Gaussians.
-  Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
+  const Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
   r.count = picks.count;
   for (int j = 0; j < picks.count; ++j) sel[j] = static_cast<int32_t>(p.start + picks.local[j]);
   for (int j = picks.count; j < K; ++j) sel[j] = -1;
@@ -784,7 +784,7 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
     }
     length = std::sqrt(dot(acc, acc, C));
   } else {
-    Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
+    const Picks<scalar_t> picks = picks_of(l, alphas, flatten_ids, p);
     b.alpha = picks.norm;
     for (int j = 0; j < picks.count; ++j) {
       const scalar_t* r = proj_row(picks.ids[j]);
