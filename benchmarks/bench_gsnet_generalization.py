@@ -12,6 +12,8 @@ For every fit kind (`plain`: RGB fit; `depth`: RGB + depth loss) of a `qsplat ma
      mIoU / mAcc, with seconds per scene (for (c): the forward pass only; fitting the 3DGS is excluded for all).
   --train-scenes N ... adds GS-Net rows trained on only the first N train rooms (same steps): how the
   feed-forward score grows with the number of training rooms.
+  --extra-train-datasets D2 ... adds every room of other datasets (e.g. `make-dataset --seed 1 --val-scenes 0`)
+  to GS-Net's training set; only --dataset's val rooms are scored.
   --ema-decay D trains with a weight average (train-gsnet --ema-decay) and adds its rows (gsnet_<net>_ema);
   --tta-views V adds every net's features averaged over V turned / mirrored copies of the inputs (..._tta<V>).
 
@@ -63,11 +65,17 @@ def score(scene, features, transform, scale, encoder) -> dict:
     return scannet_metrics_of_features(scene.root, means, g.opacities, features, encoder, classes="19")
 
 
+def extra_train_scenes(args, kind: str) -> tuple:
+    """Every scene of each --extra-train-datasets folder (their val splits too: none of them is scored)."""
+    return tuple(spec for extra in args.extra_train_datasets for split in ("train", "val")
+                 for spec in dataset_scenes(extra, split, kind))
+
+
 def train_net(args, kind: str, num_quantiles, work: Path, train_scenes=None) -> tuple:
     """GS-Net over the dataset's train split, or over its first `train_scenes` rooms (a data-scaling row)."""
     rooms = "" if train_scenes is None else f"_{train_scenes}rooms"
     out = work / f"gsnet_{kind}_{'dense' if num_quantiles is None else f'k{num_quantiles}'}{rooms}.ckpt"
-    scenes, dataset = (), args.dataset
+    scenes, dataset = extra_train_scenes(args, kind), args.dataset
     if train_scenes is not None:
         train = dataset_scenes(args.dataset, "train", kind)
         if not 0 < train_scenes <= len(train):
@@ -82,7 +90,7 @@ def train_net(args, kind: str, num_quantiles, work: Path, train_scenes=None) -> 
     net = GSNet.from_checkpoint(out).eval()
     # seconds_total: training time over all the runs that made this checkpoint (it may have been resumed, or
     # trained beforehand with the same `qsplat train-gsnet` settings), evaluations excluded
-    num_train = train_scenes if train_scenes is not None else len(dataset_scenes(args.dataset, "train", kind))
+    num_train = len(scenes) if train_scenes is not None else len(scenes) + len(dataset_scenes(args.dataset, "train", kind))
     info = {"checkpoint": str(out), "train_scenes": num_train, "steps": summary["steps"], "loss": summary["loss"],
             "train_seconds": summary["seconds_total"], "num_quantiles": num_quantiles, "augment": asdict(cfg.augment)}
     if args.ema_decay <= 0:
@@ -110,6 +118,9 @@ def main() -> None:
     parser.add_argument("--train-scenes", type=int, nargs="+", default=[],
                         help="also GS-Net (K=10) trained on only the first N train rooms, for each N: rows "
                              "gsnet_k10_<N>rooms (how feed-forward mIoU grows with the number of training rooms)")
+    parser.add_argument("--extra-train-datasets", type=Path, nargs="+", default=[],
+                        help="more `qsplat make-dataset` folders (other --seed) whose scenes all join GS-Net's "
+                             "training set; only --dataset's val split is scored")
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="train GS-Net with this weight-average decay (train-gsnet --ema-decay) and score the average too")
     parser.add_argument("--tta-views", type=int, default=1,

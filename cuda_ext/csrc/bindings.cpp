@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "cpu/map_pool.h"
 #include "rasterize.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -14,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_pixels_backward_" #SUFFIX, &qrender::rasterize_pixels_backward_##SUFFIX); \
   m.def("rasterize_query_" #SUFFIX, &qrender::rasterize_query_##SUFFIX);
   QRENDER_BIND(cpu)
+  m.def("release_recycled_maps", &qrender::release_recycled_maps,
+        "Return the CPU kernel's idle output maps to the OS; returns the bytes released");
+  m.def("recycled_idle_bytes", &qrender::recycled_idle_bytes);
+  m.def("recycled_budget_bytes", &qrender::recycled_budget_bytes);
 #ifdef WITH_CUDA
   QRENDER_BIND(cuda)
 #endif

@@ -7,6 +7,7 @@ from .rasterize import (
     rasterize_features,
     rasterize_query_scores,
     rasterize_to_pixels,
+    release_cpu_maps,
 )
 from .reference import rasterize_query_reference, rasterize_to_pixels_reference
 
@@ -17,6 +18,7 @@ __all__ = [
     "rasterize_features",
     "rasterize_query_scores",
     "rasterize_to_pixels",
+    "release_cpu_maps",
     "rasterize_query_reference",
     "rasterize_to_pixels_reference",
 ]

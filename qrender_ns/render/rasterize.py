@@ -334,6 +334,17 @@ def rasterize_query_scores(
 
 
 # ------------------------------------------------------------------------------ high level
+def release_cpu_maps() -> int:
+    """Return the CPU kernel's idle output maps to the OS; returns the bytes released.
+
+    The CPU kernel keeps the pages of freed maps of 32 MiB or more (up to QSPLAT_MAP_CACHE_MB, default
+    1024; 0 turns it off) and reuses them for the next map of the same size: first-touch page faults
+    cost a 640x480x512 render more than its blend (docs/quantile_rendering.md, "Output pages").
+    """
+    # the CUDA build carries its own copy of the CPU kernel (and of its pool)
+    return sum(int(m.release_recycled_maps()) for m in _backend._MODULES.values() if hasattr(m, "release_recycled_maps"))
+
+
 def viewmat_from_c2w(camera_to_worlds: Tensor) -> Tensor:
     """World-to-camera [B, 4, 4] (OpenCV axes) of nerfstudio camera-to-worlds [B, 3, 4] (OpenGL axes): splatfacto's
     `get_viewmat` without its `torch.compile`. The viewer interrupts a render by raising from a trace function on

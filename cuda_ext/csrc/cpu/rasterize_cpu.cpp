@@ -18,9 +18,6 @@
 #include <cstdlib>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #include <xmmintrin.h>
@@ -28,6 +25,7 @@
 
 #include "../common.h"
 #include "../rasterize.h"
+#include "map_pool.h"
 
 // The lane vectors of the quantile walk never cross a call (always-inlined helpers), so GCC's
 // note that AVX vectors would change the ABI of such a call does not apply (it is reported at
@@ -823,31 +821,8 @@ Inputs<scalar_t> inputs_of(const at::Tensor& means2d, const at::Tensor& conics,
           isect_offsets.data_ptr<int32_t>(), flatten_ids.data_ptr<int32_t>()};
 }
 
-// at::empty for outputs of many MB (a 640x480x512 map is 630 MB). With QSPLAT_HUGEPAGES=1 it
-// asks Linux for transparent huge pages on it before the first write, so that first touch
-// faults once per 2 MB instead of once per 4 KB: allocating + writing such a map measured 3.6x
-// faster alone, but in a process that also frees many 4 KB-page buffers the kernel had to
-// compact memory on those faults and the same render got 1.6x slower; hence opt-in.
-at::Tensor empty_large(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(shape, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = t.numel() * t.element_size();
-  static const bool enabled = [] {
-    const char* v = std::getenv("QSPLAT_HUGEPAGES");
-    return v && v[0] == '1';
-  }();
-  if (enabled && bytes >= 4 * kHuge) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
-
 at::Tensor zeros_large_like(const at::Tensor& like) {
-  return empty_large(like.sizes(), like.options()).zero_();
+  return empty_recycled(like.sizes(), like.options()).zero_();
 }
 
 // Shapes of per-pixel outputs: [V, H, W, ...] for images, [P, ...] for sampled pixels.
@@ -868,7 +843,7 @@ std::vector<at::Tensor> forward_any(QRENDER_FORWARD_ARGS,
                                flatten_ids, num_quantiles);
   auto opts = means2d.options();
   auto iopts = opts.dtype(at::kInt);
-  at::Tensor out_feat = empty_large(pixel_shape(l, pixel_ids, {l.channels}), opts);
+  at::Tensor out_feat = empty_recycled(pixel_shape(l, pixel_ids, {l.channels}), opts);
   at::Tensor out_alpha = at::empty(pixel_shape(l, pixel_ids, {1}), opts);
   at::Tensor last_ids = at::empty(pixel_shape(l, pixel_ids, {}), iopts);
   at::Tensor sel_ids = at::empty(pixel_shape(l, pixel_ids, {num_quantiles}), iopts);
@@ -965,7 +940,7 @@ std::vector<at::Tensor> rasterize_query_cpu(QRENDER_FORWARD_ARGS, const at::Tens
                                flatten_ids, num_quantiles);
   const int64_t Q = units.size(0);
   auto opts = means2d.options();
-  at::Tensor scores = empty_large({l.num_cams, height, width, Q}, opts);
+  at::Tensor scores = empty_recycled({l.num_cams, height, width, Q}, opts);
   at::Tensor out_alpha = at::empty({l.num_cams, height, width, 1}, opts);
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "rasterize_query_cpu", [&] {
     const Inputs<scalar_t> in = inputs_of<scalar_t>(means2d, conics, features, opacities,
