@@ -96,7 +96,10 @@ def load_before(commit: str):
     from torch.utils import cpp_extension
 
     src = Path(tempfile.mkdtemp(prefix="qsplat_before_")) / "csrc"
-    for rel in ("bindings.cpp", "common.h", "rasterize.h", "cpu/rasterize_cpu.cpp"):
+    listed = subprocess.check_output(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", commit, "cuda_ext/csrc"],
+                                     text=True).split()
+    rels = [p.removeprefix("cuda_ext/csrc/") for p in listed if p.endswith((".h", ".cpp"))]  # no CUDA sources
+    for rel in rels:
         path = src / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(subprocess.check_output(["git", "-C", str(ROOT), "show", f"{commit}:cuda_ext/csrc/{rel}"]))
@@ -104,7 +107,7 @@ def load_before(commit: str):
     name = f"qrender_cpu_before_{sha}"
     build = _backend.ext_dir() / name
     build.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(src / "bindings.cpp"), str(src / "cpu" / "rasterize_cpu.cpp")],
+    return cpp_extension.load(name=name, sources=[str(src / rel) for rel in rels if rel.endswith(".cpp")],
                               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               build_directory=str(build)), sha
 

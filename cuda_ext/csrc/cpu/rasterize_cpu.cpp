@@ -227,6 +227,7 @@ inline void select_quantiles(const Alphas& alphas, const PixelRef<scalar_t>& p, 
 // for operation (no FMA contraction, exp_nonpositive for both), so the same Gaussians are
 // picked with the same weights as a pixel walked alone (sampled pixels, the reference tests).
 constexpr int kLanes = 8;
+constexpr int kWalkBlock = 32;  // entries filtered per pass A of the lanes walk
 #define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 
 template <typename M>
@@ -246,53 +247,73 @@ inline unsigned lane_bits(const M& mask) {
   return bits;
 }
 
-#define QR_GROUP_SELECT(T, VT, VI, IT)                                                         \
-  QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                       \
-      const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,   \
-      const T* bounds, Selection<T>* sel) {                                                    \
-    VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                         \
-    VT bound = VT{} + bounds[1];                                                               \
-    VI active;                                                                                 \
-    int next_level[kLanes];                                                                    \
-    for (int l = 0; l < kLanes; ++l) {                                                         \
-      px[l] = T(x0 + l) + T(0.5);                                                              \
-      active[l] = l < lanes ? IT(-1) : IT(0);                                                  \
-      next_level[l] = 1;                                                                       \
-      sel[l].count = 0;                                                                        \
-    }                                                                                          \
-    const T py = T(y) + T(0.5);                                                                \
-    for (int64_t j = 0; j < n; ++j) {                                                          \
-      const T* g = packed + j * TileCache<T>::kStride;                                         \
-      const VT dx = g[0] - px;                                                                 \
-      const T dy = g[1] - py;                                                                  \
-      const VT sigma = T(0.5) * (g[2] * dx * dx + g[4] * dy * dy) + g[3] * dx * dy;            \
-      const VI pass = active & ~(sigma > reject[j]);                                           \
-      if (!any_lane(pass)) continue;                                                           \
-      const VT raw = g[5] * exp_nonpositive<VT, VI, T, IT>(-sigma);                           \
-      const VT alpha = raw > T(kAlphaMax) ? VT{} + T(kAlphaMax) : raw;                         \
-      const VI used = pass & ~(sigma < T(0)) & ~(alpha < T(kAlphaMin));                        \
-      if (!any_lane(used)) continue;                                                           \
-      const VT next_trans = trans * (T(1) - alpha);                                            \
-      const VI cross = used & (next_trans < bound);                                            \
-      if (any_lane(cross)) {                                                                   \
-        for (unsigned bits = lane_bits(cross); bits != 0; bits &= bits - 1) {                  \
-          const int l = __builtin_ctz(bits);                                                   \
-          Selection<T>& s = sel[l];                                                            \
-          s.weight[s.count] = alpha[l] * trans_q[l];                                           \
-          s.local[s.count++] = static_cast<int32_t>(j);                                        \
-          trans_q[l] *= T(1) - alpha[l];                                                       \
-          while (next_level[l] <= K && next_trans[l] < bounds[next_level[l]]) ++next_level[l];  \
-          if (next_level[l] > K)                                                               \
-            active[l] = IT(0);                                                                 \
-          else                                                                                 \
-            bound[l] = bounds[next_level[l]];                                                  \
-        }                                                                                      \
-        if (!any_lane(active)) break;                                                          \
-      }                                                                                        \
-      trans = used ? next_trans : trans;                                                       \
-    }                                                                                          \
-    for (int l = 0; l < kLanes; ++l) sel[l].trans_q = trans_q[l];                              \
-  }
+#define QR_GROUP_SELECT(T, VT, VI, IT)                                                          \
+  QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                         \
+      const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,     \
+      const T* bounds, Selection<T>* sel) {                                                     \
+    VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                          \
+    VT bound = VT{} + bounds[1];                                                                \
+    VI active;                                                                                  \
+    int next_level[kLanes];                                                                     \
+    for (int l = 0; l < kLanes; ++l) {                                                          \
+      px[l] = T(x0 + l) + T(0.5);                                                               \
+      active[l] = l < lanes ? IT(-1) : IT(0);                                                   \
+      next_level[l] = 1;                                                                        \
+      sel[l].count = 0;                                                                         \
+    }                                                                                           \
+    const T py = T(y) + T(0.5);                                                                 \
+    bool done = false;                                                                          \
+    for (int64_t j0 = 0; j0 < n && !done; j0 += kWalkBlock) {                                   \
+      /* Pass A, branch free: the block's entries that some active lane does not reject, */     \
+      /* with their sigmas (most entries are rejected, and a branch per entry mispredicts). */  \
+      const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
+      int32_t keep[kWalkBlock];                                                                 \
+      VT keep_sigma[kWalkBlock];                                                                \
+      int m = 0;                                                                                \
+      for (int64_t j = j0; j < j1; ++j) {                                                       \
+        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const VT dx = g[0] - px;                                                                \
+        const T dy = g[1] - py;                                                                 \
+        keep[m] = static_cast<int32_t>(j);                                                      \
+        keep_sigma[m] = T(0.5) * (g[2] * dx * dx + g[4] * dy * dy) + g[3] * dx * dy;            \
+        m += any_lane(active & ~(keep_sigma[m] > reject[j]));                                   \
+      }                                                                                         \
+      /* Pass B: the kept entries in order, as one pixel's walk would see them. */              \
+      for (int i = 0; i < m; ++i) {                                                             \
+        const int64_t j = keep[i];                                                              \
+        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const VT sigma = keep_sigma[i];                                                         \
+        const VI pass = active & ~(sigma > reject[j]);                                          \
+        if (!any_lane(pass)) continue;                                                          \
+        const VT raw = g[5] * exp_nonpositive<VT, VI, T, IT>(-sigma);                           \
+        const VT alpha = raw > T(kAlphaMax) ? VT{} + T(kAlphaMax) : raw;                        \
+        const VI used = pass & ~(sigma < T(0)) & ~(alpha < T(kAlphaMin));                       \
+        if (!any_lane(used)) continue;                                                          \
+        const VT next_trans = trans * (T(1) - alpha);                                           \
+        const VI cross = used & (next_trans < bound);                                           \
+        if (any_lane(cross)) {                                                                  \
+          for (unsigned bits = lane_bits(cross); bits != 0; bits &= bits - 1) {                 \
+            const int l = __builtin_ctz(bits);                                                  \
+            Selection<T>& s = sel[l];                                                           \
+            s.weight[s.count] = alpha[l] * trans_q[l];                                          \
+            s.local[s.count++] = static_cast<int32_t>(j);                                       \
+            trans_q[l] *= T(1) - alpha[l];                                                      \
+            while (next_level[l] <= K && next_trans[l] < bounds[next_level[l]]) ++next_level[l]; \
+            if (next_level[l] > K)                                                              \
+              active[l] = IT(0);                                                                \
+            else                                                                                \
+              bound[l] = bounds[next_level[l]];                                                 \
+          }                                                                                     \
+          if (!any_lane(active)) {                                                              \
+            done = true;                                                                        \
+            break;                                                                              \
+          }                                                                                     \
+        }                                                                                       \
+        trans = used ? next_trans : trans;                                                      \
+      }                                                                                         \
+    }                                                                                           \
+    for (int l = 0; l < kLanes; ++l) sel[l].trans_q = trans_q[l];                               \
+  }                                                                                             \
 
 typedef float FloatLanes __attribute__((vector_size(4 * kLanes)));
 typedef int32_t FloatMask __attribute__((vector_size(4 * kLanes)));
