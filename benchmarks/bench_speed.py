@@ -11,7 +11,8 @@ Parts:
   train  the feature part of a training step (render 512-D features, paper loss at the pixels
          sampled from every teacher mask, backward): full map (today's path, also with the
          kernel of --before, if given) vs sampled pixels. Time and peak RSS growth.
-  query  scores cos(F(p), t_q) for Q = 1, 5, 20: full map + normalise + matmul vs query space.
+  query  scores cos(F(p), t_q) for Q = 1, 5, 20: full map + normalise + matmul vs query space
+         (with --before, also the full map of that kernel + normalise + matmul).
   floor  the full map: dense and quantile K=8 forward vs the time to allocate and write
          H*W*C floats, and the quantile speedup vs the per-pixel bound n C / (n + K C). The
          renders reuse the pages of the previous map (the CPU kernel's page recycling, as a
@@ -223,7 +224,7 @@ def bench_train(s, args, before):
     return rows
 
 
-def bench_query(s, args):
+def bench_query(s, args, before=None):
     rows = []
     gen = torch.Generator().manual_seed(3)
     for k in args.query_quantiles:
@@ -239,14 +240,24 @@ def bench_query(s, args):
                 return rasterize_query_scores(*geometry_args(s, s["features"]), text, num_quantiles=k,
                                               validate_values=False)[0]
 
-            ms = side_by_side({"full_map_normalise_matmul": full, "query_space": query}, args.repeats)
+            fns = {"full_map_normalise_matmul": full, "query_space": query}
+            if before is not None:  # the full map of the kernel before this work (fresh pages, no walk in lanes)
+                def full_before():
+                    with with_kernel(before[0]):
+                        return full()
+                fns["full_map_before_normalise_matmul"] = full_before
+            ms = side_by_side(fns, args.repeats)
             err = float((full() - query()).abs().max())
             row = dict(num_quantiles=k, num_queries=q, ms=ms, max_abs_diff=err,
                        speedup=ms["full_map_normalise_matmul"] / ms["query_space"])
+            if before is not None:
+                row["speedup_vs_before"] = ms["full_map_before_normalise_matmul"] / ms["query_space"]
             rows.append(row)
             print(f"query {'dense' if k is None else f'K={k}'} Q={q:>2}: full+matmul "
                   f"{ms['full_map_normalise_matmul']:.0f} ms, query space {ms['query_space']:.0f} ms "
-                  f"-> x{row['speedup']:.1f} (max |diff| {err:.1e})", flush=True)
+                  f"-> x{row['speedup']:.1f} (max |diff| {err:.1e})"
+                  + (f"; vs the --before kernel's full map + matmul {ms['full_map_before_normalise_matmul']:.0f} ms "
+                     f"x{row['speedup_vs_before']:.1f}" if before is not None else ""), flush=True)
     return rows
 
 
@@ -334,7 +345,7 @@ def main():
     if "train" in args.parts:
         results["train"] = bench_train(s, args, before)
     if "query" in args.parts:
-        results["query"] = bench_query(s, args)
+        results["query"] = bench_query(s, args, before)
     if "floor" in args.parts:
         results["floor"] = bench_floor(s, args, before)
     meta = dict(width=WIDTH, height=HEIGHT, tile_size=TILE, channels=CHANNELS, num_gaussians=args.num_gaussians,
