@@ -21,9 +21,8 @@ int64_t budget_from_env() {
   if (v == nullptr || *v == '\0') return int64_t(1024) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(v, &end, 10);
-  if (end == v || *end != '\0' || mb < 0)
-    TORCH_CHECK(false, "QSPLAT_MAP_CACHE_MB must be a whole number of MiB >= 0 (0 turns recycling off), got '",
-                v, "'");
+  TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
+              "QSPLAT_MAP_CACHE_MB must be a whole number of MiB >= 0 (0 turns recycling off), got '", v, "'");
   return int64_t(mb) << 20;
 }
 
@@ -88,22 +87,19 @@ class Pool {
   }
 
   void give(void* p, size_t bytes) {
+    if (int64_t(bytes) > budget_) return unmap_pages(p, bytes);
     std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (int64_t(bytes) <= budget_) {
-        idle_.push_back({p, bytes});
-        idle_bytes_ += bytes;
-        p = nullptr;
-        while (idle_bytes_ > budget_) {  // the oldest go first
-          evicted.push_back(idle_.front());
-          idle_bytes_ -= idle_.front().bytes;
-          idle_.erase(idle_.begin());
-        }
+      idle_.push_back({p, bytes});
+      idle_bytes_ += bytes;
+      while (idle_bytes_ > budget_) {  // the oldest go first
+        evicted.push_back(idle_.front());
+        idle_bytes_ -= idle_.front().bytes;
+        idle_.erase(idle_.begin());
       }
     }
-    if (p) unmap_pages(p, bytes);
-    for (const Block& b : evicted) unmap_pages(b.ptr, b.bytes);
+    for (const Block& b : evicted) unmap_pages(b.ptr, b.bytes);  // outside the lock
   }
 
   int64_t release() {
