@@ -164,6 +164,27 @@ def test_query_scores_per_camera_features_float64():
         torch.testing.assert_close(scores, query_scores(feat, queries), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_query_projection_equals_matmul_and_norm(dtype):
+    """The CPU kernel's one-pass [rows . T^T, |rows|]: Q in blocks of 4 and the 1-3 left over, odd row
+    counts (rows go in pairs), C not a multiple of the vector width, per-camera [V, N, C] rows."""
+    from qrender_ns.render import _backend
+
+    ext = _backend.load_extension(with_cuda=False)
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    gen = torch.Generator().manual_seed(0)
+    for channels in (1, 7, 16, 37, 512):
+        for num_queries in (1, 3, 4, 6, 20):
+            for shape in ((1, channels), (101, channels), (2, 33, channels)):
+                rows = torch.randn(*shape, generator=gen, dtype=dtype)
+                units = torch.nn.functional.normalize(torch.randn(num_queries, channels, generator=gen,
+                                                                  dtype=dtype), dim=-1)
+                want = torch.cat([rows @ units.T, rows.norm(dim=-1, keepdim=True)], dim=-1)
+                got = ext.project_rows_cpu(rows, units)
+                assert got.shape == want.shape and got.dtype == dtype
+                torch.testing.assert_close(got, want, atol=tol * channels ** 0.5, rtol=tol)
+
+
 def test_query_scores_bad_input():
     scene = make_scene(num_cams=1, num_gs=10, width=8, height=8, channels=4, tile_size=4)
     with pytest.raises(ValueError, match=r"`queries` must have shape \[\*, 4\]"):

@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_pixels_backward_" #SUFFIX, &qrender::rasterize_pixels_backward_##SUFFIX); \
   m.def("rasterize_query_" #SUFFIX, &qrender::rasterize_query_##SUFFIX);
   QRENDER_BIND(cpu)
+  m.def("project_rows_cpu", &qrender::project_rows_cpu,
+        "[rows . units^T, |rows|] of rows [..., C] and units [Q, C], in one pass over the rows");
   m.def("release_recycled_maps", &qrender::release_recycled_maps,
         "Return the CPU kernel's idle output maps to the OS; returns the bytes released");
   m.def("recycled_idle_bytes", &qrender::recycled_idle_bytes);

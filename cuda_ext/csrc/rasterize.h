@@ -44,6 +44,11 @@ namespace qrender {
                                                    const c10::optional<at::Tensor> &bg_proj);
 
 QRENDER_DECLARE(cpu)
+
+// The proj of the query space on the CPU in one pass over rows [..., C]: [..., Q + 1] =
+// [rows . units^T, |rows|] (each row read once, while a matmul and a norm read them twice).
+at::Tensor project_rows_cpu(const at::Tensor &rows, const at::Tensor &units);
+
 #ifdef WITH_CUDA
 QRENDER_DECLARE(cuda)
 #endif

@@ -318,13 +318,15 @@ def rasterize_query_scores(
                                                tile_size, isect_offsets, flatten_ids, None, k)
         return scores, alphas
     unit = torch.nn.functional.normalize(queries, dim=-1).contiguous()
+    ext = _backend.load_extension(with_cuda=kind == "cuda")
 
     def project(rows):  # [..., C] -> [..., Q + 1]: projections, then the row norm
+        if kind == "cpu":  # one pass over the rows (a matmul and a norm read them twice)
+            return ext.project_rows_cpu(rows.contiguous(), unit)
         return torch.cat([rows @ unit.T, rows.norm(dim=-1, keepdim=True)], dim=-1).contiguous()
 
     proj = project(features.detach())
     bg_proj = project(backgrounds.detach()) if backgrounds is not None else None
-    ext = _backend.load_extension(with_cuda=kind == "cuda")
     args = [t.detach().contiguous() for t in (means2d, conics, features, opacities)]
     bg = backgrounds.detach().contiguous() if backgrounds is not None else None
     scores, alphas = getattr(ext, f"rasterize_query_{kind}")(

@@ -824,6 +824,97 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
   out_alpha[p.row] = b.alpha;
 }
 
+// Two rows of the query projection: out_r[q] = row_r . units[q] for q < Q, out_r[Q] = |row_r|.
+// Each load of a unit row serves both rows and four queries go at once: 8 independent sums,
+// so the FMAs do not wait on one another (a matmul and a norm would read each row twice).
+#define QR_PROJECT_ROWS(T)                                                                    \
+  QR_CLONES void project_row_pair(const T* __restrict r0, const T* __restrict r1,            \
+                                  const T* __restrict units, int64_t Q, int64_t C,            \
+                                  T* __restrict o0, T* __restrict o1) {                       \
+    typedef T V __attribute__((vector_size(32)));                                             \
+    typedef T VU __attribute__((vector_size(32), aligned(sizeof(T))));                        \
+    constexpr int kW = 32 / sizeof(T);                                                        \
+    const int64_t vec_end = C - C % kW;                                                       \
+    auto load = [](const T* p) { return *reinterpret_cast<const VU*>(p); };                   \
+    auto total = [](const V& v) {                                                             \
+      T s = 0;                                                                                \
+      for (int k = 0; k < kW; ++k) s += v[k];                                                 \
+      return s;                                                                               \
+    };                                                                                        \
+    {                                                                                         \
+      V a = {}, b = {};                                                                       \
+      for (int64_t c = 0; c < vec_end; c += kW) {                                             \
+        const V f0 = load(r0 + c), f1 = load(r1 + c);                                         \
+        a += f0 * f0;                                                                         \
+        b += f1 * f1;                                                                         \
+      }                                                                                       \
+      T s0 = total(a), s1 = total(b);                                                         \
+      for (int64_t c = vec_end; c < C; ++c) {                                                 \
+        s0 += r0[c] * r0[c];                                                                  \
+        s1 += r1[c] * r1[c];                                                                  \
+      }                                                                                       \
+      o0[Q] = std::sqrt(s0);                                                                  \
+      o1[Q] = std::sqrt(s1);                                                                  \
+    }                                                                                         \
+    int64_t q0 = 0;                                                                           \
+    for (; q0 + 4 <= Q; q0 += 4) {                                                            \
+      const int nq = 4;                                                                       \
+      const T* u[4];                                                                          \
+      for (int k = 0; k < 4; ++k) u[k] = units + (q0 + k) * C;                                \
+      V a[4] = {}, b[4] = {};                                                                 \
+      for (int64_t c = 0; c < vec_end; c += kW) {                                             \
+        const V f0 = load(r0 + c), f1 = load(r1 + c);                                         \
+        for (int k = 0; k < 4; ++k) {                                                         \
+          const V uk = load(u[k] + c);                                                        \
+          a[k] += f0 * uk;                                                                    \
+          b[k] += f1 * uk;                                                                    \
+        }                                                                                     \
+      }                                                                                       \
+      for (int k = 0; k < nq; ++k) {                                                          \
+        T s0 = total(a[k]), s1 = total(b[k]);                                                 \
+        for (int64_t c = vec_end; c < C; ++c) {                                               \
+          s0 += r0[c] * u[k][c];                                                              \
+          s1 += r1[c] * u[k][c];                                                              \
+        }                                                                                     \
+        o0[q0 + k] = s0;                                                                      \
+        o1[q0 + k] = s1;                                                                      \
+      }                                                                                       \
+    }                                                                                         \
+    for (; q0 < Q; ++q0) { /* the last 1-3 queries one by one, two sums per row */            \
+      const T* u = units + q0 * C;                                                            \
+      V a[2] = {}, b[2] = {};                                                                 \
+      int64_t c = 0;                                                                          \
+      for (; c + 2 * kW <= vec_end; c += 2 * kW)                                              \
+        for (int h = 0; h < 2; ++h) {                                                         \
+          const V uh = load(u + c + h * kW);                                                  \
+          a[h] += load(r0 + c + h * kW) * uh;                                                 \
+          b[h] += load(r1 + c + h * kW) * uh;                                                 \
+        }                                                                                     \
+      T s0 = total(a[0] + a[1]), s1 = total(b[0] + b[1]);                                     \
+      for (; c < C; ++c) {                                                                    \
+        s0 += r0[c] * u[c];                                                                   \
+        s1 += r1[c] * u[c];                                                                   \
+      }                                                                                       \
+      o0[q0] = s0;                                                                            \
+      o1[q0] = s1;                                                                            \
+    }                                                                                         \
+  }
+QR_PROJECT_ROWS(float)
+QR_PROJECT_ROWS(double)
+
+template <typename scalar_t>
+void project_rows(const scalar_t* rows, const scalar_t* units, int64_t n, int64_t Q, int64_t C,
+                  scalar_t* out) {
+  const int64_t pairs = (n + 1) / 2;
+  std::vector<scalar_t> spare(Q + 1);  // the odd last row's twin output
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(pairs / 128 + 1))
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t a = 2 * i, b = std::min(a + 1, n - 1);
+    project_row_pair(rows + a * C, rows + b * C, units, Q, C, out + a * (Q + 1),
+                     b == a ? spare.data() : out + b * (Q + 1));
+  }
+}
+
 // --------------------------------------------------------------------------- entry points
 template <typename scalar_t>
 struct Inputs {
@@ -929,6 +1020,22 @@ std::vector<at::Tensor> backward_any(QRENDER_BACKWARD_ARGS,
 }
 
 }  // namespace
+
+at::Tensor project_rows_cpu(const at::Tensor& rows, const at::Tensor& units) {
+  TORCH_CHECK(rows.device().is_cpu() && units.device().is_cpu(), "project_rows_cpu: CPU tensors");
+  TORCH_CHECK(units.dim() == 2 && rows.dim() >= 1 && rows.size(-1) == units.size(1),
+              "project_rows_cpu: rows [..., C] and units [Q, C]");
+  TORCH_CHECK(rows.scalar_type() == units.scalar_type(), "project_rows_cpu: one dtype");
+  const at::Tensor r = rows.contiguous(), u = units.contiguous();
+  const int64_t C = r.size(-1), Q = u.size(0), n = C > 0 ? r.numel() / C : 0;
+  std::vector<int64_t> shape(r.sizes().begin(), r.sizes().end());
+  shape.back() = Q + 1;
+  at::Tensor out = at::empty(shape, r.options());
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "project_rows_cpu", [&] {
+    project_rows(r.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), n, Q, C, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
 
 std::vector<at::Tensor> rasterize_forward_cpu(QRENDER_FORWARD_ARGS) {
   return forward_any(means2d, conics, features, opacities, backgrounds, width, height, tile_size,
