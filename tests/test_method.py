@@ -173,8 +173,10 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     from plyfile import PlyData
 
     ply = tmp_path / "chair.ply"
+    # " Chair": the viewer's rule, case and extra whitespace do not matter (one start-up less than a
+    # separate call for it)
     result = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
-                             "--text", "chair", "--output", str(ply), "--cameras", "0", "1"],
+                             "--text", " Chair", "--output", str(ply), "--cameras", "0", "1"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -186,10 +188,6 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     unknown = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
                               "--text", "spaceship"], capture_output=True, text=True, timeout=600)
     assert unknown.returncode != 0 and "closed-vocabulary" in unknown.stderr
-    capital = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
-                              "--text", " Chair", "--output", str(tmp_path / "c.ply"), "--cameras", "0"],
-                             capture_output=True, text=True, timeout=600)
-    assert capital.returncode == 0, capital.stderr[-2000:]  # the viewer's rule: case does not matter
 
 
 def test_viewer_query_renders_relevancy_without_browser(trained):
