@@ -13,6 +13,8 @@ Parts:
          kernel of --before, if given) vs sampled pixels. Time and peak RSS growth.
   query  scores cos(F(p), t_q) for Q = 1, 5, 20: full map + normalise + matmul vs query space
          (with --before, also the full map of that kernel + normalise + matmul).
+  projection  the query space's per-Gaussian [features . T^T, |features|] for Q = 1, 5, 20:
+         the CPU kernel's one pass over the rows vs a torch matmul and a norm.
   floor  the full map: dense and quantile K=8 forward vs the time to allocate and write
          H*W*C floats, and the quantile speedup vs the per-pixel bound n C / (n + K C). The
          renders reuse the pages of the previous map (the CPU kernel's page recycling, as a
@@ -261,6 +263,21 @@ def bench_query(s, args, before=None):
     return rows
 
 
+def bench_projection(s, args):
+    ext = _backend.load_extension(with_cuda=False)
+    feats, rows, gen = s["features"], [], torch.Generator().manual_seed(4)
+    for q in args.num_queries:
+        unit = F.normalize(torch.randn(q, CHANNELS, generator=gen), dim=-1)
+        fns = {"matmul_and_norm": lambda: torch.cat([feats @ unit.T, feats.norm(dim=-1, keepdim=True)], dim=-1),
+               "one_pass": lambda: ext.project_rows_cpu(feats, unit)}
+        ms = side_by_side(fns, args.repeats)
+        err = float((fns["one_pass"]() - fns["matmul_and_norm"]()).abs().max())
+        rows.append(dict(num_queries=q, ms=ms, max_abs_diff=err, speedup=ms["matmul_and_norm"] / ms["one_pass"]))
+        print(f"projection Q={q:>2}: matmul + norm {ms['matmul_and_norm']:.1f} ms, one pass {ms['one_pass']:.1f} ms "
+              f"-> x{rows[-1]['speedup']:.1f} (max |diff| {err:.1e})", flush=True)
+    return rows
+
+
 def bench_floor(s, args, before):
     numel = HEIGHT * WIDTH * CHANNELS
     buffer = torch.empty(numel)
@@ -314,8 +331,8 @@ def bench_floor(s, args, before):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["train", "query", "floor"],
-                        choices=["train", "query", "floor"])
+    parser.add_argument("--parts", nargs="+", default=["train", "query", "projection", "floor"],
+                        choices=["train", "query", "projection", "floor"])
     parser.add_argument("--num-gaussians", type=int, default=40000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-masks", type=int, default=40, help="teacher masks per view (train part)")
@@ -346,6 +363,8 @@ def main():
         results["train"] = bench_train(s, args, before)
     if "query" in args.parts:
         results["query"] = bench_query(s, args, before)
+    if "projection" in args.parts:
+        results["projection"] = bench_projection(s, args)
     if "floor" in args.parts:
         results["floor"] = bench_floor(s, args, before)
     meta = dict(width=WIDTH, height=HEIGHT, tile_size=TILE, channels=CHANNELS, num_gaussians=args.num_gaussians,

@@ -322,7 +322,7 @@ def rasterize_query_scores(
 
     def project(rows):  # [..., C] -> [..., Q + 1]: projections, then the row norm
         if kind == "cpu":  # one pass over the rows (a matmul and a norm read them twice)
-            return ext.project_rows_cpu(rows.contiguous(), unit)
+            return ext.project_rows_cpu(rows, unit)
         return torch.cat([rows @ unit.T, rows.norm(dim=-1, keepdim=True)], dim=-1).contiguous()
 
     proj = project(features.detach())

@@ -841,24 +841,10 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
       for (int k = 0; k < kW; ++k) s += v[k];                                                 \
       return s;                                                                               \
     };                                                                                        \
-    {                                                                                         \
-      V a = {}, b = {};                                                                       \
-      for (int64_t c = 0; c < vec_end; c += kW) {                                             \
-        const V f0 = load(r0 + c), f1 = load(r1 + c);                                         \
-        a += f0 * f0;                                                                         \
-        b += f1 * f1;                                                                         \
-      }                                                                                       \
-      T s0 = total(a), s1 = total(b);                                                         \
-      for (int64_t c = vec_end; c < C; ++c) {                                                 \
-        s0 += r0[c] * r0[c];                                                                  \
-        s1 += r1[c] * r1[c];                                                                  \
-      }                                                                                       \
-      o0[Q] = std::sqrt(s0);                                                                  \
-      o1[Q] = std::sqrt(s1);                                                                  \
-    }                                                                                         \
+    o0[Q] = std::sqrt(dot(r0, r0, C));                                                        \
+    o1[Q] = std::sqrt(dot(r1, r1, C));                                                        \
     int64_t q0 = 0;                                                                           \
     for (; q0 + 4 <= Q; q0 += 4) {                                                            \
-      const int nq = 4;                                                                       \
       const T* u[4];                                                                          \
       for (int k = 0; k < 4; ++k) u[k] = units + (q0 + k) * C;                                \
       V a[4] = {}, b[4] = {};                                                                 \
@@ -870,7 +856,7 @@ inline void query_pixel(const Layout& l, const Alphas& alphas, const scalar_t* f
           b[k] += f1 * uk;                                                                    \
         }                                                                                     \
       }                                                                                       \
-      for (int k = 0; k < nq; ++k) {                                                          \
+      for (int k = 0; k < 4; ++k) {                                                           \
         T s0 = total(a[k]), s1 = total(b[k]);                                                 \
         for (int64_t c = vec_end; c < C; ++c) {                                               \
           s0 += r0[c] * u[k][c];                                                              \
