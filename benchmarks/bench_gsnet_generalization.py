@@ -16,6 +16,9 @@ For every fit kind (`plain`: RGB fit; `depth`: RGB + depth loss) of a `qsplat ma
   to GS-Net's training set; only --dataset's val rooms are scored.
   --ema-decay D trains with a weight average (train-gsnet --ema-decay) and adds its rows (gsnet_<net>_ema);
   --tta-views V adds every net's features averaged over V turned / mirrored copies of the inputs (..._tta<V>).
+  A dataset made with a noisy teacher (make-dataset --synthetic-label-noise / --synthetic-miss-rate) trains and
+  scores every method with that teacher; its rows add "backproject_exact": back-projection of the exact
+  synthetic teacher on the same Gaussians (its cache written under <work>/exact_teacher), for reference.
 
     python benchmarks/bench_gsnet_generalization.py --dataset data/rooms --fits plain depth \\
         --gsnet-steps 150 --table-steps 150 --finetune-steps 30 --out benchmarks/results/gsnet_generalization_cpu.json
@@ -63,6 +66,21 @@ def score(scene, features, transform, scale, encoder) -> dict:
     g = scene.gaussians
     means = to_world(g.means.detach().cpu().numpy(), transform, scale)
     return scannet_metrics_of_features(scene.root, means, g.opacities, features, encoder, classes="19")
+
+
+def exact_teacher_scene(scene, work: Path):
+    """The scene with an exact synthetic teacher (no label noise, no missed masks) in place of its noisy one;
+    None when its teacher is already exact."""
+    import dataclasses
+
+    from qrender_ns.teachers.synthetic import SyntheticTeacher
+
+    info = scene.teacher.teacher_info
+    if info.get("name") != "synthetic" or not (info.get("label_noise") or info.get("miss_rate")):
+        return None
+    teacher = SyntheticTeacher(scene.root, noise=info["noise"], cache_root=work / "exact_teacher" / scene.name)
+    teacher.run(image_keys=scene.train.image_keys, progress=False)
+    return dataclasses.replace(scene, teacher_root=teacher.cache_root)
 
 
 def extra_train_scenes(args, kind: str) -> tuple:
@@ -154,9 +172,10 @@ def main() -> None:
             for count in args.train_scenes:
                 trained.append((f"k10_{count}rooms", train_net(args, kind, 10, work, train_scenes=count)))
             nets = {name + suffix: (net, info) for name, variants in trained for suffix, net, info in variants}
-        rows = []
+        rows, teacher = [], None
         for spec in dataset_scenes(args.dataset, "val", kind):
             scene = load_scene(spec, with_eval=False)
+            teacher = {k: v for k, v in scene.teacher.teacher_info.items() if k != "ground_truth_sha256"}
             transform, scale = world_frame(scene.root)
             encoder = load_text_encoder(scene.teacher_root)
             row = {"scene": scene.name, "gaussians": scene.gaussians.num}
@@ -169,6 +188,12 @@ def main() -> None:
                 feats, _ = backproject_scene(scene, num_quantiles=10)
                 row["backproject"] = {**score(scene, feats, transform, scale, encoder),
                                       "seconds": time.perf_counter() - t0}
+                exact = exact_teacher_scene(scene, work)
+                if exact is not None:
+                    t0 = time.perf_counter()
+                    feats, _ = backproject_scene(exact, num_quantiles=10)
+                    row["backproject_exact"] = {**score(exact, feats, transform, scale, encoder),
+                                                "seconds": time.perf_counter() - t0}
             for name, (net, _) in nets.items():
                 for views in sorted({1, args.tta_views}):
                     t0 = time.perf_counter()
@@ -192,7 +217,7 @@ def main() -> None:
                 for m in methods}
         gsnet_info = {k: v[1] for k, v in nets.items()}
         result["fits"][kind] = {"gsnet": gsnet_info, "val_scenes": rows, "mean": mean,
-                                "num_val_scenes": len(rows)}
+                                "num_val_scenes": len(rows), "teacher": teacher}
     result["seconds_this_run"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

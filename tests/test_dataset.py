@@ -225,6 +225,12 @@ def test_bad_settings_are_clear_errors(tmp_path):
         ds.make_dataset(_config(tmp_path / "a", scenes=2, val_scenes=2))
     with pytest.raises(ds.DatasetError, match="num-eval"):
         ds.make_dataset(_config(tmp_path / "b", num_images=4, num_eval=4))
+    for bad in (1.0, -0.2, float("nan")):
+        with pytest.raises(ds.DatasetError, match=r"--synthetic-label-noise must be a probability in \[0, 1\)"):
+            ds.make_dataset(_config(tmp_path / "e", synthetic_label_noise=bad))
+        with pytest.raises(ds.DatasetError, match="--synthetic-miss-rate must be"):
+            ds.make_dataset(_config(tmp_path / "e", synthetic_miss_rate=bad))
+    assert not (tmp_path / "e").exists()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("not a dataset")
     with pytest.raises(ds.DatasetError, match="not a dataset"):
@@ -234,6 +240,30 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ds.DatasetError, match="depth-loss"):
         ds.make_dataset(_config(tmp_path / "d", fits=("plain", "depth")))
     assert not (tmp_path / "d").exists()  # refused before any work
+
+
+def test_noisy_teacher_reaches_the_cache_and_survives_the_fit(tmp_path, dataset):
+    from qrender_ns.teachers.cache import TeacherCache
+
+    out = tmp_path / "D"
+    ds.make_dataset(_config(out, scenes=1, val_scenes=0, fit_steps=1, synthetic_label_noise=0.4,
+                            synthetic_miss_rate=0.1))
+    scene = out / "scene_000"
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["settings"]["synthetic_label_noise"] == 0.4 and meta["settings"]["synthetic_miss_rate"] == 0.1
+    # the fit's datamanager names the same teacher: it reused the cache instead of refusing or replacing it
+    info = TeacherCache(scene / "qsplat_teacher" / "synthetic").teacher_info
+    assert info["label_noise"] == 0.4 and info["miss_rate"] == 0.1
+    import yaml
+
+    run = yaml.load((ds.fit_run_dir(scene, "plain") / "config.yml").read_text(), Loader=yaml.Loader)
+    assert run.pipeline.datamanager.synthetic_label_noise == 0.4 and run.pipeline.datamanager.synthetic_miss_rate == 0.1
+    with pytest.raises(ds.DatasetError, match=r"synthetic_label_noise: 0.4 -> 0.2"):
+        ds.make_dataset(_config(out, scenes=1, val_scenes=0, fit_steps=1, synthetic_label_noise=0.2,
+                                synthetic_miss_rate=0.1))
+    # a dataset made without the options keeps its settings (they are recorded only when on)
+    assert not {"synthetic_label_noise", "synthetic_miss_rate"} & set(json.loads(
+        (dataset[0] / "dataset.json").read_text())["settings"])
 
 
 def test_fit_kinds_set_the_depth_loss_option(monkeypatch):

@@ -423,3 +423,22 @@ def test_report_names_weight_average_and_test_time_rows(tmp_path):
     assert "weight average (EMA), test-time average of 8 views, 88 rooms" in rows[2] and "66.00" in rows[2], rows
     assert "test-time average of 8 views, 88 rooms" in rows[3] and "EMA" not in rows[3], rows
     assert "fine-tune" in rows[4], rows
+
+
+def test_report_names_the_noisy_teacher_and_the_exact_reference(tmp_path):
+    """A noisy-teacher run says so on every row, and its exact-teacher back-projection comes right after (b)."""
+    bench = {"benchmark": "gsnet_generalization", "fits": {
+        "plain": {"num_val_scenes": 8, "teacher": {"name": "synthetic", "label_noise": 0.2, "miss_rate": 0.1},
+                  "mean": {"backproject": {"miou": 0.8, "macc": 0.85, "seconds": 0.6},
+                           "backproject_exact": {"miou": 0.9, "macc": 0.95, "seconds": 0.6},
+                           "gsnet_k10": {"miou": 0.85, "macc": 0.9, "seconds": 0.2}}},
+        "depth": {"num_val_scenes": 8, "teacher": {"name": "synthetic", "noise": 0.05},
+                  "mean": {"backproject": {"miou": 0.9, "macc": 0.95, "seconds": 0.6}}}}}
+    (tmp_path / "gsnet.json").write_text(json.dumps(bench))
+    text = make_report([tmp_path], tmp_path / "report.md")
+    rows = [line for line in text.split("## GS-Net generalization")[1].splitlines() if line.startswith("| (")]
+    assert len(rows) == 4, rows
+    assert "(b) back-projection of the teacher masks" in rows[0] and "80.00" in rows[0], rows
+    assert "exact teacher" in rows[1] and "90.00" in rows[1] and "GS-Net" in rows[2], rows
+    assert all("teacher with label noise 0.2 / miss rate 0.1" in r for r in rows[:3]), rows
+    assert "| RGB + depth loss |" in rows[3], rows  # an exact teacher's rows are labelled as before

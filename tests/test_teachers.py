@@ -297,6 +297,70 @@ def test_unknown_teacher_has_no_text_encoder(tmp_path):
         load_text_encoder(root)
 
 
+def test_label_noise_renames_furniture_in_every_view(tmp_path):
+    info = _scene(tmp_path)
+    exact, noisy = SyntheticTeacher(info.root), SyntheticTeacher(info.root, label_noise=0.6)
+    assert exact.instance_class == exact.true_instance_class
+    assert noisy.instance_class == SyntheticTeacher(info.root, label_noise=0.6).instance_class  # seeded, repeats
+    renamed = {i: c for i, c in noisy.instance_class.items() if c != noisy.true_instance_class[i]}
+    assert renamed, "no instance of this room was renamed at label_noise 0.6"
+    for i, named in renamed.items():  # furniture only, always to another furniture class
+        assert noisy.true_instance_class[i] in sg.FURNITURE_CLASSES and named in sg.FURNITURE_CLASSES
+    vectors = torch.stack([class_embedding(n) for n in noisy.class_names])
+    for key in noisy.image_keys:  # same masks; each embedding is the named class's, in every view
+        mask_ids, instance_ids = noisy.masks(key)
+        exact_ids, exact_instances = exact.masks(key)
+        assert np.array_equal(mask_ids, exact_ids) and np.array_equal(instance_ids, exact_instances)
+        scores = noisy.embeddings(key, instance_ids) @ vectors.T
+        assert [noisy.class_names[int(j)] for j in scores.argmax(1)] == [noisy.instance_class[int(i)]
+                                                                        for i in instance_ids]
+    # the rate and the spread over the other classes, over many instance ids
+    named = [noisy._named_class(i, "chair") for i in range(1, 3001)]
+    assert abs(np.mean([n != "chair" for n in named]) - 0.6) < 0.03
+    others = [n for n in named if n != "chair"]
+    assert set(others) == set(sg.FURNITURE_CLASSES) - {"chair"}
+    assert max(others.count(c) for c in set(others)) < 1.3 * len(others) / len(set(others))
+    assert all(noisy._named_class(i, "wall") == "wall" for i in range(1, 200))
+
+
+def test_miss_rate_drops_masks_per_view(tmp_path):
+    info = _scene(tmp_path)
+    exact, noisy = SyntheticTeacher(info.root), SyntheticTeacher(info.root, miss_rate=0.3)
+    dropped = total = 0
+    for key in noisy.image_keys:
+        mask_ids, instance_ids = noisy.masks(key)
+        exact_ids, exact_instances = exact.masks(key)
+        assert set(instance_ids.tolist()) <= set(exact_instances.tolist())
+        kept = np.isin(exact_instances, instance_ids)
+        dropped, total = dropped + int((~kept).sum()), total + len(exact_instances)
+        assert np.array_equal(np.unique(mask_ids[mask_ids >= 0]), np.arange(len(instance_ids)))  # renumbered
+        for m, instance in enumerate(instance_ids):  # kept masks are unchanged, dropped ones are no surface
+            assert np.array_equal(mask_ids == m, exact_ids == int(np.flatnonzero(exact_instances == instance)[0]))
+        assert np.all(mask_ids[np.isin(exact_ids, np.flatnonzero(~kept))] == -1)
+        served_ids, embeddings = noisy.compute(key)
+        assert embeddings.shape == (len(instance_ids), 512) and np.array_equal(served_ids, mask_ids)
+    assert 0 < dropped < total
+    assert abs(np.mean([noisy._missed("images/a.jpg", i) for i in range(3000)]) - 0.3) < 0.03
+
+
+def test_teacher_noise_is_recorded_and_checked(tmp_path):
+    from qrender_ns.teachers.setup import SYNTHETIC, TeacherSettings, TeacherSetupError, build_teacher, resolve_teacher
+
+    info = _scene(tmp_path)
+    assert not {"label_noise", "miss_rate"} & set(SyntheticTeacher(info.root).teacher_info)  # old caches stay valid
+    noisy = build_teacher(TeacherSettings(synthetic_label_noise=0.2, synthetic_miss_rate=0.1), SYNTHETIC, info.root)
+    assert noisy.teacher_info["label_noise"] == 0.2 and noisy.teacher_info["miss_rate"] == 0.1
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="label_noise must be a probability in \\[0, 1\\)"):
+            SyntheticTeacher(info.root, label_noise=bad)
+        with pytest.raises(TeacherSetupError, match="miss_rate must be .*--synthetic-miss-rate"):
+            build_teacher(TeacherSettings(synthetic_miss_rate=bad), SYNTHETIC, info.root)
+    with pytest.raises(TeacherSetupError, match="--synthetic-label-noise is not read by the grounded-sam2-clip"):
+        resolve_teacher(TeacherSettings(teacher="grounded-sam2-clip", synthetic_label_noise=0.2), info.root)
+    ExtractFeatures(data=info.root, synthetic_label_noise=0.2).main()
+    assert TeacherCache(default_cache_root(info.root, "synthetic")).teacher_info["label_noise"] == 0.2
+
+
 def test_nerfstudio_dataparser_filenames_map_to_cache_keys(tmp_path):
     info = _scene(tmp_path, layout="nerfstudio", seed=1)
     SyntheticTeacher(info.root).run(progress=False)

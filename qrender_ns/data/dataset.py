@@ -78,6 +78,11 @@ class MakeDataset:
     """depth fits: --pipeline.model.depth-loss-mult (default: the model's)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device of the fits (auto: CUDA when available)."""
+    synthetic_label_noise: float = 0.0
+    """Teacher: probability that a furniture instance is named as another furniture class in all its views (a
+    real teacher's consistent misdetection; docs/gsnet.md, "A noisy teacher")."""
+    synthetic_miss_rate: float = 0.0
+    """Teacher: probability that an instance's mask is missing from a view (a missed detection)."""
     jobs: int = 1
     """Scenes built in parallel, one process each (one torch thread per process)."""
     progress: bool = True
@@ -101,6 +106,7 @@ class DatasetError(ValueError):
 # Settings that decide what a scene holds; a resumed dataset must keep them.
 _CONTENT_KEYS = ("seed", "layout", "width", "height", "num_images", "num_eval", "num_points", "variation",
                  "fit_steps", "depth_loss_mult")
+_TEACHER_KEYS = ("synthetic_label_noise", "synthetic_miss_rate")
 
 
 def scene_name(index: int) -> str:
@@ -111,10 +117,16 @@ def scene_seed(dataset_seed: int, index: int) -> int:
     return dataset_seed * 1000 + index
 
 
+def teacher_options(cfg: MakeDataset) -> Dict[str, float]:
+    """The synthetic teacher's noise options that are on (none by default, so datasets made before they
+    existed keep their settings)."""
+    return {k: float(getattr(cfg, k)) for k in _TEACHER_KEYS if getattr(cfg, k)}
+
+
 def content_settings(cfg: MakeDataset) -> dict:
     values = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
     values["variation"] = cfg.variation.to_json()
-    return values
+    return {**values, **teacher_options(cfg)}
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -170,6 +182,10 @@ def validate(cfg: MakeDataset) -> None:
         raise DatasetError(f"--num-images / --num-eval: {e}") from None
     if cfg.width < 8 or cfg.height < 8:
         raise DatasetError("--width and --height must be >= 8")
+    for key in _TEACHER_KEYS:
+        value = float(getattr(cfg, key))
+        if not 0.0 <= value < 1.0:  # NaN too
+            raise DatasetError(f"--{key.replace('_', '-')} must be a probability in [0, 1), got {value}")
 
 
 def _model_has_depth_loss() -> bool:
@@ -222,7 +238,7 @@ def build_scene_stages(cfg_dict: dict, index: int, dataset_dir: str, report: Opt
     markers["generate"] = done
     report("generate", 1, 1)
 
-    teacher_settings = {"teacher": "synthetic", "scene": gen_settings}
+    teacher_settings = {"teacher": "synthetic", "scene": gen_settings, **teacher_options(cfg)}
     done = None if redo_rest else _stage_done(scene_dir, "teacher", teacher_settings)
     if done is None:
         redo_rest = True
@@ -236,7 +252,8 @@ def build_scene_stages(cfg_dict: dict, index: int, dataset_dir: str, report: Opt
             shutil.rmtree(cache_root)
         start = time.perf_counter()
         with quiet_nerfstudio():
-            stats = SyntheticTeacher(scene_dir).run(progress=False)
+            stats = SyntheticTeacher(scene_dir, label_noise=cfg.synthetic_label_noise,
+                                     miss_rate=cfg.synthetic_miss_rate).run(progress=False)
         done = {"settings": teacher_settings, "seconds": time.perf_counter() - start, "images": stats.written,
                 "masks": stats.masks, "cache": str(cache_root.relative_to(scene_dir))}
         _write_json_atomic(stage_path(scene_dir, "teacher"), done)
@@ -253,7 +270,8 @@ def build_scene_stages(cfg_dict: dict, index: int, dataset_dir: str, report: Opt
             if (scene_dir / stage).exists():
                 shutil.rmtree(scene_dir / stage)
             result = fit_scene(scene_dir, kind, cfg.fit_steps, depth_loss_mult=cfg.depth_loss_mult,
-                               device=cfg.device, report=lambda c, t, s=stage: report(s, c, t))
+                               device=cfg.device, report=lambda c, t, s=stage: report(s, c, t),
+                               teacher=teacher_options(cfg))
             done = {"settings": fit_settings, **result,
                     "config": str((fit_run_dir(scene_dir, kind) / "config.yml").relative_to(scene_dir))}
             _write_json_atomic(stage_path(scene_dir, stage), done)
@@ -298,9 +316,10 @@ def _fit_model_options(kind: str, depth_loss_mult: Optional[float]) -> Dict[str,
 
 
 def fit_config(scene_dir: Path, kind: str, steps: int, depth_loss_mult: Optional[float] = None,
-               device: str = "auto"):
+               device: str = "auto", teacher: Optional[Dict[str, float]] = None):
     """The q-splat TrainerConfig of a fit (`ns-train q-splat --data <scene>` with the options below); its run
-    folder is fit_run_dir(scene_dir, kind)."""
+    folder is fit_run_dir(scene_dir, kind). `teacher`: the synthetic teacher's noise options (teacher_options),
+    set on the datamanager so that the run names the cache make-dataset wrote."""
     import torch
 
     from ..method import qsplat_trainer_config
@@ -320,6 +339,8 @@ def fit_config(scene_dir: Path, kind: str, steps: int, depth_loss_mult: Optional
     config.logging.local_writer.enable = False
     config.pipeline.datamanager.data = Path(scene_dir)
     config.pipeline.datamanager.teacher = "synthetic"  # the run knows its cache (predict-features, ns-eval mIoU)
+    for key, value in (teacher or {}).items():
+        setattr(config.pipeline.datamanager, key, value)
     model = config.pipeline.model
     model.feature_warmup_steps = steps + 1  # RGB only: the feature loss never starts
     for key, value in _fit_model_options(kind, depth_loss_mult).items():
@@ -371,14 +392,15 @@ def _eval_psnr(pipeline, split: str = "eval", stride: int = 1) -> float:
 
 
 def fit_scene(scene_dir: Path, kind: str, steps: int, depth_loss_mult: Optional[float] = None,
-              device: str = "auto", report: Optional[Callable[[int, int], None]] = None) -> dict:
+              device: str = "auto", report: Optional[Callable[[int, int], None]] = None,
+              teacher: Optional[Dict[str, float]] = None) -> dict:
     """Fit a 3DGS to a scene with `steps` q-splat RGB steps; returns timings, PSNR (eval views, before and
     after; train views after) and the Gaussian count. The checkpoint is saved once, at the end."""
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
     report = report or (lambda *_: None)
     start = time.perf_counter()
-    config = fit_config(scene_dir, kind, steps, depth_loss_mult, device)
+    config = fit_config(scene_dir, kind, steps, depth_loss_mult, device, teacher)
     with quiet_nerfstudio():
         config.save_config()
         trainer = config.setup(local_rank=0, world_size=1)

@@ -176,6 +176,7 @@ VARIANT_KEY = re.compile(r"(gsnet_(?:k10|dense)(?:_\d+rooms)?)(_ema)?(?:_tta(\d+
 GSNET_METHODS = [  # (key in the benchmark JSON, row label)
     ("table", "(a) per-scene feature table (from scratch)"),
     ("backproject", "(b) back-projection of the teacher masks (K = 10)"),
+    ("backproject_exact", "(b) back-projection of the exact teacher's masks (reference, noisy-teacher runs)"),
     ("gsnet_k10", "(c) GS-Net feed-forward (trained with Q-Render K = 10)"),
     ("gsnet_dense", "(c') GS-Net feed-forward (trained with dense blending, V-Render)"),
     ("gsnet_k10_finetune", "(d) GS-Net + per-scene fine-tune"),
@@ -192,13 +193,20 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
     for r in results:
         for kind, fit in r.get("fits", {}).items():
             fit_label = {"plain": "RGB only", "depth": "RGB + depth loss"}.get(kind, kind)
+            teacher = fit.get("teacher") or {}  # a noisy synthetic teacher trains and scores every method
+            noise = [f"{name} {teacher[key]:g}" for key, name in (("label_noise", "label noise"),
+                                                                   ("miss_rate", "miss rate")) if teacher.get(key)]
+            if noise:
+                fit_label += f", teacher with {' / '.join(noise)}"
             # --train-scenes N rows: GS-Net trained on fewer rooms (data scaling), fewest first
             scaling = sorted((int(match.group(1)), k) for k in fit.get("mean", {}) if (match := SCALING_KEY.match(k)))
-            methods = list(GSNET_METHODS[:2]) + [
+            baselines = [m for m in GSNET_METHODS if not m[0].startswith("gsnet_")]
+            methods = baselines + [
                 (key, f"(c) GS-Net feed-forward (trained with Q-Render K = 10), {count} rooms") for count, key in scaling]
-            labels = dict(methods + list(GSNET_METHODS[2:]))
+            nets = [m for m in GSNET_METHODS if m[0].startswith("gsnet_")]
+            labels = dict(methods + nets)
             ordered = []
-            for key, _ in methods + list(GSNET_METHODS[2:]):
+            for key, _ in methods + nets:
                 ordered.append(key)
                 ordered += sorted(k for k in fit.get("mean", {})
                                   if (v := VARIANT_KEY.match(k)) and v.group(1) == key and (v.group(2) or v.group(3)))

@@ -61,7 +61,9 @@ class ExtractFeatures(TeacherSettings):
         teacher = ts.build_teacher(settings, name, scene_root, detect_layout(scene_root))
         config = QSplatDataManagerConfig(
             dataparser=QSplatDataParserConfig(data=scene_root, downscale_factor=self.downscale_factor),
-            fill_teacher_cache=False, **{**vars(settings), "teacher": "none"})
+            fill_teacher_cache=False, **{**vars(settings), "teacher": "none", "teacher_weights": "local",
+                                         # a teacher's own options would be refused by the "none" teacher
+                                         **{k: None for k in ts.REAL_ONLY + ts.SYNTHETIC_ONLY}})
         datamanager = config.setup(device="cpu", test_mode="val")  # the served images
         items = []
         for split in self.splits:

@@ -29,7 +29,7 @@ SYNTHETIC = "synthetic"
 # Options read by one teacher only (None = not given); giving one to the other teacher is an error.
 REAL_ONLY = ("prompts", "prompts_file", "clip_model", "clip_pretrained", "clip_checkpoint", "sam2_config",
              "sam2_checkpoint", "detector_checkpoint", "box_threshold", "text_threshold", "automatic_masks")
-SYNTHETIC_ONLY = ("synthetic_noise",)
+SYNTHETIC_ONLY = ("synthetic_noise", "synthetic_label_noise", "synthetic_miss_rate")
 DEFAULT_SYNTHETIC_NOISE = 0.05
 
 
@@ -76,6 +76,11 @@ class TeacherSettings:
     """grounded-sam2-clip: also add SAM2's automatic masks for regions no prompt found (default False)."""
     synthetic_noise: Optional[float] = None
     """synthetic: norm of the random perturbation of each mask's class vector (default 0.05)."""
+    synthetic_label_noise: Optional[float] = None
+    """synthetic: probability that a furniture instance is named as another furniture class in every view, a
+    consistent misdetection of a real teacher (default 0)."""
+    synthetic_miss_rate: Optional[float] = None
+    """synthetic: probability that an instance's mask is missing from a view, a missed detection (default 0)."""
     teacher_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device the teacher's models run on."""
     teacher_batch_size: int = 32
@@ -227,7 +232,12 @@ def build_teacher(settings: TeacherSettings, name: str, scene_root: Path, layout
         from .synthetic import SyntheticTeacher
 
         noise = DEFAULT_SYNTHETIC_NOISE if settings.synthetic_noise is None else settings.synthetic_noise
-        return SyntheticTeacher(scene_root, noise=noise, cache_root=cache_root)
+        try:
+            return SyntheticTeacher(scene_root, noise=noise, cache_root=cache_root,
+                                    label_noise=settings.synthetic_label_noise or 0.0,
+                                    miss_rate=settings.synthetic_miss_rate or 0.0)
+        except ValueError as e:
+            raise TeacherSetupError(f"{e} ({prefix}synthetic-label-noise / {prefix}synthetic-miss-rate)") from None
     from .clip import MissingWeightsError, TeacherDependencyError
     from .masks import GroundedSam2ClipTeacher
 

@@ -9,6 +9,14 @@ Embeddings: normalise(class_embedding(class name) + noise * u), u a random unit 
 (image key, instance id). `noise` is thus the perturbation's norm relative to the unit class vector: two
 masks of one class agree to cosine ~ 1 / (1 + noise^2) (0.9975 at 0.05), while different classes are
 nearly orthogonal (cosine ~ N(0, 1/dim), std 0.044 at 512-D).
+
+Two optional failure modes of a real detector + CLIP teacher (both off by default; the cache records them):
+  label_noise  each furniture instance is, with this probability, named as another furniture class (uniform
+               among the other ones) in every view where it is seen: a consistent misdetection, which
+               averaging over views cannot undo. Walls, floor and ceiling keep their class.
+  miss_rate    each (image, instance) mask is dropped with this probability (its pixels become -1): a
+               missed detection in one view.
+Both draws are seeded by (ground truth, instance) and (image, instance), so they repeat exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.scene_generator import BACKGROUND_ID
+from ..data.scene_generator import BACKGROUND_ID, FURNITURE_CLASSES
 from .cache import FillStats, default_cache_root, image_sha256
 
 NAME = "synthetic"
@@ -51,6 +59,18 @@ def _noise_direction(image_key: str, instance_id: int, dim: int) -> torch.Tensor
     return _seeded_unit_vector(f"\0noise\0{image_key}\0{instance_id}", dim)
 
 
+def _seeded_uniform(token: str) -> float:
+    """A number in [0, 1) fixed by sha256(token): the same in every process and on every machine."""
+    return (int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little") >> 11) / float(1 << 53)
+
+
+def _check_probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise ValueError(f"synthetic teacher: {name} must be a probability in [0, 1), got {value}")
+    return value
+
+
 def require_generated_scene(scene_dir: Union[str, Path]) -> Path:
     """Path of the scene's gt/scene.json; a clear error when the folder is not a generated scene."""
     meta = Path(scene_dir) / "gt" / "scene.json"
@@ -68,25 +88,47 @@ class SyntheticTeacher:
     name = NAME
 
     def __init__(self, scene_dir: Union[str, Path], noise: float = 0.05, dim: int = 512,
-                 cache_root: Optional[Union[str, Path]] = None):
+                 cache_root: Optional[Union[str, Path]] = None, label_noise: float = 0.0, miss_rate: float = 0.0):
         self.scene_dir = Path(scene_dir)
         meta_path = require_generated_scene(self.scene_dir)
         meta = json.loads(meta_path.read_text())
         self.noise, self.dim = float(noise), int(dim)
+        self.label_noise = _check_probability("label_noise", label_noise)
+        self.miss_rate = _check_probability("miss_rate", miss_rate)
         self.class_names: List[str] = [c["name"] for c in sorted(meta["classes"], key=lambda c: c["id"])]
-        self.instance_class: Dict[int, str] = {int(i["id"]): i["class_name"] for i in meta["instances"]}
+        self.true_instance_class: Dict[int, str] = {int(i["id"]): i["class_name"] for i in meta["instances"]}
+        self._ground_truth_sha256 = image_sha256(meta_path)
+        # The class the teacher names each instance by (its true class unless label_noise renamed it)
+        self.instance_class: Dict[int, str] = {i: self._named_class(i, c) for i, c in self.true_instance_class.items()}
         self._instance_maps: Dict[str, Path] = {c["image"]: self.scene_dir / c["instance_map"]
                                                 for c in meta["cameras"]}
         self.image_keys: List[str] = list(self._instance_maps)  # camera order
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root(self.scene_dir, NAME)
-        self._ground_truth_sha256 = image_sha256(meta_path)
+
+    def _named_class(self, instance_id: int, true_class: str) -> str:
+        if self.label_noise == 0.0 or true_class not in FURNITURE_CLASSES:
+            return true_class
+        token = f"\0label\0{self._ground_truth_sha256}\0{instance_id}"
+        if _seeded_uniform(token) >= self.label_noise:
+            return true_class
+        others = [c for c in FURNITURE_CLASSES if c != true_class]
+        return others[min(int(_seeded_uniform(token + "\0class") * len(others)), len(others) - 1)]
+
+    def _missed(self, image_key: str, instance_id: int) -> bool:
+        return self.miss_rate > 0.0 and _seeded_uniform(f"\0miss\0{image_key}\0{instance_id}") < self.miss_rate
 
     @property
     def teacher_info(self) -> dict:
         """What the cache records; any change invalidates all entries (a regenerated scene included)."""
-        return {"name": NAME, "version": VERSION, "noise": self.noise,
+        info = {"name": NAME, "version": VERSION, "noise": self.noise,
                 "embedding": "normalise(class_embedding(class) + noise * unit gaussian seeded by (image, instance))",
                 "ground_truth_sha256": self._ground_truth_sha256}
+        # Recorded only when on, so caches written before these options existed stay valid
+        if self.label_noise:
+            info["label_noise"] = self.label_noise
+        if self.miss_rate:
+            info["miss_rate"] = self.miss_rate
+        return info
 
     def masks(self, image_key: str) -> Tuple[np.ndarray, np.ndarray]:
         """(mask_ids int32 [H, W] with -1 = no surface, instance id of each mask [M] in increasing order)."""
@@ -96,7 +138,10 @@ class SyntheticTeacher:
             raise FileNotFoundError(f"{path}: missing or not a single-channel instance map")
         instance_ids = np.unique(instance_map)
         instance_ids = instance_ids[instance_ids != BACKGROUND_ID]
-        remap = np.full(int(instance_map.max()) + 1, -1, dtype=np.int32)
+        if self.miss_rate:
+            instance_ids = np.array([i for i in instance_ids if not self._missed(image_key, int(i))],
+                                    dtype=instance_ids.dtype)
+        remap = np.full(int(instance_map.max()) + 1, -1, dtype=np.int32)  # missed ones stay -1
         remap[instance_ids] = np.arange(len(instance_ids), dtype=np.int32)
         return remap[instance_map], instance_ids.astype(np.int64)
 
@@ -146,6 +191,7 @@ class SyntheticTeacher:
         return self._instance_maps[image_key]
 
     def _class_of(self, instance_id: int) -> str:
+        """The class the teacher names the instance by (see label_noise)."""
         if int(instance_id) not in self.instance_class:
             raise KeyError(f"instance {instance_id} is not listed in {self.scene_dir}/gt/scene.json")
         return self.instance_class[int(instance_id)]
