@@ -182,10 +182,13 @@ def validate(cfg: MakeDataset) -> None:
         raise DatasetError(f"--num-images / --num-eval: {e}") from None
     if cfg.width < 8 or cfg.height < 8:
         raise DatasetError("--width and --height must be >= 8")
+    from ..teachers.synthetic import check_probability
+
     for key in _TEACHER_KEYS:
-        value = float(getattr(cfg, key))
-        if not 0.0 <= value < 1.0:  # NaN too
-            raise DatasetError(f"--{key.replace('_', '-')} must be a probability in [0, 1), got {value}")
+        try:
+            check_probability(f"--{key.replace('_', '-')}", getattr(cfg, key))
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
 
 
 def _model_has_depth_loss() -> bool:

@@ -181,6 +181,8 @@ GSNET_METHODS = [  # (key in the benchmark JSON, row label)
     ("gsnet_dense", "(c') GS-Net feed-forward (trained with dense blending, V-Render)"),
     ("gsnet_k10_finetune", "(d) GS-Net + per-scene fine-tune"),
 ]
+GSNET_BASELINES = [m for m in GSNET_METHODS if not m[0].startswith("gsnet_")]  # rows before the data-scaling ones
+GSNET_NETS = [m for m in GSNET_METHODS if m[0].startswith("gsnet_")]
 
 
 def gsnet_generalization_table(results: List[Dict]) -> List[str]:
@@ -200,13 +202,11 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
                 fit_label += f", teacher with {' / '.join(noise)}"
             # --train-scenes N rows: GS-Net trained on fewer rooms (data scaling), fewest first
             scaling = sorted((int(match.group(1)), k) for k in fit.get("mean", {}) if (match := SCALING_KEY.match(k)))
-            baselines = [m for m in GSNET_METHODS if not m[0].startswith("gsnet_")]
-            methods = baselines + [
+            methods = GSNET_BASELINES + [
                 (key, f"(c) GS-Net feed-forward (trained with Q-Render K = 10), {count} rooms") for count, key in scaling]
-            nets = [m for m in GSNET_METHODS if m[0].startswith("gsnet_")]
-            labels = dict(methods + nets)
+            labels = dict(methods + GSNET_NETS)
             ordered = []
-            for key, _ in methods + nets:
+            for key, _ in methods + GSNET_NETS:
                 ordered.append(key)
                 ordered += sorted(k for k in fit.get("mean", {})
                                   if (v := VARIANT_KEY.match(k)) and v.group(1) == key and (v.group(2) or v.group(3)))

@@ -37,10 +37,15 @@ NAME = "synthetic"
 VERSION = 2  # 2: class names normalised (text.normalize_text). Bump when the masks or embeddings it computes change: the cache then redoes everything
 
 
+def _token_bits(token: str) -> int:
+    """64 bits fixed by sha256(token): the same in every process and on every machine."""
+    return int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little")
+
+
 def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
     """Gaussian direction [dim] seeded by sha256(token). A CPU generator drawing float64 gives the same
     vector in every process and on every machine (for the pinned torch version)."""
-    seed = int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little") >> 1  # 63-bit seed
+    seed = _token_bits(token) >> 1  # 63-bit seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(dim, generator=generator, dtype=torch.float64)
     return (v / v.norm()).to(torch.float32)
@@ -60,13 +65,14 @@ def _noise_direction(image_key: str, instance_id: int, dim: int) -> torch.Tensor
 
 
 def _seeded_uniform(token: str) -> float:
-    """A number in [0, 1) fixed by sha256(token): the same in every process and on every machine."""
-    return (int.from_bytes(hashlib.sha256(token.encode("utf-8")).digest()[:8], "little") >> 11) / float(1 << 53)
+    """A number in [0, 1) fixed by sha256(token) (its top 53 bits)."""
+    return (_token_bits(token) >> 11) / float(1 << 53)
 
 
-def _check_probability(name: str, value: float) -> float:
+def check_probability(name: str, value: float) -> float:
+    """float(value), or a ValueError naming `name` unless it is in [0, 1) (NaN included)."""
     value = float(value)
-    if not 0.0 <= value < 1.0:  # also refuses NaN
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"synthetic teacher: {name} must be a probability in [0, 1), got {value}")
     return value
 
@@ -93,8 +99,8 @@ class SyntheticTeacher:
         meta_path = require_generated_scene(self.scene_dir)
         meta = json.loads(meta_path.read_text())
         self.noise, self.dim = float(noise), int(dim)
-        self.label_noise = _check_probability("label_noise", label_noise)
-        self.miss_rate = _check_probability("miss_rate", miss_rate)
+        self.label_noise = check_probability("label_noise", label_noise)
+        self.miss_rate = check_probability("miss_rate", miss_rate)
         self.class_names: List[str] = [c["name"] for c in sorted(meta["classes"], key=lambda c: c["id"])]
         self.true_instance_class: Dict[int, str] = {int(i["id"]): i["class_name"] for i in meta["instances"]}
         self._ground_truth_sha256 = image_sha256(meta_path)
