@@ -5,7 +5,7 @@ PY := $(QSPLAT_VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv ext test test-all demo real-demo bench minkowski clean
+.PHONY: venv ext test test-all test-compat lock demo real-demo bench minkowski clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -19,6 +19,16 @@ test: ext
 
 test-all: ext minkowski
 	$(PY) -m pytest -q tests
+
+# q-splat installed (pip install .) into a nerfstudio environment at the oldest supported versions (Python 3.10,
+# torch 2.1.2, numpy < 2, nerfstudio 1.1.5: requirements/compat-oldest.txt), not ours; a subset of the suite there.
+test-compat:
+	@bash scripts/test_compat.sh
+
+# Rewrite requirements/lock.txt (our venv's exact versions) from the venv as it is now.
+lock: venv
+	@{ sed -n '1,3p' requirements/lock.txt; $(PY) -m pip freeze --exclude-editable | grep -v " @ "; } > requirements/lock.txt.tmp
+	@mv requirements/lock.txt.tmp requirements/lock.txt
 
 demo: ext
 	$(PY) -m qrender_ns.cli demo-render --out demo_out/render

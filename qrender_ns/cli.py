@@ -119,8 +119,14 @@ def check_verb(argv) -> None:
 def main() -> None:
     import sys
 
+    from .compat import UnsupportedEnvironment
+
     check_verb(sys.argv[1:])
-    tyro.cli(Commands).main()
+    command = tyro.cli(Commands)
+    try:
+        command.main()
+    except UnsupportedEnvironment as e:  # a too old torch: its sentence, not a traceback
+        raise SystemExit(f"[q-splat] {e}") from None
 
 
 if __name__ == "__main__":

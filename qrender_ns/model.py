@@ -29,6 +29,7 @@ from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoMode
 from nerfstudio.utils.rich_utils import CONSOLE
 from rich.markup import escape
 
+from .compat import torch_problem
 from .data.depth import BATCH_KEY as DEPTH_KEY
 from .gsnet.gsnet import GSNetConfig
 from .losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
@@ -116,6 +117,9 @@ class QSplatModel(SplatfactoModel):
 
     # ------------------------------------------------------------------ setup
     def populate_modules(self):
+        unsupported = torch_problem()
+        if unsupported:
+            raise SystemExit(f"[q-splat] {unsupported}")
         check_num_quantiles(self.config.num_quantiles)
         if self.config.gsnet_checkpoint is not None and self.config.feature_head != "gsnet":
             raise ValueError("--pipeline.model.gsnet-checkpoint needs --pipeline.model.feature-head gsnet "

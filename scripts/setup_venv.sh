@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create or refresh the q-splat virtualenv at $QSPLAT_VENV (default ~/.cache/qsplat/venv).
-# Dependencies are (re)installed only when the pinned requirements changed (a hash stamp);
-# the package itself is re-linked every time (cheap), so clones at other paths work too.
+# Exact versions come from requirements/lock.txt (pip constraints), not from pyproject.toml, whose ranges
+# are for users installing into their own nerfstudio environment. Dependencies are (re)installed only when
+# the lock, pyproject.toml or this script changed (a hash stamp); the package itself is re-linked every
+# time (cheap), so clones at other paths work too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${QSPLAT_VENV:-$HOME/.cache/qsplat/venv}"
@@ -37,7 +39,8 @@ pip_install() {
 # QSPLAT_TEACHERS=1 (default) also installs the real 2D teachers (open_clip, transformers, sam2: the
 # `teachers` extra of pyproject.toml); QSPLAT_TEACHERS=0 gives the lean venv (synthetic teacher only).
 TEACHERS="${QSPLAT_TEACHERS:-1}"
-want=$( (cat pyproject.toml scripts/setup_venv.sh; echo "teachers=$TEACHERS") | sha256sum | cut -c1-16)
+LOCK=requirements/lock.txt
+want=$( (cat pyproject.toml scripts/setup_venv.sh "$LOCK"; echo "teachers=$TEACHERS") | sha256sum | cut -c1-16)
 have=$(cat "$VENV/.qsplat-deps" 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
   echo "[setup] installing pinned dependencies into $VENV (first run: a few minutes)"
@@ -46,25 +49,24 @@ if [ "$want" != "$have" ]; then
 try: import tomllib
 except ImportError: from pip._vendor import tomli as tomllib  # Python 3.10
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["teachers"]))')
-  # torch first, from the pins, so nothing below resolves a second torch.
-  "${PIP[@]}" install -q "torch==2.14.1" "torchvision==0.29.1"
+  # The lock less timm: nerfstudio 1.1.5 pins timm==0.6.7 (it never imports timm), the teachers need timm>=1.0.17.
+  base_lock=$(mktemp); trap 'rm -f "$base_lock"' EXIT
+  grep -v -i -E "^timm==" "$LOCK" > "$base_lock"
+  # torch first, at the locked version, so nothing below resolves a second torch.
+  "${PIP[@]}" install -q -c "$base_lock" torch torchvision
   # (With the teachers already installed this moves timm back to 0.6.7 for a moment; they re-raise it below.)
-  pip_install -e ".[test]"
+  pip_install -c "$base_lock" -e ".[test]"
   if [ "$TEACHERS" = "1" ]; then
-    # The `teachers` extra cannot join the resolve above: nerfstudio 1.1.5 pins timm==0.6.7 (it never imports
-    # timm) and open_clip 3.x needs timm>=1.0.17. So it goes on top, with every package resolved above held at
-    # its version (a constraints file from `pip freeze`) except timm: a teacher that wanted to move anything
-    # else fails here instead of silently changing the venv everyone tests with.
-    lock=$(mktemp); trap 'rm -f "$lock"' EXIT
-    # (Direct-URL lines, e.g. a locally built wheel, cannot be constraints and are not on an index anyway.)
-    "${PIP[@]}" freeze --exclude-editable | grep -v -i -E "^timm==| @ " > "$lock"
+    # The `teachers` extra cannot join the resolve above (timm, see above). So it goes on top, with every
+    # package held at its locked version, timm included: a teacher that wanted to move anything else fails
+    # here instead of silently changing the venv everyone tests with.
     plain=(); sdists=()
     for r in "${teacher_reqs[@]}"; do
       case "$r" in sam2*) sdists+=("$r") ;; *) plain+=("$r") ;; esac
     done
-    pip_install -c "$lock" "${plain[@]}"
+    pip_install -c "$LOCK" "${plain[@]}"
     # sam2 is an sdist: build it against the installed torch, without its optional CUDA op.
-    SAM2_BUILD_CUDA=0 pip_install --no-build-isolation -c "$lock" "${sdists[@]}"
+    SAM2_BUILD_CUDA=0 pip_install --no-build-isolation -c "$LOCK" "${sdists[@]}"
   else  # a lean venv: drop teachers a previous run installed (timm is nerfstudio's 0.6.7 again)
     for r in "${teacher_reqs[@]}"; do
       name=$(echo "$r" | sed -E 's/[<>=!~;[ ].*//')

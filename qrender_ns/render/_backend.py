@@ -124,15 +124,41 @@ def _import_cpp_extension():
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    shim = _pkg_resources_shim()
     try:
         from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
+        if shim is not None and sys.modules.get("pkg_resources") is shim:
+            del sys.modules["pkg_resources"]
     return cpp_extension
+
+
+def _pkg_resources_shim() -> ModuleType | None:
+    """torch < 2.2's cpp_extension does `from pkg_resources import packaging`, and setuptools >= 81 no longer
+    ships pkg_resources (a nerfstudio environment made today by its install guide has torch 2.1.2 and a new
+    setuptools). When it is missing, stand in for it during that one import with the `packaging` it wants."""
+    import importlib.util
+
+    if "torch.utils.cpp_extension" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return None
+    try:
+        import packaging.version  # noqa: F401  (cpp_extension reads packaging.version)
+    except ImportError:
+        return None  # nothing to stand in with: torch's own ImportError names pkg_resources
+    import packaging
+
+    shim = ModuleType("pkg_resources")
+    shim.packaging = packaging
+    sys.modules["pkg_resources"] = shim
+    return shim
 
 
 def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType:
     """Build (first time, announced on stderr) and import the kernel module; thread- and process-safe, cached."""
+    from ..compat import check_torch
+
+    check_torch()  # one sentence for a too old torch, not a C++ compiler error
     key = "cuda" if with_cuda else "cpu"
     with _LOCK:
         if key in _MODULES:
@@ -153,10 +179,15 @@ def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType
 def _build(name: str, build_dir: Path, with_cuda: bool, verbose: bool) -> ModuleType:
     import time
 
+    from ..compat import newer_than_tested
+
     cpp_extension = _import_cpp_extension()
     kind = "CUDA" if with_cuda else "CPU"
     print(f"[q-splat] compiling the {kind} rasterizer kernel into {build_dir} (once per source/torch version; "
           f"~1 min for CPU, several for CUDA)...", file=sys.stderr, flush=True)
+    newer = newer_than_tested()
+    if newer:
+        print(f"[q-splat] {newer}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cflags, ldflags, kwargs = list(_CFLAGS), ["-fopenmp"], {}
     if with_cuda:

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..compat import triton_problem
 from . import _backend
 from .binning import isect_offset_encode, isect_tiles
 from .reference import rasterize_to_pixels_reference
@@ -82,10 +83,22 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":  # on CUDA: Triton, the GPU path CI verifies (README, "GPU backends")
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, "
-                         "for tests); use backend='cpu' for CPU tensors")
+        if device.type != "cuda":
+            return "cpu"
+        problem = triton_problem()
+        if problem is None:
+            return "triton"
+        if _backend.cuda_home() is None:  # the hand CUDA kernel is JIT-built with nvcc
+            raise RuntimeError(f"q-splat: {problem}, and the hand CUDA kernel it would fall back to needs the CUDA "
+                               "toolkit (nvcc; set CUDA_HOME)")
+        return "cuda"  # an older Triton fails inside its compiler on our kernels
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, "
+                             "for tests); use backend='cpu' for CPU tensors")
+        problem = triton_problem()
+        if problem:
+            raise RuntimeError(f"backend='triton': {problem}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError("backend='cuda' needs CUDA tensors; move the inputs with .cuda() or use backend='cpu'")
     if backend == "cpu" and device.type != "cpu":

@@ -27,7 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..compat import version_tuple
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# tl.dot on float64 compiles from Triton 3.5 on (3.4 rejects it: "Unsupported lhs dtype fp64"); older
+# Tritons take the broadcast-and-sum fallback for float64 queries. MIN_TRITON (compat.py) is 3.4.
+FP64_DOT = version_tuple(triton.__version__) >= (3, 5, 0)
 
 # float32-rounded, as reference.py and the C++/CUDA kernels' `constexpr float` constants
 ALPHA_MAX = tl.constexpr(float(np.float32(0.999)))
@@ -651,7 +656,8 @@ def query_scores_triton(means2d: Tensor, conics: Tensor, features: Tensor, opaci
                 num_quantiles, *lay.geometry(), PIXEL_LIST=lay.pixel_list, BLOCK=lay.block,
                 num_warps=_warps(lay.block))
         block_c = max(16, _block_c(channels, means2d.dtype, narrow=not num_quantiles))
-        use_dot = lay.block >= 16  # tl.dot needs all dims >= 16; the broadcast fallback is for tiny tiles only
+        # tl.dot needs all dims >= 16; the broadcast fallback is for tiny tiles (and float64 before Triton 3.5)
+        use_dot = lay.block >= 16 and (FP64_DOT or means2d.dtype != torch.float64)
         _fwd_query[(lay.programs,)](
             means2d, conics, opacities, features, backgrounds if backgrounds is not None else means2d, lay.offsets,
             lay.ids, lay.chunks, lay.pixels, sel, count, unit, out, means2d.shape[1], channels, num_quantiles, num_q,
