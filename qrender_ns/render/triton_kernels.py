@@ -170,9 +170,9 @@ def _fwd_dense(means_ptr, conics_ptr, opac_ptr, feat_ptr, bg_ptr, offsets_ptr, i
         acc += trans[:, None] * bg[None, :]
     omask = valid[:, None] & cmask[None, :]
     tl.store(out_feat_ptr + row[:, None] * C + chan[None, :], acc, mask=omask)
-    first = valid & (cblk == 0)
-    tl.store(out_alpha_ptr + row, 1 - trans, mask=first)
-    tl.store(last_ptr + row, last, mask=first)
+    if cblk == 0:  # (a scalar branch: Triton 3.9's interpreter rejects `valid & (cblk == 0)` as a mask)
+        tl.store(out_alpha_ptr + row, 1 - trans, mask=valid)
+        tl.store(last_ptr + row, last, mask=valid)
 
 
 @triton.jit(do_not_specialize=_SIZES)
