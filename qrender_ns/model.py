@@ -327,17 +327,19 @@ class QSplatModel(SplatfactoModel):
             if "backproject_features" not in state_dict:
                 raise ValueError("this checkpoint has no back-projected features (trained with another feature "
                                  "head?); load it with the --pipeline.model.feature-head it was trained with")
-            self.backproject_features = torch.zeros_like(state_dict["backproject_features"])
+            # nerfstudio moves the model to its device, then loads with map_location="cpu": build on the model's
+            self.backproject_features = torch.zeros_like(state_dict["backproject_features"], device=self.device)
             result = super().load_state_dict(state_dict, **kwargs)
             self._backproject_key = self._gaussians_key()  # the saved features are those of the saved Gaussians
             return result
         if self.feature_supervised is not None:
             if "feature_supervised" in state_dict:  # resize to the checkpoint's Gaussian count
-                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool)
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool,
+                                                           device=self.device)
             else:  # a checkpoint from before the flag: every feature counts as learnt (the old behaviour)
                 state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
                                                               dtype=torch.bool)
-                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"])
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
         return super().load_state_dict(state_dict, **kwargs)
 
     def get_training_callbacks(self, training_callback_attributes):
