@@ -65,8 +65,8 @@ def peak_mib(fn):
 def project_and_bin(means, quats, scales, viewmat, K):
     """gsplat's projection math in torch (not its CUDA op: the rasterizer rows must not depend on
     gsplat's JIT build, which --no-gsplat skips), then our binning."""
-    radii, means2d, depths, conics = _project_torch(means, _quat_scale_to_covar(quats, scales), viewmat, K,
-                                                    WIDTH, HEIGHT, 0.01, 1e10, 0.3)
+    radii, means2d, depths, conics, _ = _project_torch(means, _quat_scale_to_covar(quats, scales), viewmat, K,
+                                                       WIDTH, HEIGHT, 0.01, 1e10, 0.3)
     tw, th = math.ceil(WIDTH / TILE), math.ceil(HEIGHT / TILE)
     keys, ids = isect_tiles(means2d, radii, depths, TILE, tw, th)
     return means2d, conics, isect_offset_encode(keys, 1, tw, th), ids
