@@ -36,11 +36,14 @@ def nan_fill_culled(radii: Tensor, *tensors: Optional[Tensor]):
 def fully_fused_projection(means, covars, quats, scales, viewmats, Ks, width, height, eps2d=0.3, near_plane=0.01,
                            far_plane=1e10, radius_clip=0.0, packed=False, sparse_grad=False,
                            calc_compensations=False, camera_model="pinhole"):
-    """(radii, means2d, depths, conics, compensations) [C, N, ...]; culled rows NaN."""
+    """(radii, means2d, depths, conics, compensations) [C, N, ...]. Culled rows: NaN where the CUDA op allocates
+    with torch::empty (means2d, depths, conics), 0 where it allocates with torch::zeros (compensations)."""
     assert not packed and camera_model == "pinhole" and covars is None and radius_clip == 0.0
     radii, means2d, depths, conics, compensations = rasterize.project_gaussians_torch(
         means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane, eps2d, calc_compensations)
-    means2d, depths, conics, compensations = nan_fill_culled(radii, means2d, depths, conics, compensations)
+    means2d, depths, conics = nan_fill_culled(radii, means2d, depths, conics)
+    if compensations is not None:
+        compensations = torch.where(radii > 0, compensations, torch.zeros_like(compensations))
     return radii, means2d, depths, conics, compensations
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, kernels
 from .binning import isect_offset_encode, isect_tiles
 from .reference import rasterize_to_pixels_reference
 
@@ -82,7 +82,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":  # on CUDA: Triton, the GPU path CI verifies (README, "GPU backends")
-        return "triton" if device.type == "cuda" else "cpu"
+        backend = kernels.render_kernels(device).features
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, "
                          "for tests); use backend='cpu' for CPU tensors")
