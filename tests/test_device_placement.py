@@ -40,8 +40,8 @@ def _off_device(model, device_type: str):
     return [name for name, t in tensors if t.device.type != device_type]
 
 
-@pytest.mark.parametrize("head,drop", [("table", ()), ("table", ("feature_supervised",)), ("backproject", ())],
-                         ids=["table", "table-old-checkpoint", "backproject"])
+@pytest.mark.parametrize("head,drop", [("table", ()), ("table", ("feature_supervised",)), ("backproject", ()),
+                                       ("gsnet", ())], ids=["table", "table-old-checkpoint", "backproject", "gsnet"])
 def test_load_state_dict_builds_on_the_models_device(head, drop):
     model = _model(feature_head=head)
     state = _checkpoint(model, NUM_GAUSSIANS - 20, drop)
@@ -49,6 +49,8 @@ def test_load_state_dict_builds_on_the_models_device(head, drop):
     model.load_state_dict(state, strict=False)
     assert _off_device(model, "meta") == []
     assert model.gauss_params["means"].shape[0] == NUM_GAUSSIANS - 20
+    if head == "gsnet":
+        return  # its features need voxelization, whose output size depends on the values (meta has none)
     model.eval()
     features = model.gaussian_features  # table * supervised flags: a device mismatch raised here on CUDA
     assert features.device.type == "meta" and features.shape == (NUM_GAUSSIANS - 20, 16)
