@@ -322,7 +322,7 @@ class QSplatModel(SplatfactoModel):
                                                            device=self.device)
             else:  # a checkpoint from before the flag: every feature counts as learnt (the old behaviour)
                 state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
-                                                              dtype=torch.bool)
+                                                              dtype=torch.bool, device=self.device)
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
         return super().load_state_dict(state_dict, **kwargs)
 
@@ -691,8 +691,9 @@ def _nearest_resize(image: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def _colorize_classes(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    palette = torch.cat([torch.zeros(1, 3), torch.rand(num_classes, 3, generator=gen)]).to(prediction.device)
+    gen = torch.Generator().manual_seed(0)  # the same colours on every device: drawn on the CPU, then moved
+    palette = torch.cat([torch.zeros(1, 3, device="cpu"), torch.rand(num_classes, 3, generator=gen, device="cpu")])
+    palette = palette.to(prediction.device)
     return palette[prediction]
 
 
@@ -732,4 +733,5 @@ class _UnavailableLPIPS(torch.nn.Module):
         super().__init__()
 
     def forward(self, *args, **kwargs):
-        return torch.tensor(float("nan"))
+        device = args[0].device if args and isinstance(args[0], torch.Tensor) else "cpu"
+        return torch.tensor(float("nan"), device=device)
