@@ -1,8 +1,11 @@
-"""Tensors the model creates land on the model's device, not the CPU (defect 1 of issue 26).
+"""Tensors the model creates land on the model's device, not the CPU (issue 26: item 2, defect 1).
 
-No GPU here: the model is moved to PyTorch's `meta` device (shapes only, no storage), which mixes with CPU
-tensors no better than CUDA does. A tensor a method builds on the CPU shows up as a CPU buffer, or as
-"Tensor on device cpu is not on the expected device meta" when it meets a model tensor.
+No GPU here, so two stand-ins for "the model is on another device than the CPU default":
+- checkpoint loads: the model is moved to PyTorch's `meta` device (shapes only, no storage), which mixes with
+  CPU tensors no better than CUDA does; a tensor `load_state_dict` builds on the CPU shows up as a CPU buffer,
+  or as "Tensor on device cpu is not on the expected device meta" when it meets a model tensor;
+- a run (training with densification, eval, query, evaluations): the model stays on the CPU and every tensor
+  q-splat's own code makes without naming a device goes to `meta` instead (tests/device_audit.py).
 """
 
 import pytest
