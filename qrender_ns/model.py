@@ -6,9 +6,10 @@ back-projection of the teacher's masks), the quantile feature
 map, the contrastive loss of the paper against cached teacher masks, a viewer text query, and
 feature metrics for ns-eval; where the data has depth, an L1 depth loss on the expected depth (`depth_loss`)
 and depth-error metrics.
-On CPU (`--machine.device-type cpu`) RGB is rendered with our compiled dense kernel instead of
-gsplat's CUDA rasterizer; the splatfacto code paths that call `.cuda()` are bypassed here, not
-patched.
+Rendering is splatfacto's get_outputs rewritten as one path for every device (`render_rgb`): the device
+picks only the kernels (qrender_ns.render.kernels: gsplat's rasterization and Triton on CUDA, our projection,
+binning and compiled kernel on the CPU), so the CPU tests cover the GPU logic; splatfacto's `.cuda()` calls and
+its torch.compile'd get_viewmat are not on it.
 """
 
 from __future__ import annotations
@@ -37,25 +38,8 @@ from .query import relevancy, relevancy_from_cosines
 from .render import rasterize_query_scores, rasterize_to_pixels
 from .render.binning import isect_offset_encode, isect_tiles
 from .metrics import mean_class_iou
-from .render.rasterize import check_num_quantiles, project_gaussians, viewmat_from_c2w
-
-@contextlib.contextmanager
-def _viewer_interrupts_pass_through_compile():
-    """Re-raise the viewer's render interrupt (an IOChangeException raised from a trace function) when it surfaces
-    wrapped by torch.compile (splatfacto's compiled get_viewmat on the CUDA path), so the viewer's render thread
-    catches it instead of dying."""
-    try:
-        yield
-    except Exception as error:  # noqa: BLE001 - only the wrapped interrupt is translated
-        from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException
-
-        cause = error
-        while cause is not None and not isinstance(cause, IOChangeException):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None and cause is not error:
-            raise cause from None
-        raise
-
+from .render import kernels
+from .render.rasterize import check_num_quantiles, project_gaussians_torch, viewmat_from_c2w
 
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
@@ -331,17 +315,19 @@ class QSplatModel(SplatfactoModel):
             if "backproject_features" not in state_dict:
                 raise ValueError("this checkpoint has no back-projected features (trained with another feature "
                                  "head?); load it with the --pipeline.model.feature-head it was trained with")
-            self.backproject_features = torch.zeros_like(state_dict["backproject_features"])
+            # nerfstudio moves the model to its device, then loads with map_location="cpu": build on the model's
+            self.backproject_features = torch.zeros_like(state_dict["backproject_features"], device=self.device)
             result = super().load_state_dict(state_dict, **kwargs)
             self._backproject_key = self._gaussians_key()  # the saved features are those of the saved Gaussians
             return result
         if self.feature_supervised is not None:
             if "feature_supervised" in state_dict:  # resize to the checkpoint's Gaussian count
-                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool)
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], dtype=torch.bool,
+                                                           device=self.device)
             else:  # a checkpoint from before the flag: every feature counts as learnt (the old behaviour)
                 state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
-                                                              dtype=torch.bool)
-                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"])
+                                                              dtype=torch.bool, device=self.device)
+                self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
         return super().load_state_dict(state_dict, **kwargs)
 
     def get_training_callbacks(self, training_callback_attributes):
@@ -397,11 +383,7 @@ class QSplatModel(SplatfactoModel):
         crop_ids = self._crop_ids()
         if crop_ids is not None and crop_ids.sum() == 0:
             return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
-        if self.device.type == "cuda":
-            with _viewer_interrupts_pass_through_compile():
-                outputs = super().get_outputs(camera)
-        else:
-            outputs = self._get_outputs_cpu(camera, crop_ids)
+        outputs = self.render_rgb(camera, crop_ids)
         # Training renders no feature map: the feature loss renders its sampled pixels only
         # (get_loss_dict). Relevancy is a query-space render, not a function of the map.
         if not self.training:
@@ -414,8 +396,10 @@ class QSplatModel(SplatfactoModel):
     def _wants_features(self) -> bool:
         return not self.training or self.step >= self.config.feature_warmup_steps
 
-    def _get_outputs_cpu(self, camera: Cameras, crop_ids) -> Dict[str, Union[torch.Tensor, List]]:
-        """splatfacto's get_outputs with the CPU projection and our compiled dense kernel."""
+    def render_rgb(self, camera: Cameras, crop_ids=None) -> Dict[str, Union[torch.Tensor, List]]:
+        """splatfacto's get_outputs, one path on every device: the device picks only the kernels
+        (render_kernels: gsplat's rasterization on CUDA, our projection, binning and compiled dense kernel on
+        the CPU). Leaves the view's projection and tiles in self.info for the feature renders."""
         if self.training:
             assert camera.shape[0] == 1, "Only one camera at a time"
             camera_to_world = self.camera_optimizer.apply_to_camera(camera)
@@ -424,17 +408,62 @@ class QSplatModel(SplatfactoModel):
         params = {name: (p if crop_ids is None else p[crop_ids]) for name, p in self.gauss_params.items()}
         scale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale)
-        viewmat = viewmat_from_c2w(camera_to_world)
+        viewmat = viewmat_from_c2w(camera_to_world)  # splatfacto's get_viewmat without torch.compile
         K = camera.get_intrinsics_matrices().to(self.device)
         W, H = int(camera.width.item()), int(camera.height.item())
         self.last_size = (H, W)
         camera.rescale_output_resolution(scale)
-
-        means, quats = params["means"], params["quats"]
-        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)
-        radii, means2d, depths, conics = project_gaussians(means, quats, torch.exp(params["scales"]), viewmat, K, W, H)
-        colors = self._colors(params, means, viewmat)  # [1, N, 3]
+        if self.config.rasterize_mode not in ("antialiased", "classic"):
+            raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode!r} (antialiased or classic)")
         with_depth = self.config.output_depth_during_training or not self.training
+        gsplat_kernels = kernels.render_kernels(self.device).rgb == "gsplat"
+        rasterize_rgb = self._rasterize_rgb_gsplat if gsplat_kernels else self._rasterize_rgb_cpu
+        render, alpha, self.info = rasterize_rgb(params, viewmat, K, W, H, with_depth)
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training:
+            if camera.metadata is not None and "cam_idx" in camera.metadata:
+                rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        depth = None
+        if with_depth:  # expected depth (render's last channel, already divided by alpha), as gsplat's "RGB+ED"
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(H, W, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    def _sh_degree_to_use(self) -> Optional[int]:
+        if self.config.sh_degree == 0:
+            return None
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
+    def _rasterize_rgb_gsplat(self, params, viewmat, K, W, H, with_depth):
+        """gsplat.rasterization (its CUDA ops), called as splatfacto calls it."""
+        from gsplat.rendering import rasterization
+
+        degree = self._sh_degree_to_use()
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if degree is None:
+            colors = torch.sigmoid(colors).squeeze(1)  # [N, 1, 3] -> [N, 3]
+        return rasterization(
+            means=params["means"], quats=params["quats"], scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors, viewmats=viewmat, Ks=K,
+            width=W, height=H, tile_size=TILE_SIZE, packed=False, near_plane=0.01, far_plane=1e10,
+            render_mode="RGB+ED" if with_depth else "RGB", sh_degree=degree, sparse_grad=False,
+            absgrad=self.strategy.absgrad, rasterize_mode=self.config.rasterize_mode)
+
+    def _rasterize_rgb_cpu(self, params, viewmat, K, W, H, with_depth):
+        """gsplat.rasterization's steps with our kernels: projection (gsplat's torch math), antialiasing
+        compensation, SH colours, tile binning, dense blending (compiled CPU kernel), expected depth."""
+        means, quats = params["means"], params["quats"]
+        antialiased = self.config.rasterize_mode == "antialiased"
+        radii, means2d, depths, conics, compensations = project_gaussians_torch(
+            means, quats, torch.exp(params["scales"]), viewmat, K, W, H, calc_compensations=antialiased)
+        opacities = torch.sigmoid(params["opacities"]).squeeze(-1)[None]
+        if antialiased:
+            opacities = opacities * compensations
+        colors = self._colors(params, means, viewmat)  # [1, N, 3]
         if with_depth:
             colors = torch.cat([colors, depths[..., None]], dim=-1)
         tiles_w, tiles_h = math.ceil(W / TILE_SIZE), math.ceil(H / TILE_SIZE)
@@ -443,30 +472,22 @@ class QSplatModel(SplatfactoModel):
         if means2d.requires_grad:
             means2d.retain_grad()
         render, alpha = rasterize_to_pixels(
-            means2d, conics, colors, opacities[None], W, H, TILE_SIZE, isect_offsets, flatten_ids,
+            means2d, conics, colors, opacities, W, H, TILE_SIZE, isect_offsets, flatten_ids,
             absgrad=self.strategy.absgrad and self.training, backend="cpu")
-        self.info = dict(means2d=means2d, radii=radii, depths=depths, conics=conics, opacities=opacities[None],
-                         isect_offsets=isect_offsets, flatten_ids=flatten_ids, tile_size=TILE_SIZE,
-                         width=W, height=H, n_cameras=1, camera_ids=None, gaussian_ids=None)
-        if self.training:
-            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
-        background = self._get_background_color()
-        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
-        depth = None
-        if with_depth:  # expected depth, as gsplat's "RGB+ED"
-            depth = render[..., 3:4] / alpha.clamp(min=1e-10)
-            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
-        if background.shape[0] == 3 and not self.training:
-            background = background.expand(H, W, 3)
-        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+        if with_depth:
+            render = torch.cat([render[..., :3], render[..., 3:4] / alpha.clamp(min=1e-10)], dim=-1)
+        info = dict(means2d=means2d, radii=radii, depths=depths, conics=conics, opacities=opacities,
+                    isect_offsets=isect_offsets, flatten_ids=flatten_ids, tile_size=TILE_SIZE,
+                    width=W, height=H, n_cameras=1, camera_ids=None, gaussian_ids=None)
+        return render, alpha, info
 
     def _colors(self, params, means, viewmat) -> torch.Tensor:
         colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
-        if self.config.sh_degree == 0:
+        degree = self._sh_degree_to_use()
+        if degree is None:
             return torch.sigmoid(colors).squeeze(1)[None]
         from gsplat.cuda._torch_impl import _spherical_harmonics
 
-        degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
         campos = torch.linalg.inv(viewmat)[:, :3, 3]
         dirs = means[None] - campos[:, None]
         return torch.clamp_min(_spherical_harmonics(degree, dirs, colors[None].expand(dirs.shape[0], -1, -1, -1)) + 0.5, 0.0)
@@ -674,8 +695,9 @@ def _nearest_resize(image: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def _colorize_classes(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    palette = torch.cat([torch.zeros(1, 3), torch.rand(num_classes, 3, generator=gen)]).to(prediction.device)
+    gen = torch.Generator().manual_seed(0)  # the same colours on every device: drawn on the CPU, then moved
+    palette = torch.cat([torch.zeros(1, 3, device="cpu"), torch.rand(num_classes, 3, generator=gen, device="cpu")])
+    palette = palette.to(prediction.device)
     return palette[prediction]
 
 
@@ -715,4 +737,5 @@ class _UnavailableLPIPS(torch.nn.Module):
         super().__init__()
 
     def forward(self, *args, **kwargs):
-        return torch.tensor(float("nan"))
+        device = args[0].device if args and isinstance(args[0], torch.Tensor) else "cpu"
+        return torch.tensor(float("nan"), device=device)

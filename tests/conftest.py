@@ -12,6 +12,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when it is first
+# imported, and nerfstudio imports it: set here, before any test module imports anything, or a module that
+# imports nerfstudio at the top (collected first) leaves the kernels compiled for a GPU that is not there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qrender_ns import compat
+from qrender_ns.render import kernels
 from qrender_ns.render import rasterize as rz
 
 
@@ -39,7 +40,9 @@ def test_old_triton_is_named():
 
 
 def test_auto_takes_the_hand_cuda_kernel_on_an_old_triton(monkeypatch):
-    monkeypatch.setattr(rz, "triton_problem", lambda: "the Triton kernels need triton >= 3.4.0, ... has 2.1.0")
+    old_triton = lambda: "the Triton kernels need triton >= 3.4.0, ... has 2.1.0"  # noqa: E731
+    monkeypatch.setattr(rz, "triton_problem", old_triton)
+    monkeypatch.setattr(kernels, "triton_problem", old_triton)
     monkeypatch.setattr(rz._backend, "cuda_home", lambda: "/usr/local/cuda")
     assert rz._resolve_backend("auto", torch.device("cuda")) == "cuda"
     assert rz._resolve_backend("auto", torch.device("cpu")) == "cpu"

@@ -71,6 +71,30 @@ def test_rasterize_features_auto_backend_and_meta():
     assert meta["means2d"].shape == (1, 50, 2) and meta["radii"].shape == (1, 50)
 
 
+def test_culled_rows_left_unwritten_by_the_projection_are_not_scanned(monkeypatch):
+    """gsplat's CUDA projection leaves culled Gaussians' rows of means2d/conics unwritten (torch::empty); the
+    stand-in projection fills them with NaN. Only the rows the tiles list may be read or checked."""
+    from gsplat_standins import nan_fill_culled
+
+    from qrender_ns.render import rasterize as module
+
+    means, quats, scales, opac, feats = _random_gaussians(60, 8)
+    means[:10, 2] = -1.0  # behind the camera: culled
+    viewmats, Ks = _cameras(1, 40, 30)
+    expected, expected_alpha, _ = rasterize_features(means, quats, scales, opac, feats, viewmats, Ks, 40, 30,
+                                                     num_quantiles=4)
+
+    def projection_leaving_culled_rows_unwritten(*args, **kwargs):
+        radii, means2d, depths, conics, _ = module.project_gaussians_torch(*args, **kwargs)
+        return (radii, *nan_fill_culled(radii, means2d, depths, conics))
+
+    monkeypatch.setattr(module, "project_gaussians", projection_leaving_culled_rows_unwritten)
+    out, alpha, meta = rasterize_features(means, quats, scales, opac, feats, viewmats, Ks, 40, 30, num_quantiles=4)
+    assert torch.isnan(meta["means2d"][0, :10]).all() and (meta["radii"][0, :10] == 0).all()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(alpha, expected_alpha)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.fixture
 def scene():

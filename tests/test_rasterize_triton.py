@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from qrender_ns.render import rasterize_features, rasterize_to_pixels  # noqa: E402
 from qrender_ns.render.rasterize import _resolve_backend  # noqa: E402
+from gradchecks import gradcheck  # noqa: E402
 from scenes import make_scene  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,8 +86,8 @@ def test_gradcheck_float64(num_quantiles):
     def render(*leaves):
         return _render(scene, leaves, num_quantiles, "triton")
 
-    assert torch.autograd.gradcheck(render, leaves, eps=1e-6, atol=1e-5, fast_mode=DEVICE.type == "cpu",
-                                    check_undefined_grad=False)
+    assert gradcheck(render, leaves, eps=1e-6, atol=1e-5, fast_mode=DEVICE.type == "cpu",
+                     check_undefined_grad=False)
 
 
 @pytest.mark.parametrize("num_quantiles", [None, 8])

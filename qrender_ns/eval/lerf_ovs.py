@@ -217,13 +217,9 @@ def project_view(model, camera):
     """(rgb [H, W, 3] numpy, projection info) of one view: the model's own RGB render, whose projection and
     tile binning the silhouettes reuse."""
     import torch
-    from nerfstudio.models.splatfacto import SplatfactoModel
 
     with torch.no_grad():
-        if model.device.type == "cuda":
-            outputs = SplatfactoModel.get_outputs(model, camera)
-        else:
-            outputs = model._get_outputs_cpu(camera, None)
+        outputs = model.render_rgb(camera)
     return outputs["rgb"].clamp(0, 1).float().cpu().numpy(), model.info
 
 

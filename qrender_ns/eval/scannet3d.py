@@ -315,13 +315,9 @@ def supervision_weights(pipeline, max_views: int = 0):
 def _project_only(model, camera):
     """Project and tile-bin the Gaussians for `camera` (sets model.info) without rendering features."""
     import torch
-    from nerfstudio.models.splatfacto import SplatfactoModel
 
     with torch.no_grad():
-        if model.device.type == "cuda":
-            SplatfactoModel.get_outputs(model, camera)
-        else:
-            model._get_outputs_cpu(camera, None)
+        model.render_rgb(camera)
     return model.info
 
 

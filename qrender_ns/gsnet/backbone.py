@@ -29,6 +29,7 @@ Backends:
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -545,20 +546,48 @@ def available_backends() -> List[str]:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto': on CUDA, MinkowskiEngine when it imports (the paper's library), else spconv, else torch;
-    on the CPU, torch: the fastest full GS-Net step measured here with all three installed
-    (benchmarks/results/gsnet_cpu.json)."""
+    """'auto': on CUDA, MinkowskiEngine when it imports and runs on CUDA (the paper's library), else spconv on
+    the same terms, else torch; on the CPU, torch: the fastest full GS-Net step measured here with all three
+    installed (benchmarks/results/gsnet_cpu.json). A named backend that cannot run on a CUDA device is an error."""
+    device = torch.device(device)
     if name != "auto":
         get_backend(name)
+        if device.type == "cuda" and name != "torch":
+            reason = _cannot_run_on(name, device)
+            if reason is not None:
+                raise ValueError(f"sparse-conv backend '{name}' cannot run on {device} ({reason}); its build is "
+                                 f"probably CPU-only ({_INSTALL_HINTS.get(name, '')}), or use --backend torch")
         return name
     if device.type == "cuda":
         for candidate in ("minkowski", "spconv"):
             try:
                 get_backend(candidate)
-                return candidate
             except Exception:  # noqa: BLE001
                 continue
+            reason = _cannot_run_on(candidate, device)
+            if reason is None:
+                return candidate
+            print(f"[q-splat] GS-Net: {candidate} imports but cannot run on {device} ({reason}); "
+                  "a CPU-only build? Using the next sparse-conv backend.", file=sys.stderr)
     return "torch"
+
+
+_RUNS_ON: Dict[Tuple[str, str], Optional[str]] = {}
+
+
+def _cannot_run_on(name: str, device: torch.device) -> Optional[str]:
+    """None when backend `name` runs a 3x3x3 sparse convolution on `device` (once per process), else why not:
+    `make minkowski` builds MinkowskiEngine --cpu_only and the `spconv` extra is the CPU wheel, and both
+    import fine on a GPU machine, then fail at their first CUDA convolution."""
+    key = (name, str(device))
+    if key not in _RUNS_ON:
+        try:
+            with torch.no_grad():
+                _native_probe(get_backend(name), "conv3", device)
+            _RUNS_ON[key] = None
+        except Exception as error:  # noqa: BLE001 - any failure means: not usable on this device
+            _RUNS_ON[key] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+    return _RUNS_ON[key]
 
 
 # ---------------------------------------------------------------------------------------------------

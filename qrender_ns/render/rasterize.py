@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..compat import triton_problem
-from . import _backend
+from . import _backend, kernels
 from .binning import isect_offset_encode, isect_tiles
 from .reference import rasterize_to_pixels_reference
 
@@ -83,15 +83,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":  # on CUDA: Triton, the GPU path CI verifies (README, "GPU backends")
-        if device.type != "cuda":
-            return "cpu"
-        problem = triton_problem()
-        if problem is None:
-            return "triton"
-        if _backend.cuda_home() is None:  # the hand CUDA kernel is JIT-built with nvcc
-            raise RuntimeError(f"q-splat: {problem}, and the hand CUDA kernel it would fall back to needs the CUDA "
-                               "toolkit (nvcc; set CUDA_HOME)")
-        return "cuda"  # an older Triton fails inside its compiler on our kernels
+        backend = kernels.render_kernels(device).features
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, "
@@ -108,21 +100,26 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height, tile_size,
                         isect_offsets, flatten_ids, backgrounds, validate_values) -> Tuple[int, int]:
-    """Shapes, dtypes and index ranges of rasterize_to_pixels' inputs -> (V, N)."""
+    """Shapes, dtypes and index ranges of rasterize_to_pixels' inputs -> (V, N).
+
+    Values of the per-view tensors (means2d, conics, [V,N] opacities/features) are checked only at the rows
+    `flatten_ids` lists: gsplat's CUDA projection leaves culled Gaussians' rows unwritten (torch::empty), and
+    no kernel reads them."""
     _check_image(image_width, image_height, tile_size)
-    fin = validate_values
-    _check_tensor("means2d", means2d, (None, None, 2), finite=fin)
+    _check_tensor("means2d", means2d, (None, None, 2), finite=False)
     num_cams, num_gs = means2d.shape[:2]
-    _check_tensor("conics", conics, (num_cams, num_gs, 3), finite=fin)
-    if isinstance(features, Tensor) and features.dim() == 2:
-        _check_tensor("features", features, (num_gs, None), finite=fin)
+    _check_tensor("conics", conics, (num_cams, num_gs, 3), finite=False)
+    shared_features = isinstance(features, Tensor) and features.dim() == 2
+    shared_opacities = isinstance(opacities, Tensor) and opacities.dim() == 1
+    if shared_features:
+        _check_tensor("features", features, (num_gs, None), finite=validate_values)
     else:
-        _check_tensor("features", features, (num_cams, num_gs, None), finite=fin)
-    if isinstance(opacities, Tensor) and opacities.dim() == 1:
-        _check_tensor("opacities", opacities, (num_gs,), finite=fin)
+        _check_tensor("features", features, (num_cams, num_gs, None), finite=False)
+    if shared_opacities:
+        _check_tensor("opacities", opacities, (num_gs,), finite=validate_values)
+        _check_opacities(opacities)
     else:
-        _check_tensor("opacities", opacities, (num_cams, num_gs), finite=fin)
-    _check_opacities(opacities)
+        _check_tensor("opacities", opacities, (num_cams, num_gs), finite=False)
     channels = features.shape[-1]
     if channels == 0:
         raise ValueError("`features` must have at least one channel, got C=0")
@@ -131,7 +128,7 @@ def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image
     _check_tensor("isect_offsets", isect_offsets, (num_cams, tiles_h, tiles_w), floating=False)
     _check_tensor("flatten_ids", flatten_ids, (None,), floating=False)
     if backgrounds is not None:
-        _check_tensor("backgrounds", backgrounds, (num_cams, channels), finite=fin)
+        _check_tensor("backgrounds", backgrounds, (num_cams, channels), finite=validate_values)
     for name, t in (("isect_offsets", isect_offsets), ("flatten_ids", flatten_ids)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"`{name}` must be an integer tensor (int32), got {t.dtype}")
@@ -147,6 +144,16 @@ def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image
     for name, t in zip(("conics", "features", "opacities", "backgrounds"), tensors[1:]):
         if t.dtype != dtype or t.device != device:
             raise ValueError(f"`{name}` must match means2d's dtype/device ({dtype}, {device}), got ({t.dtype}, {t.device})")
+    per_view = [("means2d", means2d), ("conics", conics)]
+    per_view += [] if shared_features else [("features", features)]
+    per_view += [] if shared_opacities else [("opacities", opacities)]
+    listed = flatten_ids.to(device=device, dtype=torch.int64)
+    for name, t in per_view:
+        rows = t.reshape(num_cams * num_gs, *t.shape[2:])[listed]
+        if validate_values and rows.numel() and not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"`{name}` contains NaN or Inf values (at rows that flatten_ids lists)")
+        if name == "opacities":
+            _check_opacities(rows)
     return num_cams, num_gs
 
 
@@ -402,11 +409,20 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width, height, near_pl
             means, None, quats, scales, viewmats, Ks, width, height, eps2d=eps2d,
             near_plane=near_plane, far_plane=far_plane)
         return radii, means2d, depths, conics
+    return project_gaussians_torch(means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane,
+                                   eps2d)[:4]
+
+
+def project_gaussians_torch(means, quats, scales, viewmats, Ks, width, height, near_plane=0.01, far_plane=1e10,
+                            eps2d=0.3, calc_compensations=False):
+    """project_gaussians in pure torch on any device, plus gsplat's antialiasing `compensations` [V,N]
+    (sqrt(det(cov2d) / det(cov2d + eps2d I)); None unless asked): (radii, means2d, depths, conics, compensations)."""
     return _project_torch(means, _quat_scale_to_covar(quats, scales), viewmats, Ks, width, height, near_plane,
-                          far_plane, eps2d)
+                          far_plane, eps2d, calc_compensations)
 
 
-def _project_torch(means, covars, viewmats, Ks, width, height, near_plane, far_plane, eps2d):
+def _project_torch(means, covars, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
+                   calc_compensations=False):
     """gsplat's `_fully_fused_projection` (pinhole), except that Gaussians outside [near, far] are projected
     with depth 1 before being culled (radius 0). gsplat's version divides by the true depth: a Gaussian
     exactly on a camera's plane (depth 0.0 in float32: it happens, ~1 in 4 CPU demo runs) gave inf means2d
@@ -420,8 +436,10 @@ def _project_torch(means, covars, viewmats, Ks, width, height, near_plane, far_p
     safe_z = torch.where(in_depth, depths, torch.ones_like(depths))
     means2d, covars2d = _persp_proj(torch.cat([means_c[..., :2], safe_z[..., None]], dim=-1), covars_c, Ks,
                                     width, height)
+    det_orig = covars2d[..., 0, 0] * covars2d[..., 1, 1] - covars2d[..., 0, 1] * covars2d[..., 1, 0]
     covars2d = covars2d + torch.eye(2, device=means.device, dtype=means.dtype) * eps2d
     det = (covars2d[..., 0, 0] * covars2d[..., 1, 1] - covars2d[..., 0, 1] * covars2d[..., 1, 0]).clamp(min=1e-10)
+    compensations = torch.sqrt(torch.clamp(det_orig / det, min=0.0)) if calc_compensations else None
     conics = torch.stack([covars2d[..., 1, 1] / det, -(covars2d[..., 0, 1] + covars2d[..., 1, 0]) / 2.0 / det,
                           covars2d[..., 0, 0] / det], dim=-1)
     b = (covars2d[..., 0, 0] + covars2d[..., 1, 1]) / 2
@@ -429,7 +447,7 @@ def _project_torch(means, covars, viewmats, Ks, width, height, near_plane, far_p
     inside = ((means2d[..., 0] + radius > 0) & (means2d[..., 0] - radius < width)
               & (means2d[..., 1] + radius > 0) & (means2d[..., 1] - radius < height))
     radius = torch.where(in_depth & (det > 0) & inside, radius, torch.zeros_like(radius))
-    return radius.int(), means2d, depths, conics
+    return radius.int(), means2d, depths, conics, compensations
 
 
 def rasterize_features(

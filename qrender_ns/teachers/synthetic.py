@@ -47,7 +47,7 @@ def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
     vector in every process and on every machine (for the pinned torch version)."""
     seed = _token_bits(token) >> 1  # 63-bit seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(dim, generator=generator, dtype=torch.float64)
+    v = torch.randn(dim, generator=generator, dtype=torch.float64, device="cpu")
     return (v / v.norm()).to(torch.float32)
 
 
@@ -156,7 +156,7 @@ class SyntheticTeacher:
         rows = [class_embedding(self._class_of(i), self.dim)
                 + self.noise * _noise_direction(image_key, int(i), self.dim) for i in instance_ids]
         if not rows:
-            return torch.zeros(0, self.dim)
+            return torch.zeros(0, self.dim, device="cpu")  # host side, as the teachers' outputs
         return torch.nn.functional.normalize(torch.stack(rows), dim=1)
 
     def compute(self, image_key: str) -> Tuple[np.ndarray, torch.Tensor]:
@@ -221,5 +221,5 @@ class SyntheticTextEncoder:
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings, not a single string")
         if not texts:
-            return torch.zeros(0, self.dim)
+            return torch.zeros(0, self.dim, device="cpu")  # host side, as the teachers' outputs
         return torch.stack([class_embedding(t, self.dim) for t in texts])
