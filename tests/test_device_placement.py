@@ -118,3 +118,20 @@ def test_our_code_names_the_device_of_every_tensor_it_makes(tiny_run):
     for value in (*outputs.values(), relevancy, scores):
         assert value.device.type == "cpu"
     assert "feature_miou" in metrics and weights.shape == (model.num_points,)
+
+
+def test_gsnet_prediction_names_the_device_of_every_tensor_it_makes():
+    # GS-Net's feed-forward pass (voxelize, sparse U-Net, de-voxelize, head) with every tensor our code makes
+    # without a device sent to `meta`: one would meet the CPU inputs and fail (on a GPU: a CPU tensor beside CUDA).
+    from device_audit import our_factories_on_meta
+    from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig
+
+    net = GSNet(GSNetConfig(stem_channels=8, enc_channels=(8, 16, 16, 16), dec_channels=(16, 16, 8, 8),
+                            gaussian_mlp_channels=8, head_channels=32, backend="torch", feature_dim=16)).eval()
+    gen = torch.Generator().manual_seed(0)
+    n = 500
+    means, colors = torch.rand(n, 3, generator=gen) * 2, torch.rand(n, 3, generator=gen)
+    opacities, scales = torch.rand(n, generator=gen), torch.rand(n, 3, generator=gen) * 0.05
+    with torch.no_grad(), our_factories_on_meta():
+        features = net(means, colors, opacities, scales)
+    assert features.shape == (n, 16) and features.device.type == "cpu" and torch.isfinite(features).all()
