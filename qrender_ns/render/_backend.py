@@ -119,16 +119,22 @@ class _FileLock:
 def _import_cpp_extension():
     """torch.utils.cpp_extension, without its import-time "No CUDA runtime is found" warning
     (expected on CPU machines that have nvcc)."""
+    import contextlib
+    import io
     import logging
 
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     shim = _pkg_resources_shim()
+    printed = io.StringIO()  # torch < 2.2 print()s the same warning to stderr instead of logging it
     try:
-        from torch.utils import cpp_extension
+        with contextlib.redirect_stderr(printed):
+            from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
+        sys.stderr.writelines(line for line in printed.getvalue().splitlines(keepends=True)
+                              if not line.startswith("No CUDA runtime is found"))
         if shim is not None and sys.modules.get("pkg_resources") is shim:
             del sys.modules["pkg_resources"]
     return cpp_extension
