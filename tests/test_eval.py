@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qrender_ns.eval.lerf_ovs import (EvalLerfOvs, LabelError, accuracy_at, localize, majority_smooth, mask_iou,
-                                      polygon_mask, prediction_mask, read_frame_labels, read_label_dir,
+from qrender_ns.eval.lerf_ovs import (MIN_SELECTED_TO_RENDER, EvalLerfOvs, LabelError, accuracy_at, knn_outlier_keep,
+                                      localize, majority_smooth, mask_iou, opengaussian_render_filter, polygon_mask,
+                                      prediction_mask, read_frame_labels, read_jpg_masks, read_label_dir,
                                       run_eval_lerf_ovs, silhouette_iou)
 from qrender_ns.eval.report import QUOTED, make_report
 from qrender_ns.eval.scannet3d import (SUBSET_IDS, EvalScannet, load_labels, low_opacity_mask, remap,
-                                       run_eval_scannet, segmentation_metrics, subset_classes, transfer_labels)
+                                       run_eval_scannet, segmentation_metrics, selection_metrics, selection_report,
+                                       subset_classes, transfer_labels)
 
 # 128x96 and 240 steps (~1.5 min on 2 cores): at 64x48 LangSplat's post-processing of the small objects caps
 # the LeRF-OVS mIoU at ~0.7 (measured; 0.83 here).
@@ -194,6 +196,90 @@ def test_label_files_clip_skip_and_fail(tmp_path):
     path.write_text("{not json")
     with pytest.raises(LabelError, match="not a LeRF-OVS label file"):
         read_frame_labels(path)
+
+
+def _opengaussian_knn_keep(points):
+    """OpenGaussian's post_process (gaussian_renderer/__init__.py @ b70dcc6), transcribed: pytorch3d's knn_points
+    of the set against itself (squared distances, the point itself first), K = int(sqrt(n)); keep mean < mean + std
+    with torch's (unbiased) std over all n*K distances."""
+    import torch
+
+    pts = torch.as_tensor(points, dtype=torch.float64)
+    k = int(len(pts) ** 0.5)
+    squared = torch.cdist(pts, pts) ** 2
+    dists = squared.sort(dim=1).values[:, :k]
+    return (dists.mean(dim=-1) < dists.mean() + dists.std()).numpy()
+
+
+def test_knn_outlier_filter_is_opengaussians():
+    rng = np.random.default_rng(1)
+    cluster = rng.normal(0.0, 0.05, size=(150, 3))
+    strays = np.array([[1.0, 0, 0], [0, 1.5, 0], [0, 0, -2.0]])  # floor / wall Gaussians far from the object
+    points = np.concatenate([cluster, strays])
+    keep = knn_outlier_keep(points)
+    np.testing.assert_array_equal(keep, _opengaussian_knn_keep(points))
+    assert not keep[-3:].any() and keep[:150].mean() > 0.8
+    # the rule is on squared distances (what knn_points returns): on plain distances this set keeps its stray
+    line = np.array([[0.0, 0, 0], [0.1, 0, 0], [0.2, 0, 0], [0.3, 0, 0], [0.4, 0, 0], [0.5, 0, 0], [0.6, 0, 0],
+                     [0.7, 0, 0], [0.8, 0, 0], [1.25, 0, 0]])
+    np.testing.assert_array_equal(knn_outlier_keep(line), _opengaussian_knn_keep(line))
+
+
+def test_render_filter_rules():
+    n = 300
+    rng = np.random.default_rng(2)
+    means = rng.normal(0.0, 0.05, size=(n, 3))
+    selected = np.zeros(n, bool)
+    selected[:150] = True
+    visible = np.ones(n, bool)
+    visible[140:150] = False  # not projected into this view (OpenGaussian's viewed_pts)
+    scales = np.full(n, 0.01)
+    scales[:20] = 0.1  # "any scale >= 0.1" is dropped: 0.1 itself too
+    out = opengaussian_render_filter(selected, visible, scales, means, max_scale=0.1)
+    assert (out.visible_selected, out.after_scale) == (140, 120) and out.rendered
+    assert not out.keep[:20].any() and not out.keep[140:].any() and out.after_knn == int(out.keep.sum()) <= 120
+    # fewer than 100 after the scale filter: nothing is rendered
+    scales[:41] = 0.5
+    out = opengaussian_render_filter(selected, visible, scales, means, max_scale=0.1)
+    assert out.after_scale == MIN_SELECTED_TO_RENDER - 1 and not out.rendered and not out.keep.any()
+    # a larger scale limit lets them through again
+    assert opengaussian_render_filter(selected, visible, scales, means, max_scale=1.0).rendered
+
+
+def test_jpg_masks_read_above_10(tmp_path):
+    import cv2
+
+    grey = np.zeros((32, 48), np.uint8)
+    grey[0:16, 0:16] = 200  # the object
+    grey[16:32, 16:32] = 8  # JPEG-level noise: not the object (> 10 only)
+    grey[0:16, 32:48] = 11
+    cv2.imwrite(str(tmp_path / "red cup.jpg"), grey)
+    cv2.imwrite(str(tmp_path / "ignored.png"), grey)
+    queries = read_jpg_masks(tmp_path)
+    assert list(queries) == ["red cup"]
+    expected = np.zeros_like(grey)
+    expected[0:16, 0:16] = expected[0:16, 32:48] = 1
+    np.testing.assert_array_equal(queries["red cup"].mask, expected)
+
+
+def test_selection_metrics_by_hand():
+    gt = np.array([0, 1, 1, 1, 2, 2, 2, 2, 0])  # 0: not evaluated (no GT class), never counted
+    selected = np.array([1, 1, 1, 0, 1, 0, 0, 0, 1], bool)
+    m = selection_metrics(gt, selected, 1)
+    assert (m["true_positives"], m["selected"], m["gt"]) == (2, 3, 3)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["iou"] == pytest.approx(2 / 4)
+    none = selection_metrics(gt, np.zeros(9, bool), 2)
+    assert np.isnan(none["precision"]) and none["recall"] == 0.0 and none["iou"] == 0.0
+    scores = {"chair": np.array([0.9, 0.8, 0.95, 0.6, 0.75, 0.1, 0.1, 0.1, 0.99]),
+              "table": np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.5, 0.5, 0.1])}
+    report = selection_report(gt, scores, 0.55, (0.7, 0.9))
+    assert report["per_class"]["chair"]["precision"] == pytest.approx(3 / 4)  # picks 1, 1, 1 and a table Gaussian
+    assert report["per_class"]["chair"]["recall"] == 1.0 and report["per_class"]["table"]["recall"] == 0.5
+    assert report["recall"] == pytest.approx(0.75) and report["precision"] == pytest.approx((0.75 + 1.0) / 2)
+    at09 = report["sweep"][1]
+    assert at09["threshold"] == 0.9 and at09["per_class"]["chair"]["recall"] == pytest.approx(1 / 3)
+    assert at09["per_class"]["table"]["selected"] == 0 and report["sweep"][0]["per_class"]["table"]["selected"] == 2
 
 
 # ------------------------------------------------------------------------------ trained model
