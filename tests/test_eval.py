@@ -220,8 +220,8 @@ def test_knn_outlier_filter_is_opengaussians():
     np.testing.assert_array_equal(keep, _opengaussian_knn_keep(points))
     assert not keep[-3:].any() and keep[:150].mean() > 0.8
     # the rule is on squared distances (what knn_points returns): on plain distances this set keeps its stray
-    line = np.array([[0.0, 0, 0], [0.1, 0, 0], [0.2, 0, 0], [0.3, 0, 0], [0.4, 0, 0], [0.5, 0, 0], [0.6, 0, 0],
-                     [0.7, 0, 0], [0.8, 0, 0], [1.25, 0, 0]])
+    line = np.concatenate([np.arange(9)[:, None] * [0.1, 0, 0], [[0.95, 0, 0]]])
+    np.testing.assert_array_equal(knn_outlier_keep(line), [True] * 9 + [False])
     np.testing.assert_array_equal(knn_outlier_keep(line), _opengaussian_knn_keep(line))
 
 
@@ -398,6 +398,103 @@ def test_eval_lerf_ovs_opengaussian_3d(run, tmp_path):
     none = run_eval_lerf_ovs(EvalLerfOvs(load_config=run["config_path"], output=tmp_path / "none", save_png=False,
                                          protocol="opengaussian-3d", select_threshold=1.0), pipeline=run["pipeline"])
     assert none["miou"] == 0.0 and none["macc"] == 0.0
+
+
+def test_opengaussian_3d_filters_jpg_masks_unknown(run, tmp_path):
+    """The protocol as OpenGaussian runs it: render filters per view (and off for diagnosis), per-category .jpg
+    masks when the label folder has <gt>/<frame>/, a category without a prediction counted IoU 0."""
+    import cv2
+
+    base = dict(load_config=run["config_path"], protocol="opengaussian-3d", save_png=False)
+    start = time.perf_counter()
+    on = run_eval_lerf_ovs(EvalLerfOvs(output=tmp_path / "on", **base), pipeline=run["pipeline"])
+    off = run_eval_lerf_ovs(EvalLerfOvs(output=tmp_path / "off", render_filters=False, **base), pipeline=run["pipeline"])
+    print(f"\n[test_eval] opengaussian-3d mIoU: filters on {on['miou']:.3f} (Acc@0.25 {on['macc']:.3f}), off "
+          f"{off['miou']:.3f} ({off['macc']:.3f}); not rendered {on['counts']['queries_not_rendered']}; "
+          f"per query on {[(r['category'], round(r['iou'], 3), r['selected_gaussians'], r['rendered_gaussians']) for r in on['per_query']]}"
+          f"\n[test_eval] per query off {[(r['category'], round(r['iou'], 3)) for r in off['per_query']]}")
+    assert on["params"]["render_filters"] and not off["params"]["render_filters"]
+    assert all(r["rendered_gaussians"] == r["selected_gaussians"] for r in off["per_query"])
+    for r in on["per_query"]:
+        assert r["rendered_gaussians"] <= r["after_scale_filter"] <= r["visible_selected"] <= r["selected_gaussians"]
+        if r["after_scale_filter"] < MIN_SELECTED_TO_RENDER:
+            assert not r["rendered"] and r["iou"] == 0.0
+    # the filters drop something here: the selections hold Gaussians outside the view, large ones and outliers
+    assert sum(r["rendered_gaussians"] for r in on["per_query"]) < sum(r["selected_gaussians"] for r in on["per_query"])
+    assert [r["category"] for r in on["per_query"]] == [r["category"] for r in off["per_query"]]
+
+    labels, files = _labels_copy(run, tmp_path)
+    frame = read_frame_labels(files[0])
+    folder = labels / "gt" / Path(frame.image_name).stem
+    folder.mkdir(parents=True)
+    categories = list(frame.queries)
+    for category, gt in frame.queries.items():
+        mask = gt.mask.copy()
+        if category == categories[0]:
+            mask[: mask.shape[0] // 2] = 0  # the jpg holds only the lower half: proves the jpg, not the polygon, is read
+        cv2.imwrite(str(folder / f"{category}.jpg"), (mask * 255).astype(np.uint8))
+    cv2.imwrite(str(folder / "spaceship.jpg"), np.full(frame.queries[categories[0]].mask.shape, 255, np.uint8))
+    jpg = run_eval_lerf_ovs(EvalLerfOvs(output=tmp_path / "jpg", labels=labels, **base), pipeline=run["pipeline"])
+    assert jpg["counts"]["frames_jpg_masks"] == 1 and jpg["params"]["gt_masks"] == str(labels / "gt")
+    rows = {r["category"]: r for r in jpg["per_query"] if r["frame"] == frame.image_name}
+    assert set(rows) == set(categories) | {"spaceship"}
+    first = cv2.imread(str(folder / f"{categories[0]}.jpg"), cv2.IMREAD_GRAYSCALE)
+    assert rows[categories[0]]["gt_pixels"] == int((first > 10).sum()) < int(frame.queries[categories[0]].mask.sum())
+    # an unknown category is a query without a prediction: IoU 0, counted in the mean
+    assert rows["spaceship"]["iou"] == 0.0 and rows["spaceship"]["unknown_category"]
+    assert jpg["counts"]["queries_unknown_category"] == 1
+    assert jpg["miou"] == pytest.approx(np.mean([r["iou"] for r in jpg["per_query"]]))
+    assert jpg["num_queries"] == on["num_queries"] + 1
+    with pytest.raises(LabelError, match="--gt-masks"):
+        run_eval_lerf_ovs(EvalLerfOvs(output=tmp_path / "bad", gt_masks=tmp_path / "nowhere", **base),
+                          pipeline=run["pipeline"])
+    with pytest.raises(ValueError, match="--filter-max-scale"):
+        run_eval_lerf_ovs(EvalLerfOvs(output=tmp_path / "bad", filter_max_scale=float("nan"), **base),
+                          pipeline=run["pipeline"])
+    print(f"[test_eval] opengaussian-3d filters / jpg / unknown checks in {time.perf_counter() - start:.1f} s")
+
+
+def test_eval_scannet_selection_3d(run, tmp_path):
+    """3D precision / recall of the text selections, by the rule of `qsplat query` (its own relevancy function)."""
+    from qrender_ns.eval import dataparser_frame, to_world
+    from qrender_ns.query_cli import gaussian_relevancy
+
+    start = time.perf_counter()
+    cfg = EvalScannet(load_config=run["config_path"], classes="scene", output=tmp_path, timing=False,
+                      supervision_diagnostic=False, selection_sweep=(0.55, 0.7, 0.8, 0.9, 0.99, 1.0))
+    result = run_eval_scannet(cfg, pipeline=run["pipeline"])
+    sel = result["selection_3d"]
+    print(f"\n[test_eval] 3D selection at {sel['threshold']}: precision {sel['precision']:.3f} recall "
+          f"{sel['recall']:.3f} IoU {sel['iou']:.3f}; per class "
+          f"{ {n: (round(v['precision'], 3), round(v['recall'], 3), v['selected'], v['gt']) for n, v in sel['per_class'].items() if v['gt']} }"
+          f"\n[test_eval] sweep {[(t['threshold'], round(t['precision'], 3), round(t['recall'], 3), round(t['iou'], 3)) for t in sel['sweep']]}")
+    # the ground truth and the selections recomputed by hand: eval-scannet's kNN transfer, qsplat query's relevancy
+    model, pipeline = run["pipeline"].model, run["pipeline"]
+    transform, scale = dataparser_frame(pipeline)
+    points = load_labels(run["root"] / "gt" / "points.ply", "scene", run["root"])
+    gt = transfer_labels(to_world(model.means.detach().numpy(), transform, scale), points.xyz, points.labels).labels
+    gt = np.where(low_opacity_mask(model.opacities.detach(), 0.1), 0, gt)
+    for c, name in enumerate(points.class_names):
+        chosen = (gaussian_relevancy(model, name).detach().numpy() > 0.55) & (gt > 0)
+        got = sel["per_class"][name]
+        assert (got["selected"], got["gt"]) == (int(chosen.sum()), int((gt == c + 1).sum()))
+        assert got["true_positives"] == int((chosen & (gt == c + 1)).sum())
+    assert sel["sweep"][0]["precision"] == pytest.approx(sel["precision"], nan_ok=True)
+    assert len(sel["present_classes"]) == result["num_present_classes"]
+    # recall falls as the threshold rises; nothing has relevancy > 1
+    recalls = [t["recall"] for t in sel["sweep"]]
+    assert all(a >= b for a, b in zip(recalls, recalls[1:])) and recalls[-1] == 0.0
+    assert 0 < sel["precision"] <= 1 and 0 < sel["recall"] <= 1
+    text = (tmp_path / "scannet3d_scene.md").read_text()
+    assert "## 3D selection by text query" in text and "| threshold | mean precision |" in text
+    report = make_report([tmp_path])
+    assert "## 3D selection by text query" in report
+    assert f"| scene | 0.55 | {100 * sel['precision']:.2f} | {100 * sel['recall']:.2f} | {100 * sel['iou']:.2f} |" in report
+    with pytest.raises(ValueError, match="finite"):
+        run_eval_scannet(EvalScannet(load_config=run["config_path"], classes="scene", output=tmp_path / "bad",
+                                     timing=False, supervision_diagnostic=False, selection_threshold=float("nan")),
+                         pipeline=run["pipeline"])
+    print(f"[test_eval] 3D selection checks in {time.perf_counter() - start:.1f} s")
 
 
 def _labels_copy(run, tmp_path):
