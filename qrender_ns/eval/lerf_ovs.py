@@ -14,8 +14,10 @@ Details, deviations and what is comparable with what: docs/evaluation.md.
 `--protocol opengaussian-3d` runs the paper's own LeRF-OVS protocol instead (OpenGaussian's
 render_lerf_by_text.py + scripts/compute_lerf_iou.py): the Gaussians are selected in 3D by the text query,
 rendered alone as a silhouette (their accumulated opacity), thresholded at 0.7 and compared with the same GT
-masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction has IoU 0).
-Numbers from the two protocols are not comparable.
+masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction, or of a category
+the teacher cannot embed, has IoU 0). Before rendering, OpenGaussian's per-view filters (scale, >= 100, kNN
+outliers, >= 10; opengaussian_render_filter); GT = the per-category .jpg masks (> 10) where <labels>/gt/<frame>/
+has them. Numbers from the two protocols are not comparable.
 """
 
 from __future__ import annotations
