@@ -430,7 +430,7 @@ class EvalLerfOvs:
     def main(self) -> None:
         try:
             result = run_eval_lerf_ovs(self)
-        except LabelError as err:  # bad input: the message, not a traceback
+        except ValueError as err:  # bad input (LabelError included): the message, not a traceback
             raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
         keys = ("scene", "protocol", "miou", "macc" if self.protocol == "opengaussian-3d" else "localization_accuracy",
                 "num_queries", "counts", "json", "markdown")
