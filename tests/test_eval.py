@@ -280,6 +280,7 @@ def test_selection_metrics_by_hand():
     at09 = report["sweep"][1]
     assert at09["threshold"] == 0.9 and at09["per_class"]["chair"]["recall"] == pytest.approx(1 / 3)
     assert at09["per_class"]["table"]["selected"] == 0 and report["sweep"][0]["per_class"]["table"]["selected"] == 2
+    assert at09["classes_selecting_nothing"] == ["table"] and report["classes_selecting_nothing"] == []
 
 
 # ------------------------------------------------------------------------------ trained model
@@ -388,9 +389,9 @@ def test_eval_lerf_ovs_opengaussian_3d(run, tmp_path):
     assert result["protocol"] == "lerf_ovs_3d" and result["counts"]["frames_evaluated"] == 2
     assert result["num_queries"] >= 3 and all(r["selected_gaussians"] > 0 for r in result["per_query"])
     assert result["macc"] == pytest.approx(np.mean([r["iou"] > 0.25 for r in result["per_query"]]))
-    # measured 0.393 / 0.667 (Acc@0.5 0.333) on this scene: lower than the 2D protocol's 0.85, likely because the
-    # selected set also holds Gaussians the feature loss never reached (random features above 0.55) and parts
-    # hidden in this view, which the silhouette (selected Gaussians rendered alone) shows
+    # measured 0.45 / 0.667 on this scene with OpenGaussian's render filters (0.43-0.44 without): lower than the
+    # 2D protocol's ~0.85 because the relevancy cut also selects wall / floor Gaussians (3D precision of the
+    # objects' selections 0.2-0.9: test_eval_scannet_selection_3d) and parts hidden in this view
     assert result["miou"] >= 0.25 and result["macc"] >= 0.5, result["per_category"]
     assert (tmp_path / "lerf_ovs_3d.json").is_file() and "Acc@0.25" in (tmp_path / "lerf_ovs_3d.md").read_text()
     assert all(Path(r["png"]).is_file() for r in result["per_query"])

@@ -283,8 +283,10 @@ def selection_report(gt: np.ndarray, scores: Dict[str, np.ndarray], threshold: f
     precision) and recall 0."""
     def at(t: float) -> Dict:
         per_class = {name: selection_metrics(gt, s > t, c + 1) for c, (name, s) in enumerate(scores.items())}
+        nothing = [n for n, v in per_class.items() if v["gt"] > 0 and v["selected"] == 0]
         return {"threshold": float(t), "per_class": per_class, "precision": _mean_of(per_class, "precision"),
-                "recall": _mean_of(per_class, "recall"), "iou": _mean_of(per_class, "iou")}
+                "recall": _mean_of(per_class, "recall"), "iou": _mean_of(per_class, "iou"),
+                "classes_selecting_nothing": nothing}
 
     main = at(threshold)
     return {"rule": "relevancy > threshold (as qsplat query and eval-lerf-ovs --protocol opengaussian-3d)",
@@ -634,9 +636,10 @@ def selection_markdown(selection: Optional[Dict]) -> List[str]:
                          f"{v['selected']} | {v['gt']} |")
     lines += [f"| mean ({len(selection['present_classes'])} classes) | {fmt(selection['precision'])} | "
               f"{fmt(selection['recall'])} | {fmt(selection['iou'])} | | |", "",
-              "| threshold | mean precision | mean recall | mean IoU |", "|---|---|---|---|"]
+              "| threshold | mean precision | mean recall | mean IoU | classes selecting nothing |", "|---|---|---|---|---|"]
     for row in selection["sweep"]:
-        lines.append(f"| {row['threshold']} | {fmt(row['precision'])} | {fmt(row['recall'])} | {fmt(row['iou'])} |")
+        lines.append(f"| {row['threshold']} | {fmt(row['precision'])} | {fmt(row['recall'])} | {fmt(row['iou'])} | "
+                     f"{', '.join(row['classes_selecting_nothing']) or '—'} |")
     lines += ["", "Over the evaluated Gaussians (those with a ground-truth class); a query selecting nothing has "
               "recall 0 and no precision (left out of the mean precision)."]
     return lines
