@@ -468,7 +468,8 @@ def test_eval_scannet_selection_3d(run, tmp_path):
     print(f"\n[test_eval] 3D selection at {sel['threshold']}: precision {sel['precision']:.3f} recall "
           f"{sel['recall']:.3f} IoU {sel['iou']:.3f}; per class "
           f"{ {n: (round(v['precision'], 3), round(v['recall'], 3), v['selected'], v['gt']) for n, v in sel['per_class'].items() if v['gt']} }"
-          f"\n[test_eval] sweep {[(t['threshold'], round(t['precision'], 3), round(t['recall'], 3), round(t['iou'], 3)) for t in sel['sweep']]}")
+          f"\n[test_eval] sweep {[(t['threshold'], round(t['precision'], 3), round(t['recall'], 3), round(t['iou'], 3), t['classes_selecting_nothing']) for t in sel['sweep']]}"
+          f"\n[test_eval] per class at 0.8 {({n: (round(v['precision'], 3), round(v['recall'], 3), v['selected']) for n, v in sel['sweep'][2]['per_class'].items() if v['gt']})}")
     # the ground truth and the selections recomputed by hand: eval-scannet's kNN transfer, qsplat query's relevancy
     model, pipeline = run["pipeline"].model, run["pipeline"]
     transform, scale = dataparser_frame(pipeline)
