@@ -223,6 +223,10 @@ def test_knn_outlier_filter_is_opengaussians():
     line = np.concatenate([np.arange(9)[:, None] * [0.1, 0, 0], [[0.95, 0, 0]]])
     np.testing.assert_array_equal(knn_outlier_keep(line), [True] * 9 + [False])
     np.testing.assert_array_equal(knn_outlier_keep(line), _opengaussian_knn_keep(line))
+    # and torch's std is the unbiased one: with a population std this set would drop its first point
+    near = np.concatenate([np.arange(9)[:, None] * [0.1, 0, 0], [[0.872, 0, 0]]])
+    assert knn_outlier_keep(near)[0]
+    np.testing.assert_array_equal(knn_outlier_keep(near), _opengaussian_knn_keep(near))
 
 
 def test_render_filter_rules():
