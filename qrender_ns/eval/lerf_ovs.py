@@ -14,8 +14,10 @@ Details, deviations and what is comparable with what: docs/evaluation.md.
 `--protocol opengaussian-3d` runs the paper's own LeRF-OVS protocol instead (OpenGaussian's
 render_lerf_by_text.py + scripts/compute_lerf_iou.py): the Gaussians are selected in 3D by the text query,
 rendered alone as a silhouette (their accumulated opacity), thresholded at 0.7 and compared with the same GT
-masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction has IoU 0).
-Numbers from the two protocols are not comparable.
+masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction, or of a category
+the teacher cannot embed, has IoU 0). Before rendering, OpenGaussian's per-view filters (scale, >= 100, kNN
+outliers, >= 10; opengaussian_render_filter); GT = the per-category .jpg masks (> 10) where <labels>/gt/<frame>/
+has them. Numbers from the two protocols are not comparable.
 """
 
 from __future__ import annotations
@@ -131,6 +133,31 @@ def read_label_dir(label_dir: Path, pattern: str = LABEL_GLOB) -> List[FrameLabe
     return [read_frame_labels(f) for f in files]
 
 
+JPG_MASK_LEVEL = 10  # OpenGaussian's compute_lerf_iou.py load_image_as_binary: pixel > 10 is the object
+
+
+def jpg_mask_folder(mask_root: Optional[Path], image_name: str) -> Optional[Path]:
+    """<mask_root>/<image stem>/ when it holds .jpg masks (OpenGaussian's path_gt/<frame>/), else None."""
+    if mask_root is None:
+        return None
+    folder = Path(mask_root) / Path(image_name).stem
+    return folder if folder.is_dir() and any(folder.glob("*.jpg")) else None
+
+
+def read_jpg_masks(folder: Path) -> "OrderedDict[str, QueryGT]":
+    """One query per <category>.jpg of `folder` (category = the file stem), mask = grey level > 10."""
+    queries: "OrderedDict[str, QueryGT]" = OrderedDict()
+    for path in sorted(Path(folder).glob("*.jpg")):
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise LabelError(f"{path}: not a readable .jpg mask (expected a greyscale image, object > {JPG_MASK_LEVEL})")
+        mask = (grey > JPG_MASK_LEVEL).astype(np.uint8)
+        ys, xs = np.nonzero(mask)
+        box = np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=np.float64) if len(xs) else np.zeros((0, 4))
+        queries[path.stem] = QueryGT(mask, box)
+    return queries
+
+
 # ---------------------------------------------------------------------------------------------- maps
 def mean_filter(relevancy: np.ndarray, kernel: int) -> np.ndarray:
     """LangSplat's cv2.filter2D with a kernel x kernel box of 1/kernel^2 (default border)."""
@@ -198,9 +225,9 @@ def accuracy_at(ious, threshold: float) -> float:
     return float((ious > threshold).mean()) if ious.size else float("nan")
 
 
-def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: float = 0.0):
-    """[G] bool: the Gaussians whose relevancy to `text` (against the canonical negatives) exceeds
-    `threshold` and whose opacity exceeds `min_opacity`: the 3D selection by a text query."""
+def gaussian_relevancy(model, text: str):
+    """[G] relevancy of every Gaussian's feature to `text` against the canonical negatives (the score that
+    `qsplat query`, the 3D protocol and eval-scannet's 3D selection metrics threshold)."""
     import torch
 
     from ..query import relevancy
@@ -208,9 +235,91 @@ def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: flo
     with torch.no_grad():
         features = model.gaussian_features.detach()
         embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(features)
-        scores = relevancy(features, embeddings[0], embeddings[1:])
+        return relevancy(features, embeddings[0], embeddings[1:])
+
+
+def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: float = 0.0):
+    """[G] bool: the Gaussians whose relevancy to `text` (against the canonical negatives) exceeds
+    `threshold` and whose opacity exceeds `min_opacity`: the 3D selection by a text query."""
+    import torch
+
+    scores = gaussian_relevancy(model, text)
+    with torch.no_grad():
         opacity = torch.sigmoid(model.opacities.detach()).reshape(-1)
         return (scores > threshold) & (opacity > min_opacity)
+
+
+# OpenGaussian's render filters (gaussian_renderer/__init__.py @ b70dcc6, lines in docs/evaluation.md)
+MIN_SELECTED_TO_RENDER = 100  # `if filter_idx.sum() < 100: continue` after the scale filter
+MIN_KEPT_TO_RENDER = 10  # `if filter_idx.sum() < 10: continue` after the kNN outlier filter
+
+
+def knn_outlier_keep(points: np.ndarray) -> np.ndarray:
+    """[n] bool: OpenGaussian's kNN outlier filter. K = int(sqrt(n)) nearest neighbours of each point within
+    the set, the point itself included (pytorch3d's knn_points of the set against itself), as *squared*
+    distances (what knn_points returns); keep a point when the mean of its K squared distances is below the
+    mean + std (torch's unbiased std) of all n*K of them."""
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, dtype=np.float64)
+    n = len(points)
+    k = int(n ** 0.5)
+    if k < 1:
+        return np.ones(n, dtype=bool)
+    dist, _ = cKDTree(points).query(points, k=k)
+    squared = np.asarray(dist, dtype=np.float64).reshape(n, k) ** 2
+    limit = squared.mean() + (squared.std(ddof=1) if squared.size > 1 else 0.0)
+    return squared.mean(axis=1) < limit
+
+
+@dataclass
+class FilterOutcome:
+    keep: np.ndarray  # [G] bool, the Gaussians rendered (all False: nothing rendered)
+    visible_selected: int  # selected and projected into this view (OpenGaussian's viewed_pts)
+    after_scale: int  # ... and every scale < max_scale
+    after_knn: int  # ... and kept by the kNN outlier filter (0 when the 100 rule stopped it before)
+    rendered: bool
+
+
+def opengaussian_render_filter(selected: np.ndarray, visible: np.ndarray, max_world_scale: np.ndarray,
+                               means: np.ndarray, max_scale: float = 0.1) -> FilterOutcome:
+    """OpenGaussian's per-view filters of a text selection before its silhouette is rendered: keep the visible
+    selected Gaussians whose every scale is < `max_scale`; render nothing if fewer than 100 remain; drop the
+    kNN outliers (knn_outlier_keep); render nothing if fewer than 10 remain."""
+    keep = np.asarray(selected, bool) & np.asarray(visible, bool)
+    visible_selected = int(keep.sum())
+    keep &= np.asarray(max_world_scale) < max_scale
+    after_scale = int(keep.sum())
+    if after_scale < MIN_SELECTED_TO_RENDER:
+        return FilterOutcome(np.zeros_like(keep), visible_selected, after_scale, 0, False)
+    index = np.flatnonzero(keep)
+    keep[index] = knn_outlier_keep(np.asarray(means)[index])
+    after_knn = int(keep.sum())
+    if after_knn < MIN_KEPT_TO_RENDER:
+        return FilterOutcome(np.zeros_like(keep), visible_selected, after_scale, after_knn, False)
+    return FilterOutcome(keep, visible_selected, after_scale, after_knn, True)
+
+
+def world_max_scales(pipeline) -> np.ndarray:
+    """[G] the largest of each Gaussian's three scales (std-devs) in the scene's world frame (the label and
+    camera frame before nerfstudio's rescale): the frame whose units OpenGaussian's `scales < 0.1` used."""
+    import torch
+
+    from . import dataparser_frame
+
+    _, scale = dataparser_frame(pipeline)
+    with torch.no_grad():
+        scales = torch.exp(pipeline.model.scales.detach()).amax(-1).float().cpu().numpy()
+    return scales.astype(np.float64) / scale
+
+
+def visible_in_view(info) -> np.ndarray:
+    """[G] bool: projected into the view (radii > 0; OpenGaussian's viewed_pts)."""
+    radii = info["radii"].detach()
+    visible = radii > 0
+    if visible.ndim == 3:  # [V, N, 2] per-axis radii (newer gsplat)
+        visible = visible.all(-1)
+    return visible[0].cpu().numpy()
 
 
 def project_view(model, camera):
@@ -292,6 +401,15 @@ class EvalLerfOvs:
     """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
     silhouette_threshold: float = 0.7
     """opengaussian-3d: silhouette (accumulated opacity of the selected Gaussians) > this is the predicted mask."""
+    render_filters: bool = True
+    """opengaussian-3d: apply OpenGaussian's render filters per view (scale, >= 100 selected, kNN outliers,
+    >= 10 kept); --no-render-filters renders the whole selection (a diagnosis, not the protocol)."""
+    filter_max_scale: float = 0.1
+    """opengaussian-3d: Gaussians with any scale >= this (world units, as OpenGaussian's scales < 0.1) are not
+    rendered."""
+    gt_masks: Optional[Path] = None
+    """opengaussian-3d: folder of <frame stem>/<category>.jpg masks (OpenGaussian's path_gt; default
+    <labels>/gt when it exists); frames without such a folder use the label JSON's filled polygons."""
     mask_threshold: float = 0.4
     """LangSplat's --mask_thresh, applied after its [-1, 1] rescale (= 0.7 of the min-max range)."""
     smooth_kernel: int = 30
@@ -303,7 +421,8 @@ class EvalLerfOvs:
     skip_unmatched: bool = False
     """Skip (and count) label files whose info.name is no image of the run, instead of failing."""
     unknown_categories: Literal["skip", "error"] = "skip"
-    """Categories a closed-vocabulary teacher (synthetic) cannot embed: skip and count, or fail."""
+    """Categories a closed-vocabulary teacher (synthetic) cannot embed: skip and count, or fail. opengaussian-3d
+    counts them IoU 0 (as OpenGaussian counts a missing prediction) instead of skipping."""
     save_png: bool = True
     """Write one overlay PNG per (frame, query)."""
     method_name: str = "q-splat (ours)"
@@ -311,7 +430,7 @@ class EvalLerfOvs:
     def main(self) -> None:
         try:
             result = run_eval_lerf_ovs(self)
-        except LabelError as err:  # bad input: the message, not a traceback
+        except ValueError as err:  # bad input (LabelError included): the message, not a traceback
             raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
         keys = ("scene", "protocol", "miou", "macc" if self.protocol == "opengaussian-3d" else "localization_accuracy",
                 "num_queries", "counts", "json", "markdown")
@@ -322,6 +441,87 @@ def _closed_vocabulary(model) -> Optional[set]:
     if getattr(model.text_encoder, "name", "") == "synthetic":
         return set(model.class_names)
     return None
+
+
+def _jpg_mask_root(cfg: "EvalLerfOvs", label_dir: Path) -> Optional[Path]:
+    if cfg.gt_masks is not None:
+        if not Path(cfg.gt_masks).is_dir():
+            raise LabelError(f"--gt-masks {cfg.gt_masks} is not a folder of <frame>/<category>.jpg masks")
+        return Path(cfg.gt_masks)
+    default = label_dir / "gt"
+    return default if default.is_dir() else None
+
+
+def _unknown_row(frame: FrameLabels, category: str, gt: QueryGT) -> Dict:
+    return {"frame": frame.image_name, "label_file": frame.path.name, "category": category, "iou": 0.0,
+            "unknown_category": True, "selected_gaussians": 0, "rendered_gaussians": 0, "rendered": False,
+            "gt_pixels": int(gt.mask.sum()), "pred_pixels": 0, "max_silhouette": 0.0}
+
+
+class _Scene3D:
+    """OpenGaussian's 3D protocol on one run: text selections (computed once per category), the per-view render
+    filters and the silhouettes."""
+
+    def __init__(self, pipeline, cfg: "EvalLerfOvs"):
+        import torch
+
+        self.model, self.cfg = pipeline.model, cfg
+        self.selections: Dict[str, np.ndarray] = {}
+        if cfg.render_filters:
+            if not (math.isfinite(cfg.filter_max_scale) and cfg.filter_max_scale > 0):
+                raise ValueError(f"--filter-max-scale must be a positive number of world units, got {cfg.filter_max_scale}")
+            self.max_scales = world_max_scales(pipeline)
+            with torch.no_grad():
+                self.means = self.model.means.detach().float().cpu().numpy()
+
+    def selection(self, category: str) -> np.ndarray:
+        if category not in self.selections:
+            chosen = select_gaussians(self.model, self.cfg.prompt_template.format(category), self.cfg.select_threshold,
+                                      self.cfg.select_min_opacity)
+            self.selections[category] = chosen.cpu().numpy()
+        return self.selections[category]
+
+    def evaluate_frame(self, frame: FrameLabels, camera, queries, counts: Dict, png_dir: Path):
+        import torch
+
+        cfg, model = self.cfg, self.model
+        rgb, info = project_view(model, camera)
+        resized = rgb.shape[:2] != (frame.height, frame.width)
+        if resized:
+            counts["frames_resized"] += 1
+            rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+        visible = visible_in_view(info) if cfg.render_filters else None
+        rows, pngs = [], []
+        for category, gt in queries.items():
+            selected = self.selection(category)
+            row = {"frame": frame.image_name, "label_file": frame.path.name, "category": category,
+                   "selected_gaussians": int(selected.sum())}
+            rendered = selected
+            if cfg.render_filters:
+                outcome = opengaussian_render_filter(selected, visible, self.max_scales, self.means,
+                                                     cfg.filter_max_scale)
+                rendered = outcome.keep
+                row.update(visible_selected=outcome.visible_selected, after_scale_filter=outcome.after_scale,
+                           after_knn_filter=outcome.after_knn)
+                counts["queries_not_rendered"] += int(not outcome.rendered)
+            row.update(rendered_gaussians=int(rendered.sum()), rendered=bool(rendered.any()))
+            silhouette = render_silhouette(info, torch.from_numpy(rendered).to(model.device),
+                                           model.config.rasterizer_backend)
+            if resized:
+                silhouette = cv2.resize(silhouette, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
+            pred = (silhouette > cfg.silhouette_threshold).astype(np.uint8)
+            iou = silhouette_iou(pred, gt.mask)
+            row.update(iou=iou, gt_pixels=int(gt.mask.sum()), pred_pixels=int(pred.sum()),
+                       max_silhouette=float(silhouette.max()))
+            if cfg.save_png:
+                peak = np.unravel_index(int(np.argmax(silhouette)), silhouette.shape)[::-1]
+                path = png_dir / _safe(Path(frame.image_name).stem) / f"{_safe(category)}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), overlay(rgb, silhouette, pred, gt, peak, iou > 0.25))
+                row["png"] = str(path)
+                pngs.append(str(path))
+            rows.append(row)
+        return rows, pngs
 
 
 def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> Dict:
@@ -374,12 +574,20 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
         counts["frames_matched_by_stem"] += int(match[2] == "stem")
         matches.append((frame, match))
 
+    mask_root = _jpg_mask_root(cfg, label_dir) if protocol == PROTOCOL_3D else None
+    if protocol == PROTOCOL_3D:
+        counts.update(frames_jpg_masks=0, queries_not_rendered=0)
+    scene_3d = _Scene3D(pipeline, cfg) if protocol == PROTOCOL_3D else None
     rows: List[Dict] = []
     pngs: List[str] = []
-    selections: Dict = {}  # category -> selected Gaussians (opengaussian-3d)
     for frame, (split, i, _) in matches:
-        queries = OrderedDict()
-        for category, gt in frame.queries.items():
+        frame_queries = frame.queries
+        jpg_folder = jpg_mask_folder(mask_root, frame.image_name)
+        if jpg_folder is not None:  # OpenGaussian's GT: the frame's per-category .jpg masks, not the polygons
+            frame_queries = read_jpg_masks(jpg_folder)
+            counts["frames_jpg_masks"] += 1
+        queries, unknown_here = OrderedDict(), []
+        for category, gt in frame_queries.items():
             if vocabulary is not None and category not in vocabulary:
                 if cfg.unknown_categories == "error":
                     raise LabelError(
@@ -387,40 +595,21 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                         f"{', '.join(sorted(vocabulary))}); pass --unknown-categories skip to skip it")
                 counts["queries_unknown_category"] += 1
                 unknown.append(f"{frame.path.name}:{category}")
+                unknown_here.append((category, gt))
                 continue
             queries[category] = gt
-        if not queries:
+        if not queries and not (protocol == PROTOCOL_3D and unknown_here):
             counts["frames_without_queries"] += 1
             continue
         dataset = pipeline.datamanager.train_dataset if split == "train" else pipeline.datamanager.eval_dataset
         camera = dataset.cameras[i: i + 1].to(model.device)
         if protocol == PROTOCOL_3D:
             counts["frames_evaluated"] += 1
-            rgb, info = project_view(model, camera)
-            resized = rgb.shape[:2] != (frame.height, frame.width)
-            if resized:
-                counts["frames_resized"] += 1
-                rgb = cv2.resize(rgb, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
-            for category, gt in queries.items():
-                if category not in selections:
-                    selections[category] = select_gaussians(model, cfg.prompt_template.format(category),
-                                                            cfg.select_threshold, cfg.select_min_opacity)
-                silhouette = render_silhouette(info, selections[category], model.config.rasterizer_backend)
-                if resized:
-                    silhouette = cv2.resize(silhouette, (frame.width, frame.height), interpolation=cv2.INTER_LINEAR)
-                pred = (silhouette > cfg.silhouette_threshold).astype(np.uint8)
-                iou = silhouette_iou(pred, gt.mask)
-                row = {"frame": frame.image_name, "label_file": frame.path.name, "category": category, "iou": iou,
-                       "selected_gaussians": int(selections[category].sum()), "gt_pixels": int(gt.mask.sum()),
-                       "pred_pixels": int(pred.sum()), "max_silhouette": float(silhouette.max())}
-                if cfg.save_png:
-                    peak = np.unravel_index(int(np.argmax(silhouette)), silhouette.shape)[::-1]
-                    path = png_dir / _safe(Path(frame.image_name).stem) / f"{_safe(category)}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(path), overlay(rgb, silhouette, pred, gt, peak, iou > 0.25))
-                    row["png"] = str(path)
-                    pngs.append(str(path))
-                rows.append(row)
+            frame_rows, frame_pngs = scene_3d.evaluate_frame(frame, camera, queries, counts, png_dir)
+            # OpenGaussian counts a query it has no prediction for as IoU 0 (compute_lerf_iou.py): so do we
+            frame_rows += [_unknown_row(frame, category, gt) for category, gt in unknown_here]
+            rows += frame_rows
+            pngs += frame_pngs
             continue
         with torch.no_grad(), model.scores_only():  # relevancy rendered in query space, no feature map
             outputs = model.get_outputs_for_camera(camera)
@@ -485,7 +674,9 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                    "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
                    "num_quantiles": model.config.num_quantiles, "label_glob": cfg.label_glob,
                    **({"select_threshold": cfg.select_threshold, "select_min_opacity": cfg.select_min_opacity,
-                       "silhouette_threshold": cfg.silhouette_threshold} if protocol == PROTOCOL_3D else {})},
+                       "silhouette_threshold": cfg.silhouette_threshold, "render_filters": cfg.render_filters,
+                       "filter_max_scale": cfg.filter_max_scale,
+                       "gt_masks": str(mask_root) if mask_root is not None else None} if protocol == PROTOCOL_3D else {})},
         "pngs": len(pngs),
         "png_dir": str(png_dir) if pngs else None,
         "load_config": str(cfg.load_config),
@@ -580,14 +771,22 @@ def lerf3d_markdown(result: Dict) -> str:
     ]
     for name, v in result["per_category"].items():
         lines.append(f"| {name} | {fmt(v['miou'])} | {fmt(v['acc_025'])} | {v['queries']} |")
-    lines += ["", "| frame | category | IoU | selected Gaussians |", "|---|---|---|---|"]
+    lines += ["", "| frame | category | IoU | selected Gaussians | rendered (after the filters) |", "|---|---|---|---|---|"]
     for r in result["per_query"]:
-        lines.append(f"| {r['frame']} | {r['category']} | {fmt(r['iou'])} | {r['selected_gaussians']} |")
+        rendered = "unknown category (IoU 0)" if r.get("unknown_category") else r.get("rendered_gaussians", "")
+        lines.append(f"| {r['frame']} | {r['category']} | {fmt(r['iou'])} | {r['selected_gaussians']} | {rendered} |")
     lines += [
         "",
         f"Label files: {c['label_files']} ({c['frames_evaluated']} frames evaluated, {c['frames_unmatched']} skipped: "
         f"no matching image, {c['frames_resized']} rendered at another resolution and resized); "
-        f"{c['queries_unknown_category']} queries skipped: unknown category.",
+        f"{c['queries_unknown_category']} queries of an unknown category counted IoU 0; "
+        f"{c.get('queries_not_rendered', 0)} queries rendered nothing after the filters; "
+        f"{c.get('frames_jpg_masks', 0)} frames scored against .jpg masks (> {JPG_MASK_LEVEL}), the others against "
+        "the label polygons.",
+        ("Render filters (OpenGaussian's): every scale < " f"{p.get('filter_max_scale')} (world units), >= "
+         f"{MIN_SELECTED_TO_RENDER} Gaussians, kNN outliers removed (K = sqrt(n), mean squared distance < mean + "
+         f"std), >= {MIN_KEPT_TO_RENDER} kept." if p.get("render_filters") else
+         "Render filters OFF (--no-render-filters): a diagnosis, not OpenGaussian's protocol."),
         f"Selection: relevancy > {p['select_threshold']} (negatives {', '.join(p['negatives'])}), opacity > "
         f"{p['select_min_opacity']}; silhouette > {p['silhouette_threshold']}; text encoder {p['text_encoder']}.",
         "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol.",

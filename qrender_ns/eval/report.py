@@ -126,6 +126,8 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
               "over the training views (the ones the feature loss reached; threshold in each JSON); they are "
               "not the protocol.", ""]
 
+    lines += selection_table(found["scannet3d"])
+
     lines += ["## LeRF-OVS 2D segmentation (LangSplat's protocol)", "",
               "| Method | Scene | mIoU | Localization acc. | Queries | Source |", "|---|---|---|---|---|---|"]
     for r in sorted(found["lerf_ovs_2d"], key=lambda r: (r.get("method", ""), r.get("scene", ""))):
@@ -137,18 +139,19 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
               "protocol, next table); these rows compare with LangSplat-style 2D results only.", ""]
 
     lines += ["## LeRF-OVS 3D selection (OpenGaussian's protocol, the paper's)", "",
-              "| Method | Scene | mIoU | mAcc (Acc@0.25) | Queries | Source |", "|---|---|---|---|---|---|"]
+              "| Method | Scene | mIoU | mAcc (Acc@0.25) | Queries | Render filters | Source |",
+              "|---|---|---|---|---|---|---|"]
     for method, miou, macc in REFERENCE_LERF_3D:
-        lines.append(f"| {method} | LeRF-OVS (paper) | {fmt(miou, 1, 1)} | {fmt(macc, 1, 1)} | | *{QUOTED}* |")
+        lines.append(f"| {method} | LeRF-OVS (paper) | {fmt(miou, 1, 1)} | {fmt(macc, 1, 1)} | | | *{QUOTED}* |")
     rows3d = sorted(found["lerf_ovs_3d"], key=lambda r: (r.get("method", ""), r.get("scene", "")))
     for r in rows3d:
         lines.append(f"| {r.get('method', '?')} | {r.get('scene', '?')} | {fmt(r.get('miou'))} | "
-                     f"{fmt(r.get('macc'))} | {r.get('num_queries')} | {r['_file']} |")
+                     f"{fmt(r.get('macc'))} | {r.get('num_queries')} | {_filters_cell(r)} | {r['_file']} |")
     if len(rows3d) > 1:
         lines.append(f"| mean of {len(rows3d)} scenes | | {fmt(np.nanmean([_num(r.get('miou')) for r in rows3d]))} | "
-                     f"{fmt(np.nanmean([_num(r.get('macc')) for r in rows3d]))} | | (mean of the rows above) |")
+                     f"{fmt(np.nanmean([_num(r.get('macc')) for r in rows3d]))} | | | (mean of the rows above) |")
     if not rows3d:
-        lines.append("| (no `qsplat eval-lerf-ovs --protocol opengaussian-3d` result found) | | | | | |")
+        lines.append("| (no `qsplat eval-lerf-ovs --protocol opengaussian-3d` result found) | | | | | | |")
     lines += ["", "mAcc is OpenGaussian's Acc@0.25: the share of (frame, query) pairs whose silhouette IoU exceeds "
               "0.25 (a query with no selected Gaussian counts IoU 0). Selection rule and thresholds: "
               "docs/evaluation.md.", ""]
@@ -238,6 +241,34 @@ def gsnet_generalization_table(results: List[Dict]) -> List[str]:
               "(GS-Net: its forward pass; fine-tune: forward + the fine-tune steps). Settings (steps, dataset) are "
               "in each JSON's args; the paper's GS-Net is trained on 1,503 real ScanNet scenes, these on generated "
               "rooms with the synthetic teacher, so only the ranking is comparable, not the numbers.", ""]
+    return lines
+
+
+def _filters_cell(result: Dict) -> str:
+    """'on' / 'off (diagnosis)' for an opengaussian-3d JSON; '—' for one written before the filters existed."""
+    flag = (result.get("params") or {}).get("render_filters")
+    return "—" if flag is None else ("on" if flag else "off (diagnosis)")
+
+
+def selection_table(scannet_results: List[Dict]) -> List[str]:
+    """Markdown rows of eval-scannet's 3D selection metrics: mean precision / recall / IoU of the text selections
+    at the run's threshold, and the same at every threshold of its sweep."""
+    rows = [r for r in scannet_results if r.get("selection_3d")]
+    if not rows:
+        return []
+    lines = ["## 3D selection by text query (per-Gaussian ground truth)", "",
+             "| Method | Scene | #classes | Threshold | Precision | Recall | IoU | Sweep: threshold P / R / IoU | Source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("method", ""), str(r.get("classes")), r.get("scene", ""))):
+        sel = r["selection_3d"]
+        sweep = "; ".join(f"{t['threshold']:g}: {fmt(t['precision'])} / {fmt(t['recall'])} / {fmt(t['iou'])}"
+                          for t in sel.get("sweep", []))
+        lines.append(f"| {r.get('method', '?')} | {r.get('scene', '?')} | {r.get('classes')} | {sel['threshold']:g} | "
+                     f"{fmt(sel['precision'])} | {fmt(sel['recall'])} | {fmt(sel['iou'])} | {sweep} | {r['_file']} |")
+    lines += ["", "In %, means over the classes present in the scene's per-Gaussian ground truth (eval-scannet's kNN "
+              "transfer): precision = share of the Gaussians a class's text query selects (relevancy > threshold, "
+              "the rule of `qsplat query`) that are that class; recall = share of the class's Gaussians selected. "
+              "Per class: scannet3d_*.md.", ""]
     return lines
 
 

@@ -252,6 +252,48 @@ def segmentation_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> 
     }
 
 
+DEFAULT_SELECTION_SWEEP = (0.55, 0.7, 0.8, 0.9, 0.99)
+
+
+def selection_metrics(gt: np.ndarray, selected: np.ndarray, class_index: int) -> Dict:
+    """3D selection of one class by its text query, over the evaluated Gaussians (gt > 0; the others are not
+    counted either way): precision = |selected & gt = c| / |selected|, recall = ... / |gt = c|, IoU = ... /
+    |selected or gt = c|; NaN where the denominator is 0 (nothing selected: precision NaN, recall 0)."""
+    gt, selected = np.asarray(gt), np.asarray(selected, dtype=bool)
+    evaluated = gt > 0
+    chosen = selected & evaluated
+    truth = gt == class_index
+    hits = int((chosen & truth).sum())
+    picked, relevant, union = int(chosen.sum()), int(truth.sum()), int((chosen | truth).sum())
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {"precision": ratio(hits, picked), "recall": ratio(hits, relevant), "iou": ratio(hits, union),
+            "selected": picked, "gt": relevant, "true_positives": hits}
+
+
+def _mean_of(per_class: Dict[str, Dict], key: str) -> float:
+    values = [v[key] for v in per_class.values() if v["gt"] > 0 and np.isfinite(v[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def selection_report(gt: np.ndarray, scores: Dict[str, np.ndarray], threshold: float,
+                     sweep: Sequence[float]) -> Dict:
+    """Precision / recall / IoU of the text selections `scores[name] > threshold` per class (classes in the order
+    of the label ids: scores' order) and their means over the classes present in `gt`, at `threshold` and at
+    every threshold of `sweep`. A class whose query selects nothing has no precision (left out of the mean
+    precision) and recall 0."""
+    def at(t: float) -> Dict:
+        per_class = {name: selection_metrics(gt, s > t, c + 1) for c, (name, s) in enumerate(scores.items())}
+        nothing = [n for n, v in per_class.items() if v["gt"] > 0 and v["selected"] == 0]
+        return {"threshold": float(t), "per_class": per_class, "precision": _mean_of(per_class, "precision"),
+                "recall": _mean_of(per_class, "recall"), "iou": _mean_of(per_class, "iou"),
+                "classes_selecting_nothing": nothing}
+
+    main = at(threshold)
+    return {"rule": "relevancy > threshold (as qsplat query and eval-lerf-ovs --protocol opengaussian-3d)",
+            **main, "sweep": [at(t) for t in sweep],
+            "present_classes": [n for n, v in main["per_class"].items() if v["gt"] > 0]}
+
+
 def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
     """[G] bool: sigmoid(opacity) < min_opacity, computed in float32 as OpenGaussian does (scripts/
     eval_scannet.py: numpy `1 / (1 + np.exp(-x)) < 0.1` on the PLY's float32 opacities). It matters: a Gaussian still at splatfacto's initial
@@ -368,6 +410,13 @@ class EvalScannet:
     """Diagnostic subset: summed Q-Render weight over the training views >= this many pixels."""
     supervision_max_views: int = 0
     """Training views used for the diagnostic (0 = all)."""
+    selection_metrics: bool = True
+    """Also measure the 3D selection of each class by its text query (precision / recall / IoU of the Gaussians
+    whose relevancy exceeds --selection-threshold, against the per-Gaussian ground truth)."""
+    selection_threshold: float = 0.55
+    """Relevancy threshold of the 3D selection (the default of qsplat query and the opengaussian-3d protocol)."""
+    selection_sweep: Tuple[float, ...] = DEFAULT_SELECTION_SWEEP
+    """Further thresholds reported beside it (the old sweep; a later selection rule is compared with these)."""
 
     def main(self) -> None:
         try:
@@ -377,6 +426,9 @@ class EvalScannet:
         summary = {k: result[k] for k in ("miou", "macc", "overall_acc", "num_present_classes", "num_skipped_classes")}
         if result["supervised_diagnostic"]:
             summary["supervised_diagnostic_miou"] = result["supervised_diagnostic"]["miou"]
+        if result["selection_3d"]:
+            sel = result["selection_3d"]
+            summary["selection_3d"] = {k: sel[k] for k in ("threshold", "precision", "recall", "iou")}
         summary.update(json=result["json"], markdown=result["markdown"])
         print(json.dumps(summary, indent=2))
 
@@ -434,6 +486,7 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
                       "present_classes": [points.class_names[c - 1] for c in sub["present"]],
                       "per_class_iou": {n: sub["iou"][c] for c, n in enumerate(points.class_names)
                                         if (c + 1) in sub["present"]}}
+    selection = _selection_of_prompts(model, prompts, points.class_names, gt, cfg) if cfg.selection_metrics else None
     timing = feature_timing(pipeline, cfg.timing_view) if cfg.timing else None
     run_dir = Path(cfg.load_config).parent
     out_dir = Path(cfg.output) if cfg.output is not None else run_dir / "eval"
@@ -466,6 +519,7 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
                    "text_encoder": getattr(encoder, "name", type(encoder).__name__),
                    "num_quantiles": model.config.num_quantiles},
         "supervised_diagnostic": supervised,
+        "selection_3d": selection,
         "timing": timing,
         "scene": scene_root.name,
         "scene_root": str(scene_root),
@@ -479,6 +533,22 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
     write_json(Path(result["json"]), result)
     write_text(Path(result["markdown"]), scannet_markdown(result))
     return result
+
+
+def _check_thresholds(threshold: float, sweep: Sequence[float]) -> None:
+    for t in (threshold, *sweep):
+        if not (isinstance(t, (int, float)) and np.isfinite(t)):
+            raise ValueError(f"--selection-threshold / --selection-sweep must be finite relevancy values, got {t!r}")
+
+
+def _selection_of_prompts(model, prompts: Sequence[str], names: Sequence[str], gt: np.ndarray,
+                          cfg: "EvalScannet") -> Dict:
+    """selection_report of every class's prompt under the relevancy rule of qsplat query."""
+    from .lerf_ovs import gaussian_relevancy
+
+    _check_thresholds(cfg.selection_threshold, cfg.selection_sweep)
+    scores = {name: gaussian_relevancy(model, prompt).float().cpu().numpy() for name, prompt in zip(names, prompts)}
+    return selection_report(gt, scores, cfg.selection_threshold, cfg.selection_sweep)
 
 
 def scannet_metrics_of_features(scene_root: Path, means_world: np.ndarray, opacities, features, text_encoder,
@@ -545,9 +615,31 @@ def scannet_markdown(result: Dict) -> str:
                      f"{sup['min_weight_pixels']} px over {sup['views']} training views ({sup['evaluated']} of them "
                      f"evaluated); {sup['evaluated_never_rendered']} evaluated Gaussians were never rendered in a "
                      "training view (their features are untrained). The protocol's numbers are the first row.")
+    lines += selection_markdown(result.get("selection_3d"))
     if timing:
         lines.append(f"Timing ({timing['device']}, {timing['width']}x{timing['height']}x{timing['channels']}, "
                      f"{timing['view']}): dense {timing['feature_ms_dense']:.1f} ms, quantile "
                      f"{timing['feature_ms_quantile']:.1f} ms per feature map "
                      f"(x{timing['feature_speedup_quantile_vs_dense']:.2f}).")
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(selection: Optional[Dict]) -> List[str]:
+    """The 3D selection section of scannet3d_*.md: per class at the threshold, then the sweep."""
+    if not selection:
+        return []
+    lines = ["", f"## 3D selection by text query ({selection['rule']}, threshold {selection['threshold']})", "",
+             "| class | precision | recall | IoU | selected | GT Gaussians |", "|---|---|---|---|---|---|"]
+    for name, v in selection["per_class"].items():
+        if v["gt"] > 0:
+            lines.append(f"| {name} | {fmt(v['precision'])} | {fmt(v['recall'])} | {fmt(v['iou'])} | "
+                         f"{v['selected']} | {v['gt']} |")
+    lines += [f"| mean ({len(selection['present_classes'])} classes) | {fmt(selection['precision'])} | "
+              f"{fmt(selection['recall'])} | {fmt(selection['iou'])} | | |", "",
+              "| threshold | mean precision | mean recall | mean IoU | classes selecting nothing |", "|---|---|---|---|---|"]
+    for row in selection["sweep"]:
+        lines.append(f"| {row['threshold']} | {fmt(row['precision'])} | {fmt(row['recall'])} | {fmt(row['iou'])} | "
+                     f"{', '.join(row['classes_selecting_nothing']) or '—'} |")
+    lines += ["", "Over the evaluated Gaussians (those with a ground-truth class); a query selecting nothing has "
+              "recall 0 and no precision (left out of the mean precision)."]
+    return lines
