@@ -185,6 +185,8 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     assert len(summary["relevancy_pngs"]) == 2 and all(Path(p).is_file() for p in summary["relevancy_pngs"])
     # the default rule (wins: chair beats the scene's other classes and the canonical negatives), recomputed here
     model = trained["trainer"].pipeline.model
+    was_training = model.training
+    model.eval()  # as the loaded checkpoint: never-supervised Gaussians read as zero features outside training
     with torch.no_grad():
         words = [w for w in dict.fromkeys([*model.class_names, *model.config.relevancy_negatives]) if w != "chair"]
         emb = torch.nn.functional.normalize(model.text_encoder.encode(["chair", *words]), dim=-1)
@@ -192,6 +194,7 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
         cos = torch.nn.functional.normalize(features, dim=-1) @ emb.T
         wins = (cos[:, 0] > cos[:, 1:].amax(-1)) & (features.abs().amax(-1) > 0)
         wins &= torch.sigmoid(model.opacities).squeeze(-1) > 0.1
+    model.train(was_training)
     assert summary["selection"] == "wins" and summary["num_selected"] == int(wins.sum())
 
     # the old rule, as an explicit option
