@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -23,8 +23,13 @@ class Query:
     """The query, e.g. "chair"."""
     output: Optional[Path] = None
     """PLY of the selected Gaussians (default: <run dir>/query/<text>.ply)."""
+    selection: Literal["wins", "absolute"] = "wins"
+    """wins: a Gaussian is selected when the query's cosine beats every other class/prompt of the run's vocabulary
+    and the canonical negatives, and it has a (non-zero) learnt feature: no threshold. absolute: relevancy vs the
+    canonical negatives > --threshold (the old rule, kept for comparison)."""
     threshold: float = 0.55
-    """Relevancy above which a Gaussian is selected (0.5 = no better than a generic word)."""
+    """--selection absolute only: relevancy above which a Gaussian is selected (0.5 = no better than a generic
+    word)."""
     min_opacity: float = 0.1
     """Ignore nearly transparent Gaussians."""
     cameras: List[int] = field(default_factory=lambda: [0])
@@ -52,6 +57,19 @@ def _check_vocabulary(model, text: str) -> None:
 def gaussian_relevancy(model, text: str) -> torch.Tensor:
     embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(model.gaussian_features)
     return relevancy(model.gaussian_features.detach(), embeddings[0], embeddings[1:])
+
+
+def _selection(model, cfg: "Query") -> torch.Tensor:
+    """[G] bool: the rule's selection (qrender_ns.selection) among the Gaussians with opacity > min_opacity."""
+    from .selection import SelectionRule, select_by_rule
+
+    rule = SelectionRule(cfg.selection, cfg.threshold)
+    try:
+        chosen = select_by_rule(model, cfg.text, rule)
+    except ValueError as err:
+        raise SystemExit(f"qsplat query: {err}") from None
+    opacity = torch.sigmoid(model.opacities).squeeze(-1)
+    return chosen & (opacity > cfg.min_opacity)
 
 
 def write_selection_ply(path: Path, means: np.ndarray, colors: np.ndarray, scores: np.ndarray) -> None:
@@ -89,8 +107,7 @@ def run_query(cfg: Query) -> dict:
     _check_vocabulary(model, cfg.text)
     with torch.no_grad():
         scores = gaussian_relevancy(model, cfg.text)
-        opacity = torch.sigmoid(model.opacities).squeeze(-1)
-        selected = (scores > cfg.threshold) & (opacity > cfg.min_opacity)
+        selected = _selection(model, cfg)
         colors = SH2RGB(model.features_dc).clamp(0, 1) if model.config.sh_degree > 0 else torch.sigmoid(model.features_dc)
     run_dir = Path(cfg.load_config).parent
     safe = "".join(c if c.isalnum() else "_" for c in cfg.text)
@@ -114,7 +131,8 @@ def run_query(cfg: Query) -> dict:
         tmp.replace(png)
         png_paths.append(str(png))
     summary = dict(text=cfg.text, checkpoint=str(checkpoint_path), num_gaussians=int(scores.numel()),
-                   num_selected=int(selected.sum()), threshold=cfg.threshold, ply=str(ply_path),
+                   num_selected=int(selected.sum()), selection=cfg.selection,
+                   threshold=cfg.threshold if cfg.selection == "absolute" else None, ply=str(ply_path),
                    relevancy_pngs=png_paths)
     print(json.dumps(summary, indent=2))
     return summary

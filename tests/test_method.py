@@ -182,8 +182,35 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     vertices = PlyData.read(str(ply))["vertex"]
     assert len(vertices) == summary["num_selected"] > 0
-    assert min(vertices["relevancy"]) > 0.55
     assert len(summary["relevancy_pngs"]) == 2 and all(Path(p).is_file() for p in summary["relevancy_pngs"])
+    # the default rule (wins: chair beats the scene's other classes and the canonical negatives), recomputed here
+    model = trained["trainer"].pipeline.model
+    was_training = model.training
+    model.eval()  # as the loaded checkpoint: never-supervised Gaussians read as zero features outside training
+    with torch.no_grad():
+        words = [w for w in dict.fromkeys([*model.class_names, *model.config.relevancy_negatives]) if w != "chair"]
+        emb = torch.nn.functional.normalize(model.text_encoder.encode(["chair", *words]), dim=-1)
+        features = model.gaussian_features.detach()
+        cos = torch.nn.functional.normalize(features, dim=-1) @ emb.T
+        wins = (cos[:, 0] > cos[:, 1:].amax(-1)) & (features.abs().amax(-1) > 0)
+        wins &= torch.sigmoid(model.opacities).squeeze(-1) > 0.1
+    model.train(was_training)
+    assert summary["selection"] == "wins" and summary["num_selected"] == int(wins.sum())
+
+    # the old rule, as an explicit option
+    old = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]), "--text", "chair",
+                          "--output", str(tmp_path / "old.ply"), "--cameras", "0", "--selection", "absolute",
+                          "--threshold", "0.55"], capture_output=True, text=True, timeout=600)
+    assert old.returncode == 0, old.stdout[-3000:] + old.stderr[-3000:]
+    old_summary = json.loads(old.stdout[old.stdout.index("{"):])
+    assert old_summary["selection"] == "absolute" and old_summary["threshold"] == 0.55
+    assert min(PlyData.read(str(tmp_path / "old.ply"))["vertex"]["relevancy"]) > 0.55
+    assert old_summary["num_selected"] != summary["num_selected"]
+    from qrender_ns.query_cli import Query, _selection
+
+    with pytest.raises(SystemExit, match="^qsplat query: the absolute selection needs a finite relevancy threshold"):
+        _selection(model, Query(load_config=trained["config_path"], text="chair", selection="absolute",
+                                threshold=float("nan")))
 
     unknown = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]),
                               "--text", "spaceship"], capture_output=True, text=True, timeout=600)

@@ -226,27 +226,25 @@ def accuracy_at(ious, threshold: float) -> float:
 
 
 def gaussian_relevancy(model, text: str):
-    """[G] relevancy of every Gaussian's feature to `text` against the canonical negatives (the score that
-    `qsplat query`, the 3D protocol and eval-scannet's 3D selection metrics threshold)."""
+    """[G] relevancy of every Gaussian's feature to `text` against the canonical negatives (the score of the old
+    absolute rule: qrender_ns.selection.gaussian_relevancy)."""
+    from ..selection import gaussian_relevancy as relevancy_of
+
+    return relevancy_of(model, text)
+
+
+def select_gaussians(model, text: str, rule=None, min_opacity: float = 0.0):
+    """[G] bool: the 3D selection by a text query: the Gaussians `rule` (qrender_ns.selection.SelectionRule;
+    default: "wins", the query beats the run's vocabulary and the canonical negatives) selects whose opacity
+    exceeds `min_opacity`."""
     import torch
 
-    from ..query import relevancy
+    from ..selection import SelectionRule, select_by_rule
 
-    with torch.no_grad():
-        features = model.gaussian_features.detach()
-        embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(features)
-        return relevancy(features, embeddings[0], embeddings[1:])
-
-
-def select_gaussians(model, text: str, threshold: float = 0.55, min_opacity: float = 0.0):
-    """[G] bool: the Gaussians whose relevancy to `text` (against the canonical negatives) exceeds
-    `threshold` and whose opacity exceeds `min_opacity`: the 3D selection by a text query."""
-    import torch
-
-    scores = gaussian_relevancy(model, text)
+    chosen = select_by_rule(model, text, rule if rule is not None else SelectionRule())
     with torch.no_grad():
         opacity = torch.sigmoid(model.opacities.detach()).reshape(-1)
-        return (scores > threshold) & (opacity > min_opacity)
+        return chosen & (opacity > min_opacity)
 
 
 # OpenGaussian's render filters (gaussian_renderer/__init__.py @ b70dcc6, lines in docs/evaluation.md)
@@ -395,8 +393,12 @@ class EvalLerfOvs:
     """Which files of --labels are label files (LangSplat reads only frame_*.json)."""
     output: Optional[Path] = None
     """Folder for lerf_ovs_2d.json / lerf_ovs_3d.json, .md and the PNG overlays (default: <run dir>/eval)."""
+    selection: Literal["wins", "absolute"] = "wins"
+    """opengaussian-3d: how the query selects Gaussians (as `qsplat query`). wins: the query's cosine beats every
+    other class/prompt of the run's vocabulary and the canonical negatives, non-zero feature (no threshold);
+    absolute: relevancy vs the canonical negatives > --select-threshold (the old rule)."""
     select_threshold: float = 0.55
-    """opengaussian-3d: a Gaussian is selected when its relevancy to the query exceeds this (as `qsplat query`)."""
+    """opengaussian-3d with --selection absolute: the relevancy a selected Gaussian exceeds."""
     select_min_opacity: float = 0.0
     """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
     silhouette_threshold: float = 0.7
@@ -465,7 +467,11 @@ class _Scene3D:
     def __init__(self, pipeline, cfg: "EvalLerfOvs"):
         import torch
 
+        from ..selection import SelectionRule
+
         self.model, self.cfg = pipeline.model, cfg
+        self.rule = SelectionRule(cfg.selection, cfg.select_threshold)
+        self.rule.check()
         self.selections: Dict[str, np.ndarray] = {}
         if cfg.render_filters:
             if not (math.isfinite(cfg.filter_max_scale) and cfg.filter_max_scale > 0):
@@ -476,7 +482,7 @@ class _Scene3D:
 
     def selection(self, category: str) -> np.ndarray:
         if category not in self.selections:
-            chosen = select_gaussians(self.model, self.cfg.prompt_template.format(category), self.cfg.select_threshold,
+            chosen = select_gaussians(self.model, self.cfg.prompt_template.format(category), self.rule,
                                       self.cfg.select_min_opacity)
             self.selections[category] = chosen.cpu().numpy()
         return self.selections[category]
@@ -673,7 +679,8 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                    "negatives": list(model.config.relevancy_negatives),
                    "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
                    "num_quantiles": model.config.num_quantiles, "label_glob": cfg.label_glob,
-                   **({"select_threshold": cfg.select_threshold, "select_min_opacity": cfg.select_min_opacity,
+                   **({"selection": cfg.selection, "select_threshold": cfg.select_threshold,
+                       "selection_rule": scene_3d.rule.describe(), "select_min_opacity": cfg.select_min_opacity,
                        "silhouette_threshold": cfg.silhouette_threshold, "render_filters": cfg.render_filters,
                        "filter_max_scale": cfg.filter_max_scale,
                        "gt_masks": str(mask_root) if mask_root is not None else None} if protocol == PROTOCOL_3D else {})},
@@ -787,7 +794,8 @@ def lerf3d_markdown(result: Dict) -> str:
          f"{MIN_SELECTED_TO_RENDER} Gaussians, kNN outliers removed (K = sqrt(n), mean squared distance < mean + "
          f"std), >= {MIN_KEPT_TO_RENDER} kept." if p.get("render_filters") else
          "Render filters OFF (--no-render-filters): a diagnosis, not OpenGaussian's protocol."),
-        f"Selection: relevancy > {p['select_threshold']} (negatives {', '.join(p['negatives'])}), opacity > "
+        f"Selection: {p.get('selection_rule', 'relevancy > ' + str(p['select_threshold']))} (negatives "
+        f"{', '.join(p['negatives'])}), opacity > "
         f"{p['select_min_opacity']}; silhouette > {p['silhouette_threshold']}; text encoder {p['text_encoder']}.",
         "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol.",
     ]

@@ -257,19 +257,27 @@ def selection_table(scannet_results: List[Dict]) -> List[str]:
     if not rows:
         return []
     lines = ["## 3D selection by text query (per-Gaussian ground truth)", "",
-             "| Method | Scene | #classes | Threshold | Precision | Recall | IoU | Sweep: threshold P / R / IoU | Source |",
+             "| Method | Scene | #classes | Rule | Precision | Recall | IoU | Old rule, sweep: threshold P / R / IoU | Source |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("method", ""), str(r.get("classes")), r.get("scene", ""))):
         sel = r["selection_3d"]
         sweep = "; ".join(f"{t['threshold']:g}: {fmt(t['precision'])} / {fmt(t['recall'])} / {fmt(t['iou'])}"
                           for t in sel.get("sweep", []))
-        lines.append(f"| {r.get('method', '?')} | {r.get('scene', '?')} | {r.get('classes')} | {sel['threshold']:g} | "
+        lines.append(f"| {r.get('method', '?')} | {r.get('scene', '?')} | {r.get('classes')} | {_rule_cell(sel)} | "
                      f"{fmt(sel['precision'])} | {fmt(sel['recall'])} | {fmt(sel['iou'])} | {sweep} | {r['_file']} |")
     lines += ["", "In %, means over the classes present in the scene's per-Gaussian ground truth (eval-scannet's kNN "
-              "transfer): precision = share of the Gaussians a class's text query selects (relevancy > threshold, "
-              "the rule of `qsplat query`) that are that class; recall = share of the class's Gaussians selected. "
-              "Per class: scannet3d_*.md.", ""]
+              "transfer): precision = share of the Gaussians a class's text query selects that are that class; recall "
+              "= share of the class's Gaussians selected. Rule 'wins' (the default of `qsplat query`): the query beats "
+              "the run's other classes/prompts and the canonical negatives; the sweep is the old rule (relevancy > "
+              "threshold). Per class: scannet3d_*.md.", ""]
     return lines
+
+
+def _rule_cell(selection: Dict) -> str:
+    """'wins', or 'relevancy > t' for the absolute rule (results written before the rule existed included)."""
+    if selection.get("mode", "absolute") == "wins":
+        return "wins"
+    return f"relevancy > {selection['threshold']:g}"
 
 
 def _num(value) -> float:

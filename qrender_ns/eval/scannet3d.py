@@ -275,22 +275,24 @@ def _mean_of(per_class: Dict[str, Dict], key: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def selection_report(gt: np.ndarray, scores: Dict[str, np.ndarray], threshold: float,
-                     sweep: Sequence[float]) -> Dict:
-    """Precision / recall / IoU of the text selections `scores[name] > threshold` per class (classes in the order
-    of the label ids: scores' order) and their means over the classes present in `gt`, at `threshold` and at
-    every threshold of `sweep`. A class whose query selects nothing has no precision (left out of the mean
-    precision) and recall 0."""
-    def at(t: float) -> Dict:
-        per_class = {name: selection_metrics(gt, s > t, c + 1) for c, (name, s) in enumerate(scores.items())}
-        nothing = [n for n, v in per_class.items() if v["gt"] > 0 and v["selected"] == 0]
-        return {"threshold": float(t), "per_class": per_class, "precision": _mean_of(per_class, "precision"),
-                "recall": _mean_of(per_class, "recall"), "iou": _mean_of(per_class, "iou"),
-                "classes_selecting_nothing": nothing}
+def selection_at(gt: np.ndarray, selections: Dict[str, np.ndarray]) -> Dict:
+    """Per-class selection_metrics of `selections[name]` (bool [G]; class c + 1 = the c-th name) and their means
+    over the classes present in `gt`; a class selecting nothing has no precision (left out of the mean) and
+    recall 0."""
+    per_class = {name: selection_metrics(gt, chosen, c + 1) for c, (name, chosen) in enumerate(selections.items())}
+    nothing = [n for n, v in per_class.items() if v["gt"] > 0 and v["selected"] == 0]
+    return {"per_class": per_class, "precision": _mean_of(per_class, "precision"),
+            "recall": _mean_of(per_class, "recall"), "iou": _mean_of(per_class, "iou"),
+            "classes_selecting_nothing": nothing}
 
-    main = at(threshold)
-    return {"rule": "relevancy > threshold (as qsplat query and eval-lerf-ovs --protocol opengaussian-3d)",
-            **main, "sweep": [at(t) for t in sweep],
+
+def selection_report(gt: np.ndarray, selections: Dict[str, np.ndarray], rule: str, mode: str,
+                     threshold: Optional[float], relevancies: Dict[str, np.ndarray], sweep: Sequence[float]) -> Dict:
+    """Precision / recall / IoU of the rule's text selections (`selections`, per class in the order of the label
+    ids) and, beside them, of the old absolute rule `relevancies[name] > t` at every t of `sweep`."""
+    main = selection_at(gt, selections)
+    rows = [{"threshold": float(t), **selection_at(gt, {n: r > t for n, r in relevancies.items()})} for t in sweep]
+    return {"rule": rule, "mode": mode, "threshold": threshold, **main, "sweep": rows,
             "present_classes": [n for n, v in main["per_class"].items() if v["gt"] > 0]}
 
 
@@ -412,11 +414,15 @@ class EvalScannet:
     """Training views used for the diagnostic (0 = all)."""
     selection_metrics: bool = True
     """Also measure the 3D selection of each class by its text query (precision / recall / IoU of the Gaussians
-    whose relevancy exceeds --selection-threshold, against the per-Gaussian ground truth)."""
+    the --selection rule picks, against the per-Gaussian ground truth)."""
+    selection: Literal["wins", "absolute"] = "wins"
+    """The 3D selection rule (as qsplat query and the opengaussian-3d protocol): wins = the class's prompt beats
+    the run's other classes/prompts and the canonical negatives (no threshold); absolute = relevancy vs the
+    canonical negatives > --selection-threshold (the old rule)."""
     selection_threshold: float = 0.55
-    """Relevancy threshold of the 3D selection (the default of qsplat query and the opengaussian-3d protocol)."""
+    """--selection absolute: the relevancy a selected Gaussian exceeds."""
     selection_sweep: Tuple[float, ...] = DEFAULT_SELECTION_SWEEP
-    """Further thresholds reported beside it (the old sweep; a later selection rule is compared with these)."""
+    """Thresholds of the old absolute rule reported beside the chosen rule (the old sweep)."""
 
     def main(self) -> None:
         try:
@@ -428,7 +434,7 @@ class EvalScannet:
             summary["supervised_diagnostic_miou"] = result["supervised_diagnostic"]["miou"]
         if result["selection_3d"]:
             sel = result["selection_3d"]
-            summary["selection_3d"] = {k: sel[k] for k in ("threshold", "precision", "recall", "iou")}
+            summary["selection_3d"] = {k: sel[k] for k in ("mode", "threshold", "precision", "recall", "iou")}
         summary.update(json=result["json"], markdown=result["markdown"])
         print(json.dumps(summary, indent=2))
 
@@ -543,12 +549,17 @@ def _check_thresholds(threshold: float, sweep: Sequence[float]) -> None:
 
 def _selection_of_prompts(model, prompts: Sequence[str], names: Sequence[str], gt: np.ndarray,
                           cfg: "EvalScannet") -> Dict:
-    """selection_report of every class's prompt under the relevancy rule of qsplat query."""
-    from .lerf_ovs import gaussian_relevancy
+    """selection_report of every class's prompt under the rule of qsplat query (cfg.selection), with the old
+    absolute rule's sweep beside it."""
+    from ..selection import SelectionRule, gaussian_relevancy, select_by_rule
 
     _check_thresholds(cfg.selection_threshold, cfg.selection_sweep)
-    scores = {name: gaussian_relevancy(model, prompt).float().cpu().numpy() for name, prompt in zip(names, prompts)}
-    return selection_report(gt, scores, cfg.selection_threshold, cfg.selection_sweep)
+    rule = SelectionRule(cfg.selection, cfg.selection_threshold)
+    rule.check()
+    selections = {name: select_by_rule(model, prompt, rule).cpu().numpy() for name, prompt in zip(names, prompts)}
+    relevancies = {name: gaussian_relevancy(model, prompt).float().cpu().numpy() for name, prompt in zip(names, prompts)}
+    threshold = cfg.selection_threshold if cfg.selection == "absolute" else None
+    return selection_report(gt, selections, rule.describe(), cfg.selection, threshold, relevancies, cfg.selection_sweep)
 
 
 def scannet_metrics_of_features(scene_root: Path, means_world: np.ndarray, opacities, features, text_encoder,
@@ -628,7 +639,7 @@ def selection_markdown(selection: Optional[Dict]) -> List[str]:
     """The 3D selection section of scannet3d_*.md: per class at the threshold, then the sweep."""
     if not selection:
         return []
-    lines = ["", f"## 3D selection by text query ({selection['rule']}, threshold {selection['threshold']})", "",
+    lines = ["", f"## 3D selection by text query ({selection['rule']})", "",
              "| class | precision | recall | IoU | selected | GT Gaussians |", "|---|---|---|---|---|---|"]
     for name, v in selection["per_class"].items():
         if v["gt"] > 0:
@@ -636,6 +647,7 @@ def selection_markdown(selection: Optional[Dict]) -> List[str]:
                          f"{v['selected']} | {v['gt']} |")
     lines += [f"| mean ({len(selection['present_classes'])} classes) | {fmt(selection['precision'])} | "
               f"{fmt(selection['recall'])} | {fmt(selection['iou'])} | | |", "",
+              "The old absolute rule (relevancy vs the canonical negatives > threshold) beside it:", "",
               "| threshold | mean precision | mean recall | mean IoU | classes selecting nothing |", "|---|---|---|---|---|"]
     for row in selection["sweep"]:
         lines.append(f"| {row['threshold']} | {fmt(row['precision'])} | {fmt(row['recall'])} | {fmt(row['iou'])} | "

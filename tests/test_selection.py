@@ -1,0 +1,85 @@
+"""The 3D selection rule of a text query (qrender_ns.selection) on a hand-made feature table: no model, no
+training."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from qrender_ns.selection import SelectionRule, competitor_texts, select_by_rule, wins_mask
+
+WORDS = ["wall", "floor", "chair", "table", "object", "things", "armchair"]
+
+
+class OneHotEncoder:
+    """Each known word -> its own axis of R^8 (orthonormal), as a closed-vocabulary text encoder."""
+
+    name = "one-hot"
+    dim = 8
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), self.dim)
+        for i, text in enumerate(texts):
+            out[i, WORDS.index(text.strip().lower())] = 1.0
+        return out
+
+
+def _axis(*pairs):
+    v = torch.zeros(8)
+    for word, weight in pairs:
+        v[WORDS.index(word)] = weight
+    return v
+
+
+def _model(features, vocabulary=("wall", "floor", "chair", "table"), negatives=("object", "things")):
+    return SimpleNamespace(gaussian_features=torch.stack(features), text_encoder=OneHotEncoder(),
+                           class_names=list(vocabulary), config=SimpleNamespace(relevancy_negatives=tuple(negatives)))
+
+
+# Gaussians: 0, 1 chair; 2 a wall Gaussian leaning to chair (relevancy vs the negatives high, loses to wall);
+# 3 floor; 4 nearest to a canonical negative; 5 never supervised (zero feature); 6 table.
+TABLE = [_axis(("chair", 1.0)), _axis(("chair", 0.8), ("table", 0.3)), _axis(("wall", 0.7), ("chair", 0.5)),
+         _axis(("floor", 1.0), ("chair", 0.1)), _axis(("object", 0.9), ("chair", 0.4)), torch.zeros(8),
+         _axis(("table", 1.0), ("chair", 0.2))]
+
+
+def test_wins_picks_the_querys_gaussians_not_the_competitors():
+    model = _model(TABLE)
+    assert select_by_rule(model, "chair", SelectionRule()).tolist() == [True, True, False, False, False, False, False]
+    assert select_by_rule(model, " Table", SelectionRule()).tolist() == [False] * 6 + [True]
+    assert select_by_rule(model, "wall", SelectionRule()).tolist() == [False, False, True, False, False, False, False]
+    # the old absolute rule on the same table also takes the chair-leaning wall Gaussian (relevancy vs the
+    # negatives only): what the new rule fixes
+    old = select_by_rule(model, "chair", SelectionRule("absolute", 0.55)).tolist()
+    assert old[:3] == [True, True, True] and not old[5]
+    # a query outside the vocabulary competes with all of it: the chair Gaussians are the vocabulary's chair's
+    assert not select_by_rule(model, "armchair", SelectionRule()).any()
+
+
+def test_wins_ties_and_zero_features_select_nothing():
+    features = torch.stack([_axis(("chair", 0.5), ("wall", 0.5)), torch.zeros(8)])
+    query, competitors = OneHotEncoder().encode(["chair"])[0], OneHotEncoder().encode(["wall", "object"])
+    assert wins_mask(features, query, competitors).tolist() == [False, False]
+
+
+def test_competitors_are_the_vocabulary_and_negatives_without_the_query():
+    assert competitor_texts("Chair ", ["wall", "chair", "Wall"], ["object"]) == ["wall", "object"]
+    assert competitor_texts("sofa", [], ["object", "things"]) == ["object", "things"]
+
+
+def test_bad_input_is_one_sentence():
+    with pytest.raises(ValueError, match="nothing to win against") as err:
+        select_by_rule(_model(TABLE, vocabulary=(), negatives=()), "chair", SelectionRule())
+    assert str(err.value).count(". ") == 0 and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="nothing to win against"):  # the query is the whole vocabulary
+        select_by_rule(_model(TABLE, vocabulary=("chair",), negatives=()), "chair", SelectionRule())
+    with pytest.raises(ValueError, match="finite relevancy threshold"):
+        select_by_rule(_model(TABLE), "chair", SelectionRule("absolute", float("nan")))
+    with pytest.raises(ValueError, match="one of wins, absolute"):
+        select_by_rule(_model(TABLE), "chair", SelectionRule("maybe"))
+    with pytest.raises(ValueError, match="at least one competitor"):
+        wins_mask(torch.ones(2, 8), torch.ones(8), torch.zeros(0, 8))
+    # negatives alone still make a rule (a weak one: every Gaussian leaning to chair more than to a negative)
+    assert np.array_equal(select_by_rule(_model(TABLE, vocabulary=()), "chair", SelectionRule()).numpy(),
+                          [True, True, True, True, False, False, True])
