@@ -184,9 +184,12 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     assert len(vertices) == summary["num_selected"] > 0
     assert len(summary["relevancy_pngs"]) == 2 and all(Path(p).is_file() for p in summary["relevancy_pngs"])
     # the default rule (wins: chair beats the scene's other classes and the canonical negatives), recomputed here
-    model = trained["trainer"].pipeline.model
+    # on the saved checkpoint as qsplat query loads it (earlier tests train the in-process model further)
+    from qrender_ns.eval import load_pipeline
+
+    model = load_pipeline(trained["config_path"])[0].model
     was_training = model.training
-    model.eval()  # as the loaded checkpoint: never-supervised Gaussians read as zero features outside training
+    model.eval()  # never-supervised Gaussians read as zero features outside training
     with torch.no_grad():
         words = [w for w in dict.fromkeys([*model.class_names, *model.config.relevancy_negatives]) if w != "chair"]
         emb = torch.nn.functional.normalize(model.text_encoder.encode(["chair", *words]), dim=-1)
