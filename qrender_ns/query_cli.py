@@ -10,7 +10,7 @@ from typing import List, Literal, Optional
 import numpy as np
 import torch
 
-from .query import relevancy
+from .selection import gaussian_relevancy
 
 
 @dataclass
@@ -52,11 +52,6 @@ def _check_vocabulary(model, text: str) -> None:
     error = vocabulary_error(text, model.text_encoder, model.class_names)
     if error:
         raise SystemExit(error)
-
-
-def gaussian_relevancy(model, text: str) -> torch.Tensor:
-    embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(model.gaussian_features)
-    return relevancy(model.gaussian_features.detach(), embeddings[0], embeddings[1:])
 
 
 def _selection(model, cfg: "Query") -> torch.Tensor:

@@ -225,14 +225,6 @@ def accuracy_at(ious, threshold: float) -> float:
     return float((ious > threshold).mean()) if ious.size else float("nan")
 
 
-def gaussian_relevancy(model, text: str):
-    """[G] relevancy of every Gaussian's feature to `text` against the canonical negatives (the score of the old
-    absolute rule: qrender_ns.selection.gaussian_relevancy)."""
-    from ..selection import gaussian_relevancy as relevancy_of
-
-    return relevancy_of(model, text)
-
-
 def select_gaussians(model, text: str, rule=None, min_opacity: float = 0.0):
     """[G] bool: the 3D selection by a text query: the Gaussians `rule` (qrender_ns.selection.SelectionRule;
     default: "wins", the query beats the run's vocabulary and the canonical negatives) selects whose opacity
