@@ -44,7 +44,7 @@ def proxy_worker(seconds: float) -> None:
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
-    from qrender_ns.losses import paper_contrastive_loss
+    from qrender_ns.features.losses import paper_contrastive_loss
     from qrender_ns.render import rasterize_to_pixels
     from scenes import make_scene
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_rasterize import HEIGHT, TILE, WIDTH, make_scene  # noqa: E402
 from qrender_ns.render import rasterize_to_pixels  # noqa: E402
 from qrender_ns.render.binning import isect_offset_encode, isect_tiles  # noqa: E402
-from qrender_ns.render.rasterize import _project_torch, _quat_scale_to_covar  # noqa: E402
+from qrender_ns.render.projection import _project_torch, _quat_scale_to_covar  # noqa: E402
 
 
 def cuda_ms(fn, repeats):
@@ -186,7 +186,7 @@ def run(args):
                                         check=f"cuda vs triton K={k}", max_abs_diff=diff))
             del outputs
             if "triton" in args.backends and args.queries:  # query space: [H,W,Q] scores, F never written
-                from qrender_ns.render.triton_kernels import query_scores_triton
+                from qrender_ns.render.triton.launch import query_scores_triton
 
                 queries = torch.randn(args.queries, channels, device=device)
                 for k in [None] + list(args.quantiles):

@@ -42,15 +42,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qrender_ns.data.dataset import dataset_scenes  # noqa: E402
+from qrender_ns.workflows.make_dataset import dataset_scenes  # noqa: E402
 from qrender_ns.eval import to_world  # noqa: E402
 from qrender_ns.eval.scannet3d import scannet_metrics_of_features  # noqa: E402
 from qrender_ns.gsnet.augment import predict_with_tta, tta_transforms  # noqa: E402
-from qrender_ns.gsnet.backproject import backproject_scene  # noqa: E402
-from qrender_ns.gsnet.finetune import fit_feature_table, finetune_gsnet  # noqa: E402
+from qrender_ns.workflows.backproject import backproject_scene  # noqa: E402
+from qrender_ns.workflows.gsnet_finetune import fit_feature_table, finetune_gsnet  # noqa: E402
 from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig  # noqa: E402
-from qrender_ns.gsnet.scenes import load_scene  # noqa: E402
-from qrender_ns.gsnet.train import TrainGSNet, ema_path_of, train_gsnet  # noqa: E402
+from qrender_ns.workflows.gsnet_scenes import load_scene  # noqa: E402
+from qrender_ns.workflows.train_gsnet import TrainGSNet, ema_path_of, train_gsnet  # noqa: E402
 from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qrender_ns.render import _backend, rasterize_to_pixels  # noqa: E402
 from qrender_ns.render.binning import isect_offset_encode, isect_tiles  # noqa: E402
-from qrender_ns.render.rasterize import project_gaussians  # noqa: E402
+from qrender_ns.render.projection import project_gaussians  # noqa: E402
 
 WIDTH, HEIGHT, TILE = 640, 480, 16
 

@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rasterize import HEIGHT, TILE, WIDTH, make_scene  # noqa: E402
-from qrender_ns.losses import paper_contrastive_loss, sample_mask_pixels  # noqa: E402
+from qrender_ns.features.losses import paper_contrastive_loss, sample_mask_pixels  # noqa: E402
 from qrender_ns.render import _backend, rasterize_query_scores, rasterize_to_pixels, release_cpu_maps  # noqa: E402
 from qrender_ns.render.binning import isect_offset_encode, isect_tiles  # noqa: E402
-from qrender_ns.render.rasterize import project_gaussians  # noqa: E402
+from qrender_ns.render.projection import project_gaussians  # noqa: E402
 from qrender_ns.render.reference import query_scores  # noqa: E402
 
 CHANNELS = 512

@@ -1,4 +1,4 @@
-"""Print a markdown table of a rasterize_<device>.json (for the README)."""
+"""Print a markdown table of a rasterize_<device>.json (for docs/results.md)."""
 
 import json
 import sys

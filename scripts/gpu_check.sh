@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# q-splat's GPU checks in one run, for a bare, offline GPU machine (README, "GPU backends"):
+# q-splat's GPU checks in one run, for a bare, offline GPU machine (docs/api.md, "GPU backends"; docs/development.md):
 #
 #   bash scripts/gpu_check.sh OUT_DIR
 #
@@ -16,7 +16,7 @@
 #             K = 8 / 10, forward and forward+backward, 640x480, 1e5 and 1e6 Gaussians, peak GPU memory.
 #   (c) ns_train, ns_eval, query: `ns-train q-splat` on CUDA for 200 steps on a generated scene, then ns-eval
 #             (loads the checkpoint) and `qsplat query`; only where nerfstudio and tyro import (their wheels
-#             and dependencies are ~140 MB, over what travels with the tree: see the README).
+#             and dependencies are ~140 MB, over what travels with the tree: see docs/development.md).
 # Always writes OUT_DIR/gpu_check.json (every step's exit code, seconds, note; what the probe found), also
 # when a step fails or the run stops early; logs in OUT_DIR/logs, benchmark JSON in OUT_DIR.
 set -uo pipefail

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qrender_ns.render import binning, rasterize
+from qrender_ns.render import binning, projection, rasterize
 
 _NAN = float("nan")
 
@@ -39,7 +39,7 @@ def fully_fused_projection(means, covars, quats, scales, viewmats, Ks, width, he
     """(radii, means2d, depths, conics, compensations) [C, N, ...]. Culled rows: NaN where the CUDA op allocates
     with torch::empty (means2d, depths, conics), 0 where it allocates with torch::zeros (compensations)."""
     assert not packed and camera_model == "pinhole" and covars is None and radius_clip == 0.0
-    radii, means2d, depths, conics, compensations = rasterize.project_gaussians_torch(
+    radii, means2d, depths, conics, compensations = projection.project_gaussians_torch(
         means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane, eps2d, calc_compensations)
     means2d, depths, conics = nan_fill_culled(radii, means2d, depths, conics)
     if compensations is not None:

@@ -96,9 +96,9 @@ def scene(tmp_path_factory):
 
 
 def test_scene_backprojection_beats_chance_and_zeroes_unreached(scene):
-    from qrender_ns.gsnet.backproject import backproject_scene
-    from qrender_ns.gsnet.scenes import load_scene
-    from qrender_ns.gsnet.train import evaluate_features
+    from qrender_ns.workflows.backproject import backproject_scene
+    from qrender_ns.workflows.gsnet_scenes import load_scene
+    from qrender_ns.workflows.train_gsnet import evaluate_features
 
     loaded = load_scene(scene)
     g = loaded.gaussians
@@ -125,10 +125,10 @@ def test_scene_backprojection_beats_chance_and_zeroes_unreached(scene):
 def test_cli_writes_features_and_reports(scene, tmp_path, capsys):
     import tyro
 
-    from qrender_ns.cli import Commands
+    from qrender_ns.cli import commands
 
     out = tmp_path / "bp"
-    tyro.cli(Commands, args=["backproject", "--scenes", str(scene), "--out", str(out), "--render-scale", "0.5",
+    tyro.cli(commands(), args=["backproject", "--scenes", str(scene), "--out", str(out), "--render-scale", "0.5",
                              "--no-progress"]).main()
     printed = capsys.readouterr().out
     assert "back-projection room" in printed and "3d mIoU" in printed
@@ -143,7 +143,7 @@ def test_cli_writes_features_and_reports(scene, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(scene, bare, ignore=shutil.ignore_patterns("qsplat_teacher"))
     with pytest.raises(SystemExit, match="no teacher cache .*extract-features"):
-        tyro.cli(Commands, args=["backproject", "--scenes", str(bare), "--out", str(out), "--no-progress"]).main()
+        tyro.cli(commands(), args=["backproject", "--scenes", str(bare), "--out", str(out), "--no-progress"]).main()
 
 
 # ------------------------------------------------------------------------------------------- q-splat
@@ -151,7 +151,7 @@ def test_qsplat_backproject_head(scene, tmp_path):
     from test_method import make_config, train
 
     from nerfstudio.utils.eval_utils import eval_setup
-    from qrender_ns.gsnet.predict import _eval_miou
+    from qrender_ns.workflows.predict_features import _eval_miou
 
     steps = 45
     config = make_config(scene, tmp_path / "runs", steps=steps, feature_head="backproject")
@@ -186,7 +186,7 @@ def test_qsplat_backproject_head(scene, tmp_path):
     print("feature_head backproject: eval-scannet 3D mIoU", result["miou"])
     assert result["miou"] > 0.2
 
-    from qrender_ns.gsnet.backproject import Backproject, run_backproject
+    from qrender_ns.workflows.backproject import Backproject, run_backproject
 
     # `qsplat backproject` on the run (Gaussians from its checkpoint, its dataparser's cameras): the same features
     summary = run_backproject(Backproject(scenes=(config.get_base_dir() / "config.yml",), out=tmp_path / "bp",

@@ -1,4 +1,4 @@
-"""The supported version range (qrender_ns/compat.py): one sentence outside it, the Triton fallback."""
+"""The supported version range (qrender_ns/utils/compat.py): one sentence outside it, the Triton fallback."""
 
 import subprocess
 import sys
@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from qrender_ns import compat
+from qrender_ns.utils import compat
 from qrender_ns.render import kernels
-from qrender_ns.render import rasterize as rz
+from qrender_ns.render import validate as rz
 
 
 def test_version_tuple_reads_release_local_and_dev_versions():
@@ -43,12 +43,12 @@ def test_auto_takes_the_hand_cuda_kernel_on_an_old_triton(monkeypatch):
     old_triton = lambda: "the Triton kernels need triton >= 3.4.0, ... has 2.1.0"  # noqa: E731
     monkeypatch.setattr(rz, "triton_problem", old_triton)
     monkeypatch.setattr(kernels, "triton_problem", old_triton)
-    monkeypatch.setattr(rz._backend, "cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setattr(kernels._backend, "cuda_home", lambda: "/usr/local/cuda")
     assert rz._resolve_backend("auto", torch.device("cuda")) == "cuda"
     assert rz._resolve_backend("auto", torch.device("cpu")) == "cpu"
     with pytest.raises(RuntimeError, match=r"backend='triton': the Triton kernels need triton >= 3\.4\.0"):
         rz._resolve_backend("triton", torch.device("cuda"))
-    monkeypatch.setattr(rz._backend, "cuda_home", lambda: None)
+    monkeypatch.setattr(kernels._backend, "cuda_home", lambda: None)
     with pytest.raises(RuntimeError, match="needs the CUDA toolkit"):
         rz._resolve_backend("auto", torch.device("cuda"))
 

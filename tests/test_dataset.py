@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qrender_ns.data import dataset as ds
+from qrender_ns.workflows import make_dataset as ds
 from qrender_ns.data import scene_generator as sg
 
 import fingerprints
@@ -287,8 +287,8 @@ def test_fit_kinds_set_the_depth_loss_option(monkeypatch):
 # ------------------------------------------------------------------------------------------- GS-Net on it
 def test_train_gsnet_reads_the_dataset(dataset, tmp_path, capsys):
     from qrender_ns.gsnet.gsnet import GSNetConfig
-    from qrender_ns.gsnet.scenes import load_scene
-    from qrender_ns.gsnet.train import TrainGSNet, train_gsnet
+    from qrender_ns.workflows.gsnet_scenes import load_scene
+    from qrender_ns.workflows.train_gsnet import TrainGSNet, train_gsnet
 
     out, _ = dataset
     assert ds.dataset_scenes(out, "train") == [out / "scene_000/fit-plain/q-splat/plain/config.yml",

@@ -13,7 +13,7 @@ import torch
 
 from nerfstudio.data.scene_box import SceneBox
 
-from qrender_ns.model import QSplatModelConfig
+from qrender_ns.method.model import QSplatModelConfig
 
 NUM_GAUSSIANS = 120
 
@@ -84,7 +84,7 @@ def test_our_code_names_the_device_of_every_tensor_it_makes(tiny_run):
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
     from qrender_ns.eval import lerf_ovs, scannet3d
-    from qrender_ns.query_cli import gaussian_relevancy
+    from qrender_ns.workflows.query import gaussian_relevancy
 
     trainer = tiny_run
     model = trainer.pipeline.model

@@ -482,7 +482,7 @@ def test_eval_scannet_selection_3d(run, tmp_path):
     """3D precision / recall of the text selections: the default rule (wins, as `qsplat query`) recomputed by hand,
     the old absolute rule's sweep beside it, and --selection absolute still available."""
     from qrender_ns.eval import dataparser_frame, to_world
-    from qrender_ns.query_cli import gaussian_relevancy
+    from qrender_ns.workflows.query import gaussian_relevancy
 
     start = time.perf_counter()
     cfg = EvalScannet(load_config=run["config_path"], classes="scene", output=tmp_path, timing=False,

@@ -47,7 +47,7 @@ def test_a_training_waits_for_another_writer_of_its_teacher_cache(tmp_path, caps
     import threading
     from types import SimpleNamespace
 
-    from qrender_ns.data.datamanager import QSplatDataManager
+    from qrender_ns.method.datamanager import QSplatDataManager
 
     root = tmp_path / "cache"
     first = TeacherCache.create(root, INFO, feature_dim=DIM)
@@ -217,7 +217,7 @@ def _langsplat_relevancy(embed, pos, negs):
 
 
 def test_relevancy_matches_langsplat_including_zero_features():
-    from qrender_ns.query import relevancy
+    from qrender_ns.features.relevancy import relevancy
 
     gen = torch.Generator().manual_seed(0)
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
@@ -253,7 +253,7 @@ def test_eval_skips_a_truncated_latest_checkpoint_naming_it(tmp_path, capfd):
 
     from nerfstudio.utils import eval_utils
 
-    from qrender_ns import checkpoint
+    from qrender_ns.method import checkpoint
 
     ckpt_dir = tmp_path / "run" / "nerfstudio_models"
     _good_and_truncated(ckpt_dir)
@@ -275,7 +275,7 @@ def test_eval_skips_a_truncated_latest_checkpoint_naming_it(tmp_path, capfd):
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from qrender_ns.method import QSplatTrainer
+    from qrender_ns.method.trainer import QSplatTrainer
 
     ckpt_dir = tmp_path / "run" / "nerfstudio_models"
     fake = SimpleNamespace(checkpoint_dir=ckpt_dir, pipeline=torch.nn.Linear(2, 2),
@@ -303,7 +303,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capfd):
-    from qrender_ns import checkpoint
+    from qrender_ns.method import checkpoint
 
     ckpt_dir = tmp_path / "run" / "nerfstudio_models"
     _good_and_truncated(ckpt_dir)
@@ -316,7 +316,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capfd):
 
 # ---------------------------------------------------------------------------------------- 9: run configs
 def test_load_config_sentences(tmp_path):
-    from qrender_ns.checkpoint import check_run_config, check_output_path, ns_eval_output_path
+    from qrender_ns.method.checkpoint import check_run_config, check_output_path, ns_eval_output_path
 
     with pytest.raises(SystemExit, match="does not exist"):
         check_run_config(tmp_path / "missing.yml")
@@ -350,7 +350,7 @@ def test_load_config_sentences(tmp_path):
 def test_nerfstudio_commands_get_a_sentence_for_a_missing_or_broken_load_config(tmp_path):
     """ns-eval / ns-viewer / ns-render / ns-export read --load-config before any q-splat code of the run: the
     plugin, imported while nerfstudio discovers methods, checks the file first (any method's run)."""
-    from qrender_ns.checkpoint import check_ns_command_line, ns_load_config
+    from qrender_ns.method.checkpoint import check_ns_command_line, ns_load_config
 
     assert ns_load_config(["/v/bin/ns-eval", "--load-config", "a.yml"]) == ("ns-eval", Path("a.yml"))
     assert ns_load_config(["/v/bin/ns-render", "camera-path", "--load-config=b.yml"]) == ("ns-render", Path("b.yml"))
@@ -395,7 +395,7 @@ def test_eval_outputs_and_run_folder_write_errors_are_sentences(tmp_path, monkey
     import errno
 
     from qrender_ns.eval import write_json
-    from qrender_ns.fsio import check_writable_dir
+    from qrender_ns.utils.fsio import check_writable_dir
 
     out = tmp_path / "ro"
     out.mkdir()
@@ -417,7 +417,7 @@ def test_full_disk_during_checkpoint_save_is_a_sentence(tmp_path, monkeypatch):
     import errno
     from types import SimpleNamespace
 
-    from qrender_ns.method import QSplatTrainer
+    from qrender_ns.method.trainer import QSplatTrainer
 
     ckpt_dir = tmp_path / "run" / "nerfstudio_models"
     fake = SimpleNamespace(checkpoint_dir=ckpt_dir, pipeline=torch.nn.Linear(2, 2),

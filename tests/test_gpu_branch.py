@@ -31,7 +31,7 @@ STEPS = 10  # splatfacto pauses refinement for num_train_data + refine_every ste
 @pytest.fixture(scope="module")
 def gpu_kernels_on_cpu():
     """gsplat's CUDA ops -> stand-ins, and the device's kernel choice -> the CUDA one; counts the calls."""
-    import qrender_ns.render.triton_kernels as triton_kernels
+    import qrender_ns.render.triton.launch as triton_launch
 
     patch = pytest.MonkeyPatch()
     calls = {"rasterization": 0, "triton": 0, "cpu_kernel_rgb": 0}
@@ -48,9 +48,9 @@ def gpu_kernels_on_cpu():
         patch.setattr(module, name, spy)
 
     counted(gsplat.rendering, "rasterization", "rasterization")
-    counted(triton_kernels, "rasterize_pixels_triton", "triton")
-    counted(triton_kernels, "rasterize_to_pixels_triton", "triton")
-    from qrender_ns.model import QSplatModel
+    counted(triton_launch, "rasterize_pixels_triton", "triton")
+    counted(triton_launch, "rasterize_to_pixels_triton", "triton")
+    from qrender_ns.method.model import QSplatModel
 
     counted(QSplatModel, "_rasterize_rgb_cpu", "cpu_kernel_rgb")
     from gsplat.strategy import DefaultStrategy
@@ -93,7 +93,7 @@ def test_training_steps_with_densification(run):
 def test_resume_eval_query_and_viewer(run, tmp_path):
     from nerfstudio.scripts.eval import ComputePSNR
 
-    from qrender_ns.query_cli import Query, run_query
+    from qrender_ns.workflows.query import Query, run_query
 
     config = run["config"]
     config.load_dir = config.get_checkpoint_dir()

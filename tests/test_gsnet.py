@@ -274,7 +274,7 @@ def scenes(tmp_path_factory):
 
 
 def _train_config(scenes, out, steps, **kwargs):
-    from qrender_ns.gsnet.train import TrainGSNet
+    from qrender_ns.workflows.train_gsnet import TrainGSNet
 
     defaults = dict(scenes=tuple(scenes), out=out, gsnet=GSNetConfig(**TINY), steps=steps, scenes_per_step=2,
                     views_per_scene=2, lr=1e-2, progress=False, save_every=1000)
@@ -283,7 +283,7 @@ def _train_config(scenes, out, steps, **kwargs):
 
 @pytest.fixture(scope="module")
 def trained_gsnet(scenes, tmp_path_factory):
-    from qrender_ns.gsnet.train import train_gsnet
+    from qrender_ns.workflows.train_gsnet import train_gsnet
 
     out = tmp_path_factory.mktemp("gsnet_ckpt") / "gsnet.ckpt"
     summary = train_gsnet(_train_config(scenes[:2], out, steps=24))
@@ -291,8 +291,8 @@ def trained_gsnet(scenes, tmp_path_factory):
 
 
 def test_training_on_two_scenes_generalizes_to_a_third(scenes, trained_gsnet):
-    from qrender_ns.gsnet.scenes import load_scene
-    from qrender_ns.gsnet.train import evaluate_net
+    from qrender_ns.workflows.gsnet_scenes import load_scene
+    from qrender_ns.workflows.train_gsnet import evaluate_net
 
     ckpt, summary = trained_gsnet
     assert summary["steps"] == 24 and Path(ckpt).is_file()
@@ -309,7 +309,7 @@ def test_training_on_two_scenes_generalizes_to_a_third(scenes, trained_gsnet):
 def test_training_resumes(scenes, trained_gsnet, tmp_path):
     import shutil
 
-    from qrender_ns.gsnet.train import train_gsnet
+    from qrender_ns.workflows.train_gsnet import train_gsnet
 
     ckpt = tmp_path / "gsnet.ckpt"
     shutil.copy(trained_gsnet[0], ckpt)
@@ -322,7 +322,7 @@ def test_training_resumes(scenes, trained_gsnet, tmp_path):
 
 
 def test_weight_average_follows_the_formula_and_copies_integer_buffers(tmp_path):
-    from qrender_ns.gsnet.train import _WeightAverage
+    from qrender_ns.workflows.train_gsnet import _WeightAverage
 
     torch.manual_seed(0)
     net = GSNet(GSNetConfig(**TINY))
@@ -346,7 +346,7 @@ def test_weight_average_follows_the_formula_and_copies_integer_buffers(tmp_path)
 
 
 def test_training_with_a_weight_average_saves_and_resumes_it(scenes, tmp_path, capsys):
-    from qrender_ns.gsnet.train import ema_path_of, train_gsnet
+    from qrender_ns.workflows.train_gsnet import ema_path_of, train_gsnet
 
     out = tmp_path / "gsnet.ckpt"
     summary = train_gsnet(_train_config(scenes[:2], out, steps=3, ema_decay=0.9, tensorboard=False))
@@ -372,7 +372,7 @@ def test_ddp_two_processes_gloo(scenes, tmp_path):
     out = tmp_path / "ddp.ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "qrender_ns.gsnet.train", "--scenes", str(scenes[0]), str(scenes[1]), "--out", str(out),
+               "-m", "qrender_ns.workflows.train_gsnet", "--scenes", str(scenes[0]), str(scenes[1]), "--out", str(out),
                "--steps", "2", "--scenes-per-step", "1", "--views-per-scene", "1", "--no-progress",
                "--gsnet.backend", "torch", "--gsnet.stem-channels", "4", "--gsnet.enc-channels", "4", "8",
                "--gsnet.dec-channels", "8", "4", "--gsnet.gaussian-mlp-channels", "4", "--gsnet.head-channels", "16"]
@@ -387,7 +387,7 @@ def test_ddp_two_processes_gloo(scenes, tmp_path):
 def test_qsplat_gsnet_head_trains_and_predict_features(scenes, trained_gsnet, tmp_path):
     from test_method import make_config, train
 
-    from qrender_ns.gsnet.predict import PredictFeatures, run_predict
+    from qrender_ns.workflows.predict_features import PredictFeatures, run_predict
 
     ckpt = trained_gsnet[0]
     config = make_config(scenes[2], tmp_path / "runs", steps=8, feature_head="gsnet", gsnet_checkpoint=ckpt)
@@ -402,7 +402,7 @@ def test_qsplat_gsnet_head_trains_and_predict_features(scenes, trained_gsnet, tm
 
     table = make_config(scenes[2], tmp_path / "runs_table", steps=4)
     table_trainer, _ = train(table, 4)
-    from qrender_ns.gsnet.scenes import load_scene
+    from qrender_ns.workflows.gsnet_scenes import load_scene
 
     run_scene = load_scene(table.get_base_dir() / "config.yml")  # a run as a train-gsnet scene
     assert run_scene.gaussians.num == table_trainer.pipeline.model.num_points
@@ -435,10 +435,10 @@ def test_feature_table_and_finetune_on_one_scene(scenes, trained_gsnet):
     loss learns the scene (3D mIoU well above its random start), and a fine-tune leaves the given net untouched."""
     import torch
 
-    from qrender_ns.gsnet.finetune import FeatureTable, finetune_gsnet, fit_feature_table
+    from qrender_ns.workflows.gsnet_finetune import FeatureTable, finetune_gsnet, fit_feature_table
     from qrender_ns.gsnet.gsnet import GSNet
-    from qrender_ns.gsnet.scenes import load_scene
-    from qrender_ns.gsnet.train import TrainGSNet, evaluate_features
+    from qrender_ns.workflows.gsnet_scenes import load_scene
+    from qrender_ns.workflows.train_gsnet import TrainGSNet, evaluate_features
 
     scene = load_scene(scenes[2])
     cfg = TrainGSNet(scenes=(scenes[2],), views_per_scene=2, pixels_per_mask=64)

@@ -70,7 +70,7 @@ def test_training_renders_the_untouched_scene_while_the_net_sees_the_augmented_o
     """scene_loss hands the augmented inputs to the net and renders with the original Gaussians."""
     from types import SimpleNamespace
 
-    from qrender_ns.gsnet import train as train_mod
+    from qrender_ns.workflows import train_gsnet as train_mod
 
     inputs = _gaussians(8)
     seen = {}

@@ -131,7 +131,7 @@ def test_dataparser_subcommands_after_q_splat():
     import tyro
     from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 
-    from qrender_ns.method import qsplat_trainer_config
+    from qrender_ns.method.config import qsplat_trainer_config
 
     default = qsplat_trainer_config()
     config = tyro.cli(type(default), default=default, args=["qsplat-data", "--downscale-factor", "4"])

@@ -20,7 +20,7 @@ EVAL_KEYS = {"psnr", "ssim", "feature_miou", "feature_ms_dense", "feature_ms_qua
 
 
 def make_config(data: Path, out: Path, steps: int, **model):
-    from qrender_ns.method import qsplat_trainer_config
+    from qrender_ns.method.config import qsplat_trainer_config
 
     config = qsplat_trainer_config()
     config.machine.device_type = "cpu"
@@ -131,7 +131,7 @@ def _truncated_newer_checkpoint(config) -> Path:
 
 def test_training_step_renders_only_sampled_feature_pixels(trained, monkeypatch):
     """The feature loss renders its sampled pixels: no [H, W, 512] map exists in a training step."""
-    import qrender_ns.model as model_module
+    import qrender_ns.method.model as model_module
 
     renders = []
     real = model_module.rasterize_to_pixels
@@ -209,7 +209,7 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     assert old_summary["selection"] == "absolute" and old_summary["threshold"] == 0.55
     assert min(PlyData.read(str(tmp_path / "old.ply"))["vertex"]["relevancy"]) > 0.55
     assert old_summary["num_selected"] != summary["num_selected"]
-    from qrender_ns.query_cli import Query, _selection
+    from qrender_ns.workflows.query import Query, _selection
 
     with pytest.raises(SystemExit, match="^qsplat query: the absolute selection needs a finite relevancy threshold"):
         _selection(model, Query(load_config=trained["config_path"], text="chair", selection="absolute",

@@ -176,7 +176,7 @@ def test_projection_matches_gsplat_and_culls_the_camera_plane_without_nans():
     inf means2d, NaN conics, NaN gradients — which made CPU training fail ~1 run in 4)."""
     from gsplat.cuda._torch_impl import _fully_fused_projection
 
-    from qrender_ns.render.rasterize import _quat_scale_to_covar, project_gaussians
+    from qrender_ns.render.projection import _quat_scale_to_covar, project_gaussians
 
     torch.manual_seed(0)
     n = 200
@@ -205,7 +205,7 @@ def test_projection_matches_gsplat_and_culls_the_camera_plane_without_nans():
 def test_viewmat_from_c2w_matches_splatfacto():
     from nerfstudio.models.splatfacto import get_viewmat
 
-    from qrender_ns.render.rasterize import viewmat_from_c2w
+    from qrender_ns.render.projection import viewmat_from_c2w
 
     q = torch.nn.functional.normalize(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
     w, x, y, z = q.unbind(-1)

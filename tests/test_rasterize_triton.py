@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from qrender_ns.render import rasterize_features, rasterize_to_pixels  # noqa: E402
-from qrender_ns.render.rasterize import _resolve_backend  # noqa: E402
+from qrender_ns.render.validate import _resolve_backend  # noqa: E402
 from gradchecks import gradcheck  # noqa: E402
 from scenes import make_scene  # noqa: E402
 
@@ -125,7 +125,7 @@ def test_absgrad_equals_cpu_kernel(num_quantiles):
 def test_sampled_pixels_are_rows_of_the_full_render(num_quantiles):
     """pixel_ids variant (the training loss's sampled pixels): values and gradients equal the
     reference's full render gathered at those pixels, with repeats and any order."""
-    from qrender_ns.render.triton_kernels import rasterize_pixels_triton
+    from qrender_ns.render.triton.launch import rasterize_pixels_triton
 
     scene = _small_scene(6, seed=13, tile_size=4)  # several chunks per tile at 4x4 = 16 lanes
     total = 2 * scene.height * scene.width
@@ -157,7 +157,7 @@ def test_sampled_pixels_are_rows_of_the_full_render(num_quantiles):
 def test_query_scores_equal_cosine_of_the_reference_render(num_quantiles, sampled):
     """Query space: [V,H,W,Q] (or [P,Q]) cosines against Q queries, F never written; C = 40 spans
     two 32-channel blocks on the GPU."""
-    from qrender_ns.render.triton_kernels import query_scores_triton
+    from qrender_ns.render.triton.launch import query_scores_triton
 
     scene = _small_scene(40, seed=17)
     bg = torch.rand(2, 40, device=DEVICE)
@@ -183,7 +183,7 @@ def test_early_exit_of_the_compiled_walk(monkeypatch, num_quantiles):
     finish early."""
     import triton.language as tl
 
-    from qrender_ns.render import triton_kernels
+    from qrender_ns.render.triton import kernels as triton_kernels
 
     monkeypatch.setattr(triton_kernels, "EARLY_EXIT", tl.constexpr(True))
     scene = _small_scene(3, seed=23, num_gs=40, opacity_range=(0.7, 1.0), scale_range=(3.0, 6.0))
@@ -193,7 +193,7 @@ def test_early_exit_of_the_compiled_walk(monkeypatch, num_quantiles):
 
 
 def test_sampled_pixels_reject_bad_ids():
-    from qrender_ns.render.triton_kernels import rasterize_pixels_triton
+    from qrender_ns.render.triton.launch import rasterize_pixels_triton
 
     scene = _small_scene(2, seed=1)
     for bad in (torch.tensor([2 * 13 * 19]), torch.tensor([-1]), torch.tensor([[0]])):

@@ -82,7 +82,7 @@ def castle_run(tmp_path_factory):
 def mean_colour_psnr(scene: Path) -> float:
     """PSNR of the held-out views predicted as the mean training colour (what a model that learnt nothing
     about the scene's layout scores): the bar a trained model must clear."""
-    from qrender_ns.data.datamanager import QSplatDataManagerConfig
+    from qrender_ns.method.datamanager import QSplatDataManagerConfig
     from qrender_ns.data.dataparser import QSplatDataParserConfig
 
     dm = QSplatDataManagerConfig(dataparser=QSplatDataParserConfig(data=scene, downscale_factor=DOWNSCALE),
@@ -109,7 +109,7 @@ def test_one_command_trains_a_real_capture_and_fills_its_teacher_cache(castle_ru
     assert "grounded-sam2-clip teacher: 9 images computed" in castle_run["train_stdout"].replace("\n", " ")
 
     # Training again finds the cache current: nothing is recomputed (the same code fills it, resumably).
-    from qrender_ns.data.datamanager import QSplatDataManagerConfig
+    from qrender_ns.method.datamanager import QSplatDataManagerConfig
     from qrender_ns.data.dataparser import QSplatDataParserConfig
 
     files = sorted(p.name for p in cache.root.glob("*.npz"))

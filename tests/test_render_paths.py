@@ -9,7 +9,7 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
 
 import gsplat_standins
-from qrender_ns.model import QSplatModelConfig
+from qrender_ns.method.model import QSplatModelConfig
 from qrender_ns.render import kernels
 
 

@@ -1,4 +1,4 @@
-"""The 3D selection rule of a text query (qrender_ns.selection) on a hand-made feature table: no model, no
+"""The 3D selection rule of a text query (qrender_ns.features.selection) on a hand-made feature table: no model, no
 training."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qrender_ns.selection import SelectionRule, competitor_texts, select_by_rule, wins_mask
+from qrender_ns.features.selection import SelectionRule, competitor_texts, select_by_rule, wins_mask
 
 WORDS = ["wall", "floor", "chair", "table", "object", "things", "armchair"]
 

@@ -18,8 +18,8 @@ from PIL import Image
 from qrender_ns.data import scene_generator as sg
 from qrender_ns.teachers.cache import (CorruptCacheError, TeacherCache, TeacherCacheError, default_cache_root,
                                        image_key, image_sha256)
-from qrender_ns.teachers.extract import ExtractFeatures
-from qrender_ns.teachers.setup import served_image_sha256
+from qrender_ns.workflows.extract_features import ExtractFeatures
+from qrender_ns.teachers.filling import served_image_sha256
 from qrender_ns.teachers.synthetic import SyntheticTeacher, SyntheticTextEncoder, class_embedding
 from qrender_ns.teachers.text import load_text_encoder
 
@@ -344,7 +344,8 @@ def test_miss_rate_drops_masks_per_view(tmp_path):
 
 
 def test_teacher_noise_is_recorded_and_checked(tmp_path):
-    from qrender_ns.teachers.setup import SYNTHETIC, TeacherSettings, TeacherSetupError, build_teacher, resolve_teacher
+    from qrender_ns.teachers.settings import SYNTHETIC, TeacherSettings, TeacherSetupError, resolve_teacher
+    from qrender_ns.teachers.setup import build_teacher
 
     info = _scene(tmp_path)
     assert not {"label_noise", "miss_rate"} & set(SyntheticTeacher(info.root).teacher_info)  # old caches stay valid
@@ -399,7 +400,8 @@ def test_extract_features_command(tmp_path, capsys):
 def test_cache_of_another_teacher_setting_or_other_images_is_kept(tmp_path):
     from types import SimpleNamespace
 
-    from qrender_ns.teachers.setup import TeacherSetupError, open_cache_for
+    from qrender_ns.teachers.filling import open_cache_for
+    from qrender_ns.teachers.settings import TeacherSetupError
 
     root = tmp_path / "scene" / "qsplat_teacher" / "grounded-sam2-clip"
     old = SimpleNamespace(name="grounded-sam2-clip", cache_root=root, dim=4, class_names=["chair"],

@@ -26,7 +26,7 @@ from qrender_ns.data import scene_generator as sg  # noqa: E402
 from qrender_ns.teachers import clip as qclip  # noqa: E402
 from qrender_ns.teachers import masks as qmasks  # noqa: E402
 from qrender_ns.teachers.cache import TeacherCache  # noqa: E402
-from qrender_ns.teachers.extract import ExtractFeatures  # noqa: E402
+from qrender_ns.workflows.extract_features import ExtractFeatures  # noqa: E402
 from qrender_ns.teachers.text import load_text_encoder  # noqa: E402
 
 from qrender_ns.teachers import tiny as qtiny  # noqa: E402
@@ -215,7 +215,9 @@ def test_clean_boxes_clips_dedups_and_caps():
 def test_prompts_parsing_and_chunking(tmp_path, detector):
     path = tmp_path / "prompts.txt"
     path.write_text("# ScanNet classes\nchair\ntable, sofa\n\nchair  # again\n")
-    assert qmasks.parse_prompts("lamp, chair", path) == ["lamp", "chair", "table", "sofa"]
+    from qrender_ns.teachers.settings import parse_prompts
+
+    assert parse_prompts("lamp, chair", path) == ["lamp", "chair", "table", "sofa"]
     with pytest.raises(ValueError, match="at least one prompt"):
         qmasks.GroundedSam2ClipConfig(prompts=(" ",))
     gd = qmasks.GroundingDinoDetector(detector, torch.device("cpu"))

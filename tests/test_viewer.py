@@ -10,7 +10,7 @@ import torch
 
 from qrender_ns.teachers.synthetic import SyntheticTextEncoder
 from qrender_ns.teachers.text import normalize_text, vocabulary_error
-from qrender_ns.viewer import HINT, QueryPanel, viser_pose_of_camera
+from qrender_ns.method.viewer import HINT, QueryPanel, viser_pose_of_camera
 
 CLASSES = ["wall", "floor", "chair", "table"]
 
@@ -122,7 +122,7 @@ def test_supervised_flags_follow_densification():
     Gaussians: check that assumption on gsplat's own ops."""
     from gsplat.strategy.ops import duplicate, remove, split
 
-    from qrender_ns.model import FEATURE_PARAM, SUPERVISED_STATE
+    from qrender_ns.method.model import FEATURE_PARAM, SUPERVISED_STATE
 
     n = 6
     params = torch.nn.ParameterDict({

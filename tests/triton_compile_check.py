@@ -15,7 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qrender_ns.render import triton_kernels as tk  # noqa: E402
+from qrender_ns.render.triton import kernels as tk  # noqa: E402
 
 INT_PTRS = {"offsets_ptr", "ids_ptr", "chunk_ptr", "last_ptr", "sel_ptr", "count_ptr"}
 FLAGS = dict(FEAT_PER_CAM=False, HAS_BG=True, PIXEL_LIST=False, BLOCK=256, BLOCK_C=32)

@@ -30,9 +30,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Dict, Literal, Optional, Tuple, Type
 
+import torch
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.data.utils import colmap_parsing_utils as readers
+from nerfstudio.plugins.registry_dataparser import DataParserSpecification
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from qrender_ns.data.checks import check_image_count, check_images_readable, check_poses, check_seed_points
+from qrender_ns.data.scene_generator import nerfstudio_parser_config, scannet_parser_config
 
 SCANNET_DIRS = ("color", "depth", "pose", "intrinsic")
 COLMAP_MODEL_DIRS = ("sparse/0", "colmap/sparse/0", "sparse")
@@ -128,7 +137,6 @@ def _check_colmap(data: Path, model: Path) -> None:
     if not images.is_dir():
         raise SceneLayoutError(f"{data}: COLMAP model at {model} but no images/ folder beside it; q-splat reads "
                                f"the photos from {images}.")
-    from nerfstudio.data.utils import colmap_parsing_utils as readers
     from nerfstudio.process_data import colmap_utils
 
     binary = (model / "cameras.bin").is_file()
@@ -163,8 +171,6 @@ def _check_colmap(data: Path, model: Path) -> None:
 
 def drop_missing_images(outputs: DataparserOutputs, split: str, where: Path) -> Tuple[DataparserOutputs, int]:
     """Remove the frames whose image file does not exist (count returned); all missing is an error."""
-    import torch
-
     names = list(outputs.image_filenames)
     exists = [Path(f).is_file() for f in names]
     missing = len(names) - sum(exists)
@@ -205,7 +211,7 @@ class QSplatDataParserConfig(DataParserConfig):
     data: Path = Path()
     """Scene folder."""
     layout: Literal["auto", "scannet", "nerfstudio", "instant-ngp", "colmap"] = "auto"
-    """Scene layout; auto detects it (see `qsplat-data` in the README)."""
+    """Scene layout; auto detects it (docs/usage.md)."""
     ply_file_path: Optional[Path] = None
     """ScanNet layout: seed point cloud (default: the scene's *_vh_clean_2.ply)."""
     downscale_factor: Optional[float] = None
@@ -247,8 +253,6 @@ class QSplatDataParser(DataParser):
         if layout == "scannet":
             _check_scannet_counts(data)
             if self.generated:
-                from .scene_generator import scannet_parser_config
-
                 return scannet_parser_config(data)
             from nerfstudio.data.dataparsers.scannet_dataparser import ScanNetDataParserConfig
 
@@ -267,11 +271,8 @@ class QSplatDataParser(DataParser):
             return InstantNGPDataParserConfig(data=data, eval_mode="interval", eval_interval=self.config.eval_interval)
         # nerfstudio layout
         if self.generated:
-            from .scene_generator import nerfstudio_parser_config
-
             return nerfstudio_parser_config(data)
         meta = read_transforms(data / "transforms.json")
-        from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
         if "ply_file_path" not in meta:
             model = data / "colmap" / "sparse" / "0"
@@ -284,8 +285,6 @@ class QSplatDataParser(DataParser):
         return NerfstudioDataParserConfig(data=data, load_3D_points=True, downscale_factor=1)
 
     def _colmap_config(self, data: Path, model: Path) -> DataParserConfig:
-        from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
-
         _check_colmap(data, model)
         return ColmapDataParserConfig(data=data, colmap_path=model.relative_to(data), images_path=Path("images"),
                                       downscale_factor=1, load_3D_points=True, eval_mode="interval",
@@ -309,7 +308,6 @@ class QSplatDataParser(DataParser):
             _warn(f"{missing} frames of the '{split}' split have no image file and are skipped "
                   f"({len(outputs.image_filenames)} left).")
             self._warned_missing[split] = missing
-        from .checks import check_image_count, check_images_readable, check_poses, check_seed_points
 
         check_image_count(outputs.image_filenames, split, self.scene_root)
         check_poses(outputs.cameras.camera_to_worlds, outputs.image_filenames)
@@ -346,6 +344,12 @@ class QSplatDataParser(DataParser):
 
 
 def _warn(message: str) -> None:
-    from nerfstudio.utils.rich_utils import CONSOLE
-
     CONSOLE.print(f"[yellow]\\[q-splat] {message}[/yellow]")
+
+
+
+# nerfstudio's dataparser entry point (pyproject: nerfstudio.dataparser_configs): `qsplat-data` for any method,
+# e.g. `ns-train splatfacto --data <scene> qsplat-data`.
+qsplat_dataparser = DataParserSpecification(
+    config=QSplatDataParserConfig(),
+    description="q-splat: COLMAP, nerfstudio, instant-ngp, ScanNet and generated scenes, layout auto-detected")

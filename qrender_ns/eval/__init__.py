@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import torch
+
+from qrender_ns.method import checkpoint
+from qrender_ns.utils.fsio import atomic_write_bytes, write_error_sentence
 
 __all__ = ["load_pipeline", "write_json", "write_text", "scene_root_of", "to_world", "feature_timing"]
 
@@ -27,7 +30,6 @@ __all__ = ["load_pipeline", "write_json", "write_text", "scene_root_of", "to_wor
 def load_pipeline(config_path: Path):
     """(pipeline, checkpoint path) of a trained q-splat run, as ns-eval loads it (test split)."""
     config_path = Path(config_path)
-    from .. import checkpoint  # (also: torch>=2.6 checkpoint loading)
 
     checkpoint.check_run_config(config_path)  # before nerfstudio reads it: sentences, not tracebacks
     from nerfstudio.utils.eval_utils import eval_setup
@@ -38,25 +40,16 @@ def load_pipeline(config_path: Path):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + rename, mode 0666 & ~umask; a read-only folder or full disk is a sentence (--output)."""
-    from ..fsio import write_error_sentence
-
+    """atomic_write_bytes; a read-only folder or full disk is a sentence (--output)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         sentence = write_error_sentence(path, e, "pass a writable --output folder")
         if sentence is None:
             raise
         raise SystemExit(f"[q-splat] {sentence}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_default(value: Any):
@@ -116,8 +109,6 @@ def to_world(points_model: np.ndarray, transform: np.ndarray, scale: float) -> n
 def feature_timing(pipeline, view: int = 0) -> Optional[Dict[str, Any]]:
     """ms per feature map, dense vs quantile, on eval view `view`, measured exactly as ns-eval does
     (QSplatModel._feature_speed_metrics: one warm-up render, then one timed render per mode)."""
-    import torch
-
     model = pipeline.model
     eval_dataset = pipeline.datamanager.eval_dataset
     if len(eval_dataset) == 0:
@@ -143,8 +134,6 @@ def feature_timing(pipeline, view: int = 0) -> Optional[Dict[str, Any]]:
 
 
 def _device_name(device) -> str:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -28,12 +28,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+import torch
 
-from . import fmt, load_pipeline, scene_root_of, write_json, write_text
+from qrender_ns.eval import dataparser_frame, fmt, load_pipeline, scene_root_of, write_json, write_text
+from qrender_ns.eval.options import LABEL_GLOB, EvalLerfOvs
+from qrender_ns.features.selection import SelectionRule, select_by_rule
+from qrender_ns.render import rasterize_to_pixels
 
 PROTOCOL = "lerf_ovs_2d"
 PROTOCOL_3D = "lerf_ovs_3d"
@@ -116,9 +120,6 @@ def read_frame_labels(path: Path) -> FrameLabels:
         else:
             queries[category] = QueryGT(mask, box)
     return FrameLabels(path, name, height, width, queries, counts)
-
-
-LABEL_GLOB = "frame_*.json"  # LangSplat's eval_gt_lerfdata reads only these
 
 
 def read_label_dir(label_dir: Path, pattern: str = LABEL_GLOB) -> List[FrameLabels]:
@@ -226,13 +227,9 @@ def accuracy_at(ious, threshold: float) -> float:
 
 
 def select_gaussians(model, text: str, rule=None, min_opacity: float = 0.0):
-    """[G] bool: the 3D selection by a text query: the Gaussians `rule` (qrender_ns.selection.SelectionRule;
+    """[G] bool: the 3D selection by a text query: the Gaussians `rule` (qrender_ns.features.selection.SelectionRule;
     default: "wins", the query beats the run's vocabulary and the canonical negatives) selects whose opacity
     exceeds `min_opacity`."""
-    import torch
-
-    from ..selection import SelectionRule, select_by_rule
-
     chosen = select_by_rule(model, text, rule if rule is not None else SelectionRule())
     with torch.no_grad():
         opacity = torch.sigmoid(model.opacities.detach()).reshape(-1)
@@ -293,10 +290,6 @@ def opengaussian_render_filter(selected: np.ndarray, visible: np.ndarray, max_wo
 def world_max_scales(pipeline) -> np.ndarray:
     """[G] the largest of each Gaussian's three scales (std-devs) in the scene's world frame (the label and
     camera frame before nerfstudio's rescale): the frame whose units OpenGaussian's `scales < 0.1` used."""
-    import torch
-
-    from . import dataparser_frame
-
     _, scale = dataparser_frame(pipeline)
     with torch.no_grad():
         scales = torch.exp(pipeline.model.scales.detach()).amax(-1).float().cpu().numpy()
@@ -315,8 +308,6 @@ def visible_in_view(info) -> np.ndarray:
 def project_view(model, camera):
     """(rgb [H, W, 3] numpy, projection info) of one view: the model's own RGB render, whose projection and
     tile binning the silhouettes reuse."""
-    import torch
-
     with torch.no_grad():
         outputs = model.render_rgb(camera)
     return outputs["rgb"].clamp(0, 1).float().cpu().numpy(), model.info
@@ -325,10 +316,6 @@ def project_view(model, camera):
 def render_silhouette(info, selected, backend: str = "auto"):
     """[H, W] numpy: the accumulated opacity of the `selected` Gaussians rendered alone (the others removed,
     so they occlude nothing), as OpenGaussian's leaf-cluster silhouette."""
-    import torch
-
-    from ..render import rasterize_to_pixels
-
     with torch.no_grad():
         opacities = info["opacities"] * selected.to(info["opacities"])[None]
         ones = torch.ones(opacities.shape[-1], 1, device=opacities.device, dtype=opacities.dtype)
@@ -367,70 +354,6 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "_"
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-@dataclass
-class EvalLerfOvs:
-    """LeRF-OVS segmentation: LangSplat's 2D protocol (relevancy maps vs label polygons, mIoU + localization;
-    the default) or OpenGaussian's 3D one (the paper's: Gaussians selected by the query, silhouettes vs the
-    same masks, mIoU + Acc@0.25)."""
-
-    load_config: Path
-    """config.yml of a q-splat run (as for ns-eval)."""
-    protocol: Literal["langsplat-2d", "opengaussian-3d"] = "langsplat-2d"
-    """langsplat-2d: LangSplat's eval/evaluate_iou_loc.py. opengaussian-3d: OpenGaussian's
-    render_lerf_by_text.py + compute_lerf_iou.py, the protocol of the paper's LeRF-OVS numbers (45.8 / 56.9)."""
-    labels: Optional[Path] = None
-    """Folder of LeRF-OVS label JSONs for this scene (default: <scene>/label)."""
-    label_glob: str = LABEL_GLOB
-    """Which files of --labels are label files (LangSplat reads only frame_*.json)."""
-    output: Optional[Path] = None
-    """Folder for lerf_ovs_2d.json / lerf_ovs_3d.json, .md and the PNG overlays (default: <run dir>/eval)."""
-    selection: Literal["wins", "absolute"] = "wins"
-    """opengaussian-3d: how the query selects Gaussians (as `qsplat query`). wins: the query's cosine beats every
-    other class/prompt of the run's vocabulary and the canonical negatives, non-zero feature (no threshold);
-    absolute: relevancy vs the canonical negatives > --select-threshold (the old rule)."""
-    select_threshold: float = 0.55
-    """opengaussian-3d with --selection absolute: the relevancy a selected Gaussian exceeds."""
-    select_min_opacity: float = 0.0
-    """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
-    silhouette_threshold: float = 0.7
-    """opengaussian-3d: silhouette (accumulated opacity of the selected Gaussians) > this is the predicted mask."""
-    render_filters: bool = True
-    """opengaussian-3d: apply OpenGaussian's render filters per view (scale, >= 100 selected, kNN outliers,
-    >= 10 kept); --no-render-filters renders the whole selection (a diagnosis, not the protocol)."""
-    filter_max_scale: float = 0.1
-    """opengaussian-3d: Gaussians with any scale >= this (world units, as OpenGaussian's scales < 0.1) are not
-    rendered."""
-    gt_masks: Optional[Path] = None
-    """opengaussian-3d: folder of <frame stem>/<category>.jpg masks (OpenGaussian's path_gt; default
-    <labels>/gt when it exists); frames without such a folder use the label JSON's filled polygons."""
-    mask_threshold: float = 0.4
-    """LangSplat's --mask_thresh, applied after its [-1, 1] rescale (= 0.7 of the min-max range)."""
-    smooth_kernel: int = 30
-    """Mean-filter size in pixels (LangSplat: 30, at LeRF-OVS image resolution)."""
-    majority_radius: int = 3
-    """Radius of LangSplat's majority filter on the thresholded mask (7 x 7 window)."""
-    prompt_template: str = "{}"
-    """Query text = template.format(category) (LangSplat: the bare category)."""
-    skip_unmatched: bool = False
-    """Skip (and count) label files whose info.name is no image of the run, instead of failing."""
-    unknown_categories: Literal["skip", "error"] = "skip"
-    """Categories a closed-vocabulary teacher (synthetic) cannot embed: skip and count, or fail. opengaussian-3d
-    counts them IoU 0 (as OpenGaussian counts a missing prediction) instead of skipping."""
-    save_png: bool = True
-    """Write one overlay PNG per (frame, query)."""
-    method_name: str = "q-splat (ours)"
-
-    def main(self) -> None:
-        try:
-            result = run_eval_lerf_ovs(self)
-        except ValueError as err:  # bad input (LabelError included): the message, not a traceback
-            raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
-        keys = ("scene", "protocol", "miou", "macc" if self.protocol == "opengaussian-3d" else "localization_accuracy",
-                "num_queries", "counts", "json", "markdown")
-        print(json.dumps({k: result[k] for k in keys}, indent=2))
-
-
 def _closed_vocabulary(model) -> Optional[set]:
     if getattr(model.text_encoder, "name", "") == "synthetic":
         return set(model.class_names)
@@ -457,10 +380,6 @@ class _Scene3D:
     filters and the silhouettes."""
 
     def __init__(self, pipeline, cfg: "EvalLerfOvs"):
-        import torch
-
-        from ..selection import SelectionRule
-
         self.model, self.cfg = pipeline.model, cfg
         self.rule = SelectionRule(cfg.selection, cfg.select_threshold)
         self.rule.check()
@@ -480,8 +399,6 @@ class _Scene3D:
         return self.selections[category]
 
     def evaluate_frame(self, frame: FrameLabels, camera, queries, counts: Dict, png_dir: Path):
-        import torch
-
         cfg, model = self.cfg, self.model
         rgb, info = project_view(model, camera)
         resized = rgb.shape[:2] != (frame.height, frame.width)
@@ -525,8 +442,6 @@ class _Scene3D:
 def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> Dict:
     """Evaluate; writes <output>/lerf_ovs_2d.json, .md and PNGs and returns the JSON's content.
     `pipeline` may be passed to evaluate an already-loaded run (tests)."""
-    import torch
-
     start = time.perf_counter()
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"--prompt-template {cfg.prompt_template!r} must contain '{{}}'")
@@ -792,3 +707,14 @@ def lerf3d_markdown(result: Dict) -> str:
         "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def main(cfg: EvalLerfOvs) -> None:
+    """`qsplat` runs this with the parsed options."""
+    try:
+        result = run_eval_lerf_ovs(cfg)
+    except ValueError as err:  # bad input (LabelError included): the message, not a traceback
+        raise SystemExit(f"qsplat eval-lerf-ovs: {err}") from err
+    keys = ("scene", "protocol", "miou", "macc" if cfg.protocol == "opengaussian-3d" else "localization_accuracy",
+            "num_queries", "counts", "json", "markdown")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import tyro
 
-from . import fmt, write_text
+from qrender_ns.eval import fmt, write_text
+from qrender_ns.eval.options import Report
 
 PAPER = "arXiv 2512.20927"
 QUOTED = f"quoted from {PAPER}"
@@ -284,20 +283,6 @@ def _num(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-@dataclass
-class Report:
-    """One markdown table per protocol from eval JSONs under the given run folders, with the paper's rows."""
-
-    run_dirs: tyro.conf.Positional[List[Path]]
-    """Run folders (searched recursively for result JSONs) or result JSON files."""
-    out: Path = Path("report.md")
-    """Markdown file to write."""
-
-    def main(self) -> None:
-        text = make_report(self.run_dirs, self.out)
-        print(text)
-
-
 def make_report(run_dirs: List[Path], out: Optional[Path] = None) -> str:
     if not run_dirs:
         raise SystemExit("qsplat report: pass at least one run folder (or result JSON)")
@@ -305,3 +290,9 @@ def make_report(run_dirs: List[Path], out: Optional[Path] = None) -> str:
     if out is not None:
         write_text(Path(out), text)
     return text
+
+
+def main(cfg: Report) -> None:
+    """`qsplat` runs this with the parsed options."""
+    text = make_report(cfg.run_dirs, cfg.out)
+    print(text)

@@ -20,45 +20,23 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from . import dataparser_frame, feature_timing, fmt, load_pipeline, scene_root_of, to_world, write_json, write_text
+from qrender_ns.data.classes import NYU40_NAMES, SUBSET_IDS, subset_classes  # noqa: F401  (re-exported)
+from qrender_ns.eval import (dataparser_frame, feature_timing, fmt, load_pipeline, scene_root_of, to_world, write_json,
+                             write_text)
+from qrender_ns.eval.options import ClassChoice, EvalScannet
+from qrender_ns.features.selection import SelectionRule, gaussian_relevancy, select_by_rule
+from qrender_ns.render import rasterize_to_pixels
+from qrender_ns.utils.geometry import quat_to_rotmat_numpy
 
 PROTOCOL = "scannet3d"
 
-# NYU40 names as in OpenGaussian's scripts/eval_scannet.py (`nyu40_dict`).
-NYU40_NAMES: Dict[int, str] = {
-    0: "unlabeled", 1: "wall", 2: "floor", 3: "cabinet", 4: "bed", 5: "chair",
-    6: "sofa", 7: "table", 8: "door", 9: "window", 10: "bookshelf",
-    11: "picture", 12: "counter", 13: "blinds", 14: "desk", 15: "shelves",
-    16: "curtain", 17: "dresser", 18: "pillow", 19: "mirror", 20: "floormat",
-    21: "clothes", 22: "ceiling", 23: "books", 24: "refrigerator", 25: "television",
-    26: "paper", 27: "towel", 28: "showercurtain", 29: "box", 30: "whiteboard",
-    31: "person", 32: "nightstand", 33: "toilet", 34: "sink", 35: "lamp",
-    36: "bathtub", 37: "bag", 38: "otherstructure", 39: "otherfurniture", 40: "otherprop",
-}
-
-# OpenGaussian's `target_id` lists (scripts/eval_scannet.py): 19 = the ScanNet-20 benchmark classes
-# without otherfurniture (39); 15 drops picture, refrigerator, shower curtain, bathtub; 10 further
-# drops cabinet, counter, desk, curtain, sink.
-SUBSET_IDS: Dict[str, Tuple[int, ...]] = {
-    "19": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36),
-    "15": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 33, 34),
-    "10": (1, 2, 4, 5, 6, 7, 8, 9, 10, 33),
-}
 
 # OpenGaussian's 10 validation scenes (the paper evaluates on these).
 OPENGAUSSIAN_SCENES = ("scene0000_00", "scene0062_00", "scene0070_00", "scene0097_00", "scene0140_00",
                        "scene0200_00", "scene0347_00", "scene0400_00", "scene0590_00", "scene0645_00")
-
-ClassChoice = Literal["19", "15", "10", "scene"]
-
-
-def subset_classes(classes: str) -> Tuple[Tuple[int, ...], List[str]]:
-    """(NYU40 ids, query names) of a ScanNet class subset."""
-    if classes not in SUBSET_IDS:
-        raise ValueError(f"unknown class subset {classes!r}: choose 19, 15 or 10 (or 'scene' for a generated scene)")
-    ids = SUBSET_IDS[classes]
-    return ids, [NYU40_NAMES[i] for i in ids]
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -146,17 +124,6 @@ def load_labels(path: Path, classes: str, scene_root: Optional[Path],
     id_to_name = _scene_classes(scene_root)
     source_ids = [next((i for i, n in id_to_name.items() if n == name), -1) for name in names]
     return LabelledPoints(xyz, remap(raw, source_ids), names, str(path), label_space)
-
-
-# ---------------------------------------------------------------------------------------------- kNN transfer
-def _quat_to_rotmat(quats: np.ndarray) -> np.ndarray:
-    q = quats / np.linalg.norm(quats, axis=-1, keepdims=True)
-    w, x, y, z = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
 
 
 @dataclass
@@ -252,9 +219,6 @@ def segmentation_metrics(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> 
     }
 
 
-DEFAULT_SELECTION_SWEEP = (0.55, 0.7, 0.8, 0.9, 0.99)
-
-
 def selection_metrics(gt: np.ndarray, selected: np.ndarray, class_index: int) -> Dict:
     """3D selection of one class by its text query, over the evaluated Gaussians (gt > 0; the others are not
     counted either way): precision = |selected & gt = c| / |selected|, recall = ... / |gt = c|, IoU = ... /
@@ -301,8 +265,6 @@ def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
     eval_scannet.py: numpy `1 / (1 + np.exp(-x)) < 0.1` on the PLY's float32 opacities). It matters: a Gaussian still at splatfacto's initial
     opacity 0.1 has a float32 logit whose float32 sigmoid rounds to float32(0.1) (kept) while its float64
     sigmoid is just below 0.1 (dropped); that flipped +0.010 mIoU in one of our runs."""
-    import torch
-
     logits = torch.as_tensor(opacity_logits).detach().reshape(-1).to(torch.float32)
     return (torch.sigmoid(logits) < torch.tensor(min_opacity, dtype=torch.float32)).cpu().numpy()
 
@@ -311,9 +273,6 @@ def predict_classes(features, text_embeddings) -> np.ndarray:
     """1 + argmax_c cos(f, t_c) per row (torch tensors in, numpy out); 0 ("no prediction", a miss for every
     class) for an exactly zero feature: a Gaussian no training pixel reached (never-supervised, back-projection
     weight 0) predicts nothing, instead of class 1 that an argmax over equal zero scores would give."""
-    import torch
-    import torch.nn.functional as F
-
     with torch.no_grad():
         text = F.normalize(text_embeddings.to(features), dim=-1)
         out = []
@@ -332,10 +291,6 @@ def supervision_weights(pipeline, max_views: int = 0):
     training resolution). A Gaussian with ~0 never shaped a rendered feature: its table entry is still
     its random initialisation. Computed as the gradient of sum(render of a constant 1-channel feature).
     `max_views` > 0 uses that many views spread evenly over the training split."""
-    import torch
-
-    from ..render import rasterize_to_pixels
-
     model = pipeline.model
     dataset = pipeline.datamanager.train_dataset
     views = list(range(len(dataset)))
@@ -358,8 +313,6 @@ def supervision_weights(pipeline, max_views: int = 0):
 
 def _project_only(model, camera):
     """Project and tile-bin the Gaussians for `camera` (sets model.info) without rendering features."""
-    import torch
-
     with torch.no_grad():
         model.render_rgb(camera)
     return model.info
@@ -374,76 +327,9 @@ def apply_template(template: str, names: Sequence[str], encoder_name: str) -> Li
     return [template.format(n) for n in names]
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-@dataclass
-class EvalScannet:
-    """ScanNet 3D semantic segmentation of a trained q-splat scene (mIoU / mAcc per Gaussian)."""
-
-    load_config: Path
-    """config.yml of a q-splat run (as for ns-eval)."""
-    classes: ClassChoice = "19"
-    """19 / 15 / 10: OpenGaussian's ScanNet subsets; scene: a generated scene's own class list."""
-    scene_labels: Optional[Path] = None
-    """Labelled points (default: the scene's gt/points.ply, else its *_vh_clean_2.labels.ply)."""
-    output: Optional[Path] = None
-    """Folder for scannet3d_<classes>.json / .md (default: <run dir>/eval)."""
-    label_space: Literal["auto", "nyu40", "scene"] = "auto"
-    """Ids in the label PLY: nyu40 (ScanNet), scene (generated); auto: *.labels.ply -> nyu40."""
-    prompt_template: str = "{}"
-    """Text for class c = template.format(c); '{}' = the bare name (required by the synthetic teacher)."""
-    knn: int = 5
-    """Labelled points voting for each Gaussian's ground truth."""
-    distance: Literal["metric", "mahalanobis"] = "metric"
-    """How far a neighbour may be to vote: metric (metres) or Mahalanobis under the Gaussian's covariance."""
-    max_distance: float = 0.1
-    """Neighbours farther than this do not vote (metres, or sigmas for mahalanobis)."""
-    min_opacity: float = 0.1
-    """Gaussians with sigmoid(opacity) below this are not evaluated."""
-    timing: bool = True
-    """Also time dense vs quantile 512-D feature maps on one eval view (as ns-eval)."""
-    timing_view: int = 0
-    """Eval view used for the timing."""
-    method_name: str = "q-splat (ours)"
-    """Name of this run in the tables."""
-    supervision_diagnostic: bool = True
-    """Also report the metrics over the Gaussians the feature loss could reach (see --supervised-min-weight);
-    a diagnostic beside the protocol's numbers, never instead of them."""
-    supervised_min_weight: float = 0.5
-    """Diagnostic subset: summed Q-Render weight over the training views >= this many pixels."""
-    supervision_max_views: int = 0
-    """Training views used for the diagnostic (0 = all)."""
-    selection_metrics: bool = True
-    """Also measure the 3D selection of each class by its text query (precision / recall / IoU of the Gaussians
-    the --selection rule picks, against the per-Gaussian ground truth)."""
-    selection: Literal["wins", "absolute"] = "wins"
-    """The 3D selection rule (as qsplat query and the opengaussian-3d protocol): wins = the class's prompt beats
-    the run's other classes/prompts and the canonical negatives (no threshold); absolute = relevancy vs the
-    canonical negatives > --selection-threshold (the old rule)."""
-    selection_threshold: float = 0.55
-    """--selection absolute: the relevancy a selected Gaussian exceeds."""
-    selection_sweep: Tuple[float, ...] = DEFAULT_SELECTION_SWEEP
-    """Thresholds of the old absolute rule reported beside the chosen rule (the old sweep)."""
-
-    def main(self) -> None:
-        try:
-            result = run_eval_scannet(self)
-        except (FileNotFoundError, ValueError) as err:  # bad input: the message, not a traceback
-            raise SystemExit(f"qsplat eval-scannet: {err}") from err
-        summary = {k: result[k] for k in ("miou", "macc", "overall_acc", "num_present_classes", "num_skipped_classes")}
-        if result["supervised_diagnostic"]:
-            summary["supervised_diagnostic_miou"] = result["supervised_diagnostic"]["miou"]
-        if result["selection_3d"]:
-            sel = result["selection_3d"]
-            summary["selection_3d"] = {k: sel[k] for k in ("mode", "threshold", "precision", "recall", "iou")}
-        summary.update(json=result["json"], markdown=result["markdown"])
-        print(json.dumps(summary, indent=2))
-
-
 def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> Dict:
     """Evaluate; writes <output>/scannet3d_<classes>.json and .md and returns the JSON's content.
     `pipeline` may be passed to evaluate an already-loaded run (tests)."""
-    import torch
-
     start = time.perf_counter()
     if pipeline is None:
         pipeline, checkpoint_path = load_pipeline(cfg.load_config)
@@ -461,7 +347,7 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
         rotations = stds = None
         if cfg.distance == "mahalanobis":
             rotations = np.einsum("ij,gjk->gik", transform[:3, :3].T,
-                                  _quat_to_rotmat(model.quats.detach().cpu().numpy().astype(np.float64)))
+                                  quat_to_rotmat_numpy(model.quats.detach().cpu().numpy().astype(np.float64)))
             stds = np.exp(model.scales.detach().cpu().numpy().astype(np.float64)) / scale
         text = encoder.encode(prompts)
         pred = predict_classes(model.gaussian_features.detach(), text)
@@ -551,8 +437,6 @@ def _selection_of_prompts(model, prompts: Sequence[str], names: Sequence[str], g
                           cfg: "EvalScannet") -> Dict:
     """selection_report of every class's prompt under the rule of qsplat query (cfg.selection), with the old
     absolute rule's sweep beside it."""
-    from ..selection import SelectionRule, gaussian_relevancy, select_by_rule
-
     _check_thresholds(cfg.selection_threshold, cfg.selection_sweep)
     rule = SelectionRule(cfg.selection, cfg.selection_threshold)
     rule.check()
@@ -568,8 +452,6 @@ def scannet_metrics_of_features(scene_root: Path, means_world: np.ndarray, opaci
     """The ScanNet protocol of `run_eval_scannet` (defaults equal) for per-Gaussian features held in memory
     (GS-Net experiments: no run folder): {miou, macc, overall_acc, num_present_classes, evaluated}. `opacities`
     are in [0, 1]; the cut is taken in float32 as `low_opacity_mask`."""
-    import torch
-
     points = load_labels(default_label_file(scene_root), classes, scene_root, "auto")
     prompts = apply_template(prompt_template, points.class_names, getattr(text_encoder, "name", ""))
     opacities = torch.as_tensor(opacities).detach().reshape(-1).to(torch.float32)
@@ -655,3 +537,19 @@ def selection_markdown(selection: Optional[Dict]) -> List[str]:
     lines += ["", "Over the evaluated Gaussians (those with a ground-truth class); a query selecting nothing has "
               "recall 0 and no precision (left out of the mean precision)."]
     return lines
+
+
+def main(cfg: EvalScannet) -> None:
+    """`qsplat` runs this with the parsed options."""
+    try:
+        result = run_eval_scannet(cfg)
+    except (FileNotFoundError, ValueError) as err:  # bad input: the message, not a traceback
+        raise SystemExit(f"qsplat eval-scannet: {err}") from err
+    summary = {k: result[k] for k in ("miou", "macc", "overall_acc", "num_present_classes", "num_skipped_classes")}
+    if result["supervised_diagnostic"]:
+        summary["supervised_diagnostic_miou"] = result["supervised_diagnostic"]["miou"]
+    if result["selection_3d"]:
+        sel = result["selection_3d"]
+        summary["selection_3d"] = {k: sel[k] for k in ("mode", "threshold", "precision", "recall", "iou")}
+    summary.update(json=result["json"], markdown=result["markdown"])
+    print(json.dumps(summary, indent=2))

@@ -7,9 +7,9 @@ torchrun), `predict` (`qsplat predict-features`), `backproject` (the training-fr
 `qsplat backproject`).
 """
 
-from .backbone import BACKEND_NAMES, MinkUNet, SparseConvBackend, available_backends, get_backend
-from .gsnet import GSNet, GSNetConfig, read_checkpoint
-from .voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
+from qrender_ns.gsnet.backbone import BACKEND_NAMES, MinkUNet, SparseConvBackend, available_backends, get_backend
+from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig, read_checkpoint
+from qrender_ns.gsnet.voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
 
 __all__ = [
     "BACKEND_NAMES",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple, Union
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import MinkUNet, get_backend, resolve_backend
-from .voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
+from qrender_ns.gsnet.backbone import MinkUNet, get_backend, resolve_backend
+from qrender_ns.gsnet.voxelize import Voxelization, devoxelize, devoxelize_trilinear, pool_to_voxels, voxelize
 
 CHECKPOINT_FORMAT = "qsplat-gsnet/1"
 _OPTIONAL_INPUTS = ("log_scale", "rotation")

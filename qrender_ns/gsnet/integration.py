@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .gsnet import GSNet, GSNetConfig
+from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig
 
 PARAM_GROUP = "gsnet"
 DEFAULT_LR = 1e-3

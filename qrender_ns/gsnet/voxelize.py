@@ -26,6 +26,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from qrender_ns.utils.geometry import quat_to_rotmat  # noqa: F401  (also imported from here)
+
 _KEY_BITS = 21  # per axis: voxel indices in [0, 2^21) after shifting, i.e. 2M voxels = 100 km at 5 cm
 _KEY_RANGE = 1 << _KEY_BITS
 
@@ -82,16 +84,6 @@ def _check_range(coords: Tensor) -> None:
         raise ValueError(f"the scene spans more than 2^20 voxels along an axis (max |index| "
                          f"{int(coords.abs().max())}); "
                          "increase voxel_size or check the Gaussians' units (metres expected)")
-
-
-def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """[N, 4] wxyz (any norm) -> [N, 3, 3]."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(-1, 3, 3)
 
 
 def extent_samples(means: Tensor, scales: Tensor, quats: Tensor) -> Tensor:

@@ -8,15 +8,25 @@ cached build from `$QSPLAT_EXT_DIR` (default `~/.cache/qsplat/ext`). `qsplat bui
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
+import io
+import logging
 import os
 import shutil
 import sys
 import threading
+import time
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import Dict
+
+import torch
+
+from qrender_ns.utils.compat import check_torch, newer_than_tested
 
 _LOCK = threading.Lock()
 _MODULES: Dict[str, ModuleType] = {}
@@ -27,7 +37,6 @@ def _source_dir() -> Path:
     repo = Path(__file__).resolve().parents[2] / "cuda_ext" / "csrc"
     if repo.is_dir():
         return repo
-    from importlib import resources
 
     return Path(str(resources.files("qrender_ns.cuda_ext"))) / "csrc"
 
@@ -70,8 +79,6 @@ def _build_name(with_cuda: bool) -> str:
     """Build key: sources, headers, flags, torch and Python versions. A finished build under this key is
     imported directly (never re-checked by ninja, whose command hash differs between ninja versions and made
     two ninjas sharing a folder silently rebuild everything)."""
-    import torch
-
     digest = hashlib.sha256()
     for path in _sources(with_cuda) + _headers():
         digest.update(path.read_bytes())
@@ -81,7 +88,6 @@ def _build_name(with_cuda: bool) -> str:
 
 
 def _import_built(name: str, library: Path) -> ModuleType:
-    import importlib.machinery
     import importlib.util
 
     loader = importlib.machinery.ExtensionFileLoader(name, str(library))
@@ -98,8 +104,6 @@ class _FileLock:
         self.path = path
 
     def __enter__(self):
-        import fcntl
-
         self._file = open(self.path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,8 +114,6 @@ class _FileLock:
         return self
 
     def __exit__(self, *exc):
-        import fcntl
-
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
 
@@ -119,10 +121,6 @@ class _FileLock:
 def _import_cpp_extension():
     """torch.utils.cpp_extension, without its import-time "No CUDA runtime is found" warning
     (expected on CPU machines that have nvcc)."""
-    import contextlib
-    import io
-    import logging
-
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -162,8 +160,6 @@ def _pkg_resources_shim() -> ModuleType | None:
 
 def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType:
     """Build (first time, announced on stderr) and import the kernel module; thread- and process-safe, cached."""
-    from ..compat import check_torch
-
     check_torch()  # one sentence for a too old torch, not a C++ compiler error
     key = "cuda" if with_cuda else "cpu"
     with _LOCK:
@@ -183,10 +179,6 @@ def load_extension(with_cuda: bool = False, verbose: bool = False) -> ModuleType
 
 
 def _build(name: str, build_dir: Path, with_cuda: bool, verbose: bool) -> ModuleType:
-    import time
-
-    from ..compat import newer_than_tested
-
     cpp_extension = _import_cpp_extension()
     kind = "CUDA" if with_cuda else "CPU"
     print(f"[q-splat] compiling the {kind} rasterizer kernel into {build_dir} (once per source/torch version; "

@@ -20,14 +20,14 @@ sums = W @ embeddings.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .binning import isect_offset_encode, isect_tiles
-from .rasterize import _check_tensor, check_num_quantiles, project_gaussians, rasterize_to_pixels
+from qrender_ns.render.validate import _check_tensor, check_num_quantiles
+from qrender_ns.render.projection import project_and_bin
+from qrender_ns.render.rasterize import rasterize_to_pixels
 
 
 def backproject_to_gaussians(
@@ -89,11 +89,9 @@ def backproject_to_gaussians(
         return torch.zeros(num_gs, out_c, device=device, dtype=dtype), torch.zeros(num_gs, device=device, dtype=dtype)
 
     with torch.no_grad():
-        radii, means2d, depths, conics = project_gaussians(
-            means.detach(), quats.detach(), scales.detach(), viewmats, Ks, width, height, near_plane, far_plane)
-        tiles_w, tiles_h = math.ceil(width / tile_size), math.ceil(height / tile_size)
-        tile_keys, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tiles_w, tiles_h)
-        isect_offsets = isect_offset_encode(tile_keys, num_cams, tiles_w, tiles_h)
+        _, means2d, _, conics, _, isect_offsets, flatten_ids = project_and_bin(
+            means.detach(), quats.detach(), scales.detach(), viewmats, Ks, width, height, tile_size, near_plane,
+            far_plane)
     with torch.enable_grad():  # callers are often in no_grad (eval, the viewer)
         probe = torch.zeros(num_gs, channels, device=device, dtype=dtype, requires_grad=True)
         out, _ = rasterize_to_pixels(means2d, conics, probe, opacities.detach(), width, height, tile_size,

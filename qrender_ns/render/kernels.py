@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import triton_problem
-from . import _backend
+from qrender_ns.render import _backend
+from qrender_ns.utils.compat import triton_problem
 
 
 @dataclass(frozen=True)

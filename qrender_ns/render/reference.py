@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# float32-rounded, as the kernels' `constexpr float` constants (identical in float64 runs too)
+# The compositing constants, owned here: float32-rounded, as the C++/CUDA kernels' `constexpr float` copies in
+# cuda_ext/csrc/common.h (tests/test_constants.py keeps them equal); Triton reads these (identical in float64 runs too)
 ALPHA_MAX = float(np.float32(0.999))
 ALPHA_MIN = float(np.float32(1.0) / np.float32(255.0))
 T_EPS = float(np.float32(1e-4))

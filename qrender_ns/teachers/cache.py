@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -49,6 +50,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
+
+from qrender_ns.data.keys import image_key  # noqa: F401  (re-exported: the cache keys images by it)
+from qrender_ns.utils.fsio import atomic_write
 
 FORMAT_VERSION = 1
 CACHE_DIRNAME = "qsplat_teacher"
@@ -77,11 +81,6 @@ class CorruptCacheError(TeacherCacheError):
 
 def default_cache_root(scene_dir: PathLike, teacher_name: str) -> Path:
     return Path(scene_dir) / CACHE_DIRNAME / teacher_name
-
-
-def image_key(image_path: PathLike, scene_root: PathLike) -> str:
-    """Cache key of an image (e.g. a dataparser's `image_filenames[i]`): its path relative to the scene root."""
-    return Path(image_path).resolve().relative_to(Path(scene_root).resolve()).as_posix()
 
 
 def image_sha256(path: PathLike) -> str:
@@ -116,28 +115,15 @@ def _entry_file_name(key: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into a temporary sibling, then rename it over `path`: readers see old or new, never half.
-    Created with mode 0666 & ~umask like any other file (mkstemp would make it 0600)."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    """utils.fsio.atomic_write (readers see old or new, never half); a read-only folder or full disk is a
+    TeacherCacheError sentence."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        atomic_write(path, write)
     except OSError as e:
-        raise _write_error(path, e) or e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
         error = _write_error(path, e)
         if error is None:
             raise
         raise error from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_error(path: Path, err: OSError) -> Optional["TeacherCacheError"]:
@@ -161,8 +147,6 @@ class CacheBusyError(TeacherCacheError):
 
 def _lock_writer(root: Path):
     """Exclusive, non-blocking flock on <root>/.lock; the open file is returned (closing it releases)."""
-    import fcntl
-
     path = root / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -188,8 +172,6 @@ def wait_for_writer(root: PathLike, on_busy: Callable[[str], None]) -> None:
     """Returns once no process writes the cache at root: at once if none does; else calls on_busy(holder) and
     blocks on the writer lock until its holder closes the cache or exits (the kernel drops the lock even after
     kill -9). Ctrl+C interrupts the wait."""
-    import fcntl
-
     path = Path(root) / LOCK_NAME
     if not path.is_file():
         return

@@ -17,6 +17,7 @@ real one.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -26,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from qrender_ns.teachers.vocabulary import normalize_text
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "laion2b_s34b_b88k"  # the ViT-B/16 LAION-2B weights LangSplat & co. use (512-D)
@@ -45,8 +48,6 @@ class TeacherDependencyError(ImportError):
 
 def require(module: str):
     """Import a teacher dependency, or explain how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -336,8 +337,6 @@ class ClipTextEncoder:
         self.dim = clip.dim
 
     def encode(self, texts: List[str]) -> torch.Tensor:
-        from .text import normalize_text
-
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings, not a single string")
         return self.clip.encode_text([normalize_text(t) for t in texts])

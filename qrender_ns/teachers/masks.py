@@ -21,8 +21,8 @@ the key: moving the weights does not invalidate features), so `load_text_encoder
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -30,9 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .cache import FillStats, default_cache_root, image_key
-from .clip import (DEFAULT_MODEL, DEFAULT_PRETRAINED, WEIGHTS_DIR_ENV, ClipModel, MissingWeightsError, describe_clip,
-                   file_sha256, hf_cache_hint, hf_cached_file, load_clip, require, weights_dir)
+from qrender_ns.data.datamanager import served_images
+from qrender_ns.data.dataparser import QSplatDataParserConfig
+from qrender_ns.teachers.cache import FillStats, default_cache_root, image_key
+from qrender_ns.teachers.clip import (DEFAULT_MODEL, DEFAULT_PRETRAINED, WEIGHTS_DIR_ENV, ClipModel,
+                                      MissingWeightsError, describe_clip, file_sha256, hf_cache_hint, hf_cached_file,
+                                      load_clip, require, weights_dir)
+from qrender_ns.teachers.filling import fill_teacher_cache, open_cache_for
+from qrender_ns.utils.fsio import atomic_write_json
 
 NAME = "grounded-sam2-clip"
 VERSION = 1  # bump when what compute() produces changes: caches made by an older version are then redone
@@ -111,23 +116,6 @@ class GroundedSam2ClipConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
-
-
-def parse_prompts(prompts: Optional[str] = None, prompts_file: Optional[PathLike] = None) -> List[str]:
-    """Prompts from "chair,table" and/or a file (one per line, '#' comments), in order, without duplicates."""
-    items: List[str] = []
-    if prompts:
-        items += prompts.split(",")
-    if prompts_file is not None:
-        for line in Path(prompts_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                items += line.split(",") if "," in line else [line]
-    out: List[str] = []
-    for item in (i.strip() for i in items):
-        if item and item not in out:
-            out.append(item)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +213,6 @@ def detector_sha256(folder: Path) -> str:
         raise MissingWeightsError(f"{folder} holds no weights ({' or '.join(_DETECTOR_WEIGHTS)})")
     if len(files) == 1:
         return file_sha256(files[0])
-    import hashlib
 
     return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
 
@@ -395,8 +382,6 @@ def load_rgb(path: PathLike) -> np.ndarray:
 
 def scene_image_keys(scene_dir: PathLike, splits: Sequence[str] = ("train",)) -> List[str]:
     """Image keys (paths relative to the scene) of the given splits, as the qsplat dataparser lists them."""
-    from ..data.dataparser import QSplatDataParserConfig
-
     parser = QSplatDataParserConfig(data=Path(scene_dir)).setup()
     keys: List[str] = []
     for split in splits:
@@ -537,8 +522,6 @@ class GroundedSam2ClipTeacher:
     def run(self, overwrite: bool = False, progress: bool = True) -> FillStats:
         """Fill the cache for the teacher's images as the datamanager serves them (resuming: current entries
         are skipped)."""
-        from .setup import fill_teacher_cache, open_cache_for, served_images
-
         items = served_images(self.scene_dir, self.splits)
         if self.image_keys:
             items = [item for item in items if item[0] in self.image_keys]
@@ -553,9 +536,7 @@ class GroundedSam2ClipTeacher:
                 "sam2_checkpoint": str(self.sam2_path.resolve()) if self.sam2_path else None,
                 "detector": str(self.detector_path.resolve())}
         path = self.cache_root / WEIGHTS_SIDECAR
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(path, data, indent=1)
 
 
 def read_weights_sidecar(cache_root: PathLike) -> dict:

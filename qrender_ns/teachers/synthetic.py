@@ -30,8 +30,11 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.scene_generator import BACKGROUND_ID, FURNITURE_CLASSES
-from .cache import FillStats, default_cache_root, image_sha256
+from qrender_ns.data.datamanager import served_images
+from qrender_ns.data.scene_generator import BACKGROUND_ID, FURNITURE_CLASSES
+from qrender_ns.teachers.cache import FillStats, default_cache_root, image_sha256
+from qrender_ns.teachers.filling import fill_teacher_cache, open_cache_for
+from qrender_ns.teachers.vocabulary import normalize_text
 
 NAME = "synthetic"
 VERSION = 2  # 2: class names normalised (text.normalize_text). Bump when the masks or embeddings it computes change: the cache then redoes everything
@@ -54,8 +57,6 @@ def _seeded_unit_vector(token: str, dim: int) -> torch.Tensor:
 def class_embedding(name: str, dim: int = 512) -> torch.Tensor:
     """The fixed random unit vector [dim] of a class name, after normalize_text ("Chair", " chair" and "chair"
     are one vector)."""
-    from .text import normalize_text
-
     return _seeded_unit_vector(normalize_text(name), dim)
 
 
@@ -181,8 +182,6 @@ class SyntheticTeacher:
             progress: bool = True) -> FillStats:
         """Fill the cache for image_keys (default: all the scene's images, as the datamanager serves them),
         skipping current entries."""
-        from .setup import fill_teacher_cache, open_cache_for, served_images
-
         keys = self.image_keys if image_keys is None else list(image_keys)
         unknown = [k for k in keys if k not in self._instance_maps]
         if unknown:

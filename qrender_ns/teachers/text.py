@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
-from typing import List, Optional, Protocol, Sequence, Union
+from typing import Optional, Union
 
-import torch
-
-from .cache import MANIFEST_NAME, TeacherCache
-
-
-class TextEncoder(Protocol):
-    """What relevancy queries, evaluation and the viewer use: texts -> L2-normalised [T, dim]."""
-
-    name: str  # the teacher whose feature space it embeds into
-    dim: int
-
-    def encode(self, texts: List[str]) -> torch.Tensor: ...
-
-
-def normalize_text(text: str) -> str:
-    """The one form a query or class name is matched and encoded in: Unicode NFKC, case-folded, runs of
-    whitespace collapsed to one space, no leading/trailing space ("  Dining  Chair " -> "dining chair").
-    Every text encoder applies it, so the viewer, `qsplat query` and evaluation agree on what a word means."""
-    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split())
-
-
-def vocabulary_error(text: str, encoder: TextEncoder, class_names: Sequence[str]) -> Optional[str]:
-    """Why `text` cannot be queried, or None. An empty query is refused; so is, with a closed-vocabulary encoder
-    (the synthetic teacher knows its scene's class names only), any text that is not one of class_names after
-    normalize_text (so "Chair" and " chair " match "chair", while "cha" and "zebra" do not)."""
-    query = normalize_text(text)
-    if not query:
-        return "The query is empty: type a word, e.g. a class name."
-    if getattr(encoder, "name", "") == "synthetic":
-        known = [normalize_text(c) for c in class_names]
-        if query not in known:
-            return (f"'{query}' is not a class of this scene, and the synthetic teacher is closed-vocabulary: "
-                    f"it only knows {', '.join(known)}. Train with the CLIP teacher for open vocabulary.")
-    return None
+from qrender_ns.teachers.cache import MANIFEST_NAME, TeacherCache
+from qrender_ns.teachers.clip import ClipTextEncoder, load_clip_from_info
+from qrender_ns.teachers.masks import read_weights_sidecar
+from qrender_ns.teachers.synthetic import SyntheticTextEncoder
+from qrender_ns.teachers.vocabulary import TextEncoder, normalize_text, vocabulary_error  # noqa: F401  (re-exported)
 
 
 def load_text_encoder(cache_root_or_manifest: Union[str, Path, TeacherCache], *,
@@ -57,14 +27,9 @@ def load_text_encoder(cache_root_or_manifest: Union[str, Path, TeacherCache], *,
         path = Path(cache)
         cache = TeacherCache(path.parent if path.name == MANIFEST_NAME else path)
     if cache.teacher_name == "synthetic":
-        from .synthetic import SyntheticTextEncoder
-
         return SyntheticTextEncoder(dim=cache.feature_dim)
     clip_info = cache.teacher_info.get("clip")
     if isinstance(clip_info, dict):
-        from .clip import ClipTextEncoder, load_clip_from_info
-        from .masks import read_weights_sidecar
-
         if clip_checkpoint is None:
             recorded = read_weights_sidecar(cache.root).get("clip_checkpoint")
             clip_checkpoint = recorded if recorded and Path(recorded).is_file() else None

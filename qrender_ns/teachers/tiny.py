@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from qrender_ns.teachers.masks import GroundedSam2ClipConfig
+
 TINY_CLIP_NAME = "qsplat-tiny-random-clip"
 TINY_CLIP = {"embed_dim": 512,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
@@ -32,7 +36,6 @@ def cache_dir() -> Path:
 def make_tiny_grounding_dino(folder: Path) -> Path:
     """A random GroundingDINO with a processor, saved like a hub snapshot (config.json, model.safetensors,
     tokenizer and processor files)."""
-    import torch
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
@@ -76,8 +79,6 @@ def tiny_grounding_dino() -> Path:
 
 def tiny_teacher_config(prompts: Sequence[str], device: str = "cpu", batch_size: int = 32, **overrides):
     """GroundedSam2ClipConfig of the tiny random models (every box kept: thresholds 0)."""
-    from .masks import GroundedSam2ClipConfig
-
     settings = dict(prompts=tuple(prompts), clip_model=TINY_CLIP_NAME, clip_model_cfg=TINY_CLIP,
                     sam2_config="sam2.1_hiera_t", sam2_overrides=("++model.image_size=256",),
                     detector=str(tiny_grounding_dino()), box_threshold=0.0, text_threshold=0.0, min_mask_pixels=4,

@@ -1,0 +1,99 @@
+"""Which Gaussians a text query selects: the one rule of `qsplat query`, the opengaussian-3d protocol and
+eval-scannet's 3D selection metrics.
+
+- "wins" (the default, no threshold): a Gaussian belongs to query q when its feature is non-zero (a training
+  pixel reached it) and cos(f, e_q) is larger than cos(f, e_c) for every competitor c: the run's vocabulary (the
+  teacher's class / prompt list recorded with the run: `model.class_names`, from the generated scene's
+  gt/scene.json or the teacher cache's class_names, e.g. the grounded-sam2 prompts) and the canonical negatives,
+  the query itself removed from them (after normalize_text).
+- "absolute" (the old rule, kept for comparison): LERF's relevancy against the canonical negatives > threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qrender_ns.features.relevancy import relevancy
+from qrender_ns.teachers.vocabulary import normalize_text
+
+SelectionMode = Literal["wins", "absolute"]
+SELECTION_MODES = ("wins", "absolute")
+DEFAULT_THRESHOLD = 0.55
+
+
+@dataclass
+class SelectionRule:
+    """How a text query selects Gaussians."""
+
+    mode: SelectionMode = "wins"
+    """wins: the query beats the run's vocabulary and the canonical negatives (no threshold); absolute: LERF
+    relevancy against the canonical negatives above `threshold` (the old rule)."""
+    threshold: float = DEFAULT_THRESHOLD
+    """absolute only: the relevancy a Gaussian must exceed."""
+
+    def check(self) -> None:
+        if self.mode not in SELECTION_MODES:
+            raise ValueError(f"selection rule must be one of {', '.join(SELECTION_MODES)}, got {self.mode!r}")
+        if self.mode == "absolute" and not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)):
+            raise ValueError(f"the absolute selection needs a finite relevancy threshold, got {self.threshold!r}")
+
+    def describe(self) -> str:
+        if self.mode == "absolute":
+            return f"absolute: relevancy vs the canonical negatives > {self.threshold:g}"
+        return "wins: the query's cosine beats every other vocabulary prompt and canonical negative (no threshold)"
+
+
+def competitor_texts(query: str, vocabulary: Sequence[str], negatives: Sequence[str]) -> List[str]:
+    """The texts the query must beat: vocabulary then negatives, normalised, de-duplicated, the query removed."""
+    own = normalize_text(query)
+    out: List[str] = []
+    for text in (*vocabulary, *negatives):
+        norm = normalize_text(text)
+        if norm and norm != own and norm not in out:
+            out.append(norm)
+    if not out:
+        raise ValueError(f"the 'wins' selection of '{own}' has nothing to win against: the run records no other "
+                         "class/prompt and no canonical negative (use --selection absolute, or train with a vocabulary)")
+    return out
+
+
+def wins_mask(features: Tensor, query: Tensor, competitors: Tensor, chunk: int = 262_144) -> Tensor:
+    """[G] bool: non-zero feature and cos(f, query) > max_j cos(f, competitors[j]) (features [G, D], query [D],
+    competitors [J, D], J >= 1)."""
+    if competitors.ndim != 2 or competitors.shape[0] == 0:
+        raise ValueError("the 'wins' selection needs at least one competitor embedding")
+    q = F.normalize(query.to(features), dim=-1)
+    c = F.normalize(competitors.to(features), dim=-1)
+    out = []
+    for start in range(0, features.shape[0], chunk):
+        rows = features[start:start + chunk]
+        f = F.normalize(rows, dim=-1)
+        out.append((f @ q > (f @ c.T).amax(-1)) & (rows.abs().amax(-1) > 0))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=features.device)
+
+
+def gaussian_relevancy(model, text: str) -> Tensor:
+    """[G] LERF relevancy of every Gaussian's feature to `text` against the canonical negatives (the old rule's
+    score; also written into the query PLY)."""
+    with torch.no_grad():
+        features = model.gaussian_features.detach()
+        embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(features)
+        return relevancy(features, embeddings[0], embeddings[1:])
+
+
+def select_by_rule(model, text: str, rule: SelectionRule) -> Tensor:
+    """[G] bool: the Gaussians `text` selects under `rule` (no opacity cut)."""
+    rule.check()
+    if rule.mode == "absolute":
+        return gaussian_relevancy(model, text) > rule.threshold
+    competitors = competitor_texts(text, model.class_names, model.config.relevancy_negatives)
+    with torch.no_grad():
+        features = model.gaussian_features.detach()
+        embeddings = model.text_encoder.encode([text, *competitors]).to(features)
+        return wins_mask(features, embeddings[0], embeddings[1:])

@@ -1,0 +1,1 @@
+"""Triton kernels of the rasterizer (optional dependency: imported only when a Triton backend runs)."""
