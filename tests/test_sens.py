@@ -171,7 +171,8 @@ def test_every_value_reads_back(scene, tmp_path):
         assert color.shape == (CH, CW, 3)
         assert np.abs(color.astype(int) - rgb.astype(int)).mean() < 3
     assert sorted(p.name for p in result.plys) == ["scene0007_00_vh_clean_2.labels.ply", "scene0007_00_vh_clean_2.ply"]
-    assert (out / "scene0007_00_vh_clean_2.ply").read_bytes() == (sens.parent / "scene0007_00_vh_clean_2.ply").read_bytes()
+    ply = "scene0007_00_vh_clean_2.ply"
+    assert (out / ply).read_bytes() == (sens.parent / ply).read_bytes()
     assert not (out / sensmod.PARTIAL_DIR).exists()
     assert json.loads((out / sensmod.MANIFEST).read_text())["frame_stride"] == 1
 

@@ -131,8 +131,8 @@ def read_header(path: Path) -> SensHeader:
     with open(path, "rb") as f:
         head = f.read(12)
         if len(head) < 4:
-            raise SensError(f"{path} is not a ScanNet .sens file (only {size} bytes; a .sens header alone is "
-                            f"over 280 bytes).")
+            raise SensError(f"{path} is not a ScanNet .sens file (only {size} bytes; a .sens header alone "
+                            f"takes at least 304).")
         (version,) = struct.unpack("<I", head[:4])
         if version != SENS_VERSION:
             raise SensError(f"{path} is not a ScanNet .sens file of version {SENS_VERSION} (its first 4 bytes read "
