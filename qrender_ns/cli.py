@@ -24,7 +24,7 @@ def commands():
     from qrender_ns.data.scene_generator import MakeScene
     from qrender_ns.eval.options import EvalLerfOvs, EvalScannet, Report
     from qrender_ns.workflows.options import (Backproject, BuildExt, Demo, ExtractFeatures, MakeDataset,
-                                              PredictFeatures, Query, RenderDemo, TrainGSNet)
+                                              PredictFeatures, PrepareScannet, Query, RenderDemo, TrainGSNet)
 
     return Union[
         Annotated[BuildExt, tyro.conf.subcommand("build-ext")],
@@ -32,6 +32,7 @@ def commands():
         Annotated[Demo, tyro.conf.subcommand("demo")],
         Annotated[MakeScene, tyro.conf.subcommand("make-scene")],
         Annotated[MakeDataset, tyro.conf.subcommand("make-dataset")],
+        Annotated[PrepareScannet, tyro.conf.subcommand("prepare-scannet")],
         Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
         Annotated[Query, tyro.conf.subcommand("query")],
         Annotated[EvalScannet, tyro.conf.subcommand("eval-scannet")],

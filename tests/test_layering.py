@@ -143,3 +143,28 @@ def test_nerfstudio_discovers_the_method_and_the_dataparser():
                          cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("QSplatDataParserConfig")
+
+
+def _sources():
+    for module, path, _ in _modules():
+        yield module, path.read_text()
+
+
+def test_one_atomic_writer():
+    """Files are renamed into place only by utils.fsio.atomic_write (folders: teachers/tiny.py's downloaded-model
+    folder, the scene generator's output folder)."""
+    folder_renames = {"qrender_ns.teachers.tiny"}
+    offenders = [m for m, text in _sources() if "os.replace(" in text and m not in folder_renames | {"qrender_ns.utils.fsio"}]
+    assert not offenders, offenders
+
+
+def test_gsplat_private_functions_only_through_the_shim():
+    offenders = [m for m, text in _sources() if ("gsplat.cuda._" in text or "gsplat.cuda import _" in text)
+                 and m != "qrender_ns.render.gsplat_shim"]
+    assert not offenders, offenders
+
+
+def test_one_quaternion_to_rotation():
+    """The rotation-matrix formula of a wxyz quaternion is written once (utils/geometry.py)."""
+    offenders = [m for m, text in _sources() if "1 - 2 * (y * y + z * z)" in text and m != "qrender_ns.utils.geometry"]
+    assert not offenders, offenders

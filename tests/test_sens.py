@@ -23,7 +23,7 @@ from PIL import Image
 
 from qrender_ns.data import sens as sensmod
 from qrender_ns.data.sens import SensError, export_scannet
-from qrender_ns.workflows.prepare_scannet import PrepareScannet
+from qrender_ns.workflows.options import PrepareScannet
 
 REPO = Path(__file__).resolve().parents[1]
 CW, CH, DW, DH = 64, 48, 32, 24
@@ -411,7 +411,7 @@ def test_verb_bad_file_is_one_line_without_traceback(tmp_path):
     assert str(info.value).startswith("[q-splat] ") and str(bad) in str(info.value)
     assert not (tmp_path / "out").exists()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([sys.executable, "-m", "qrender_ns.workflows.prepare_scannet", str(bad), "--out",
+    run = subprocess.run([sys.executable, "-m", "qrender_ns.cli", "prepare-scannet", str(bad), "--out",
                           str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr

@@ -41,9 +41,9 @@ from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from qrender_ns.data.checks import check_image_count, check_images_readable, check_poses, check_seed_points
+from qrender_ns.data.keys import SCANNET_DIRS  # noqa: F401  (also imported from here)
 from qrender_ns.data.scene_generator import nerfstudio_parser_config, scannet_parser_config
 
-SCANNET_DIRS = ("color", "depth", "pose", "intrinsic")
 COLMAP_MODEL_DIRS = ("sparse/0", "colmap/sparse/0", "sparse")
 MAX_AUTO_IMAGE_SIZE = 1600  # nerfstudio's MAX_AUTO_RESOLUTION
 Layout = Literal["scannet", "nerfstudio", "instant-ngp", "colmap"]

@@ -103,6 +103,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from qrender_ns.utils.geometry import quat_to_rotmat_numpy
+
 PathLike = Union[str, Path]
 
 FEATURES_FORMAT = "qsplat-gaussian-features"
@@ -562,12 +564,7 @@ def rotmat_to_quat_wxyz(R: np.ndarray) -> np.ndarray:
 def quat_wxyz_to_rotmat(q: np.ndarray) -> np.ndarray:
     """[...,4] wxyz (normalised here) -> [...,3,3], as gsplat's ``normalized_quat_to_rotmat``."""
     q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    m = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                  2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                  2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=-1)
-    return m.reshape(q.shape[:-1] + (3, 3))
+    return quat_to_rotmat_numpy(q.reshape(-1, 4)).reshape(q.shape[:-1] + (3, 3))
 
 
 def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""How the teacher cache and the datamanager name an image: its path inside the scene folder."""
+"""Naming conventions shared by the readers and writers of scenes: an image's key (its path inside the scene
+folder, used by the teacher cache and the datamanager) and ScanNet's exported folders."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Union
 
 PathLike = Union[str, Path]
+SCANNET_DIRS = ("color", "depth", "pose", "intrinsic")  # ScanNet's SensReader export, read by data/dataparser.py
 
 
 def image_key(image_path: PathLike, scene_root: PathLike) -> str:

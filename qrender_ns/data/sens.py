@@ -61,11 +61,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from qrender_ns.data.keys import SCANNET_DIRS
+from qrender_ns.utils.fsio import atomic_write
+
 SENS_VERSION = 4
 COLOR_COMPRESSION = {-1: "unknown", 0: "raw", 1: "png", 2: "jpeg"}
 DEPTH_COMPRESSION = {-1: "unknown", 0: "raw_ushort", 1: "zlib_ushort", 2: "occi_ushort"}
 DEFAULT_FRAME_STRIDE = 20  # OpenScene preprocess_2d_scannet.py --frame_skip, used by OpenGaussian
-SCANNET_DIRS = ("color", "depth", "pose", "intrinsic")  # = qrender_ns.data.dataparser.SCANNET_DIRS
 INTRINSIC_FILES = ("intrinsic_color.txt", "extrinsic_color.txt", "intrinsic_depth.txt", "extrinsic_depth.txt")
 PLY_SUFFIXES = ("_vh_clean_2.ply", "_vh_clean_2.labels.ply")
 PARTIAL_DIR = ".sens_partial"
@@ -264,7 +266,8 @@ class ExportResult:
 
 
 class _Writer:
-    """Atomic writes: a temp file under <out>/.sens_partial, then os.replace onto the final name."""
+    """Atomic writes (utils.fsio.atomic_write): a temp file under <out>/.sens_partial renamed onto the final name;
+    no fsync per frame (thousands of files; a resumed run redoes what a power cut lost)."""
 
     def __init__(self, out: Path):
         self.partial = out / PARTIAL_DIR
@@ -274,15 +277,13 @@ class _Writer:
     def write(self, dest: Path, data: bytes) -> None:
         self.counter += 1
         tmp = self.partial / f"{os.getpid()}-{self.counter}{dest.suffix}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda f: f.write(data), tmp_path=tmp, fsync=False)
 
     def copy(self, src: Path, dest: Path) -> None:
         self.counter += 1
         tmp = self.partial / f"{os.getpid()}-{self.counter}{dest.suffix}"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        with open(src, "rb") as source:
+            atomic_write(dest, lambda f: shutil.copyfileobj(source, f), tmp_path=tmp, fsync=False)
 
     def close(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)

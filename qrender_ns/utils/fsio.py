@@ -52,18 +52,21 @@ def check_writable_dir(folder: PathLike, fix: str = "") -> None:
         raise SystemExit(f"[q-splat] {sentence}") from None
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], tmp_path: Optional[PathLike] = None) -> None:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], tmp_path: Optional[PathLike] = None,
+                 fsync: bool = True) -> None:
     """Write `path` crash-safely: `write(f)` into a new temporary file (beside `path`, or `tmp_path`), flush,
     fsync, then rename it over `path`. A kill -9 leaves the old file or the new one, never a torn one; on any
     failure the temporary is removed and the error re-raised (callers turn OSError into their sentence). The
-    file gets mode 0666 & ~umask like any other (mkstemp's would be 0600)."""
+    file gets mode 0666 & ~umask like any other (mkstemp's would be 0600). `fsync=False` for bulk files whose
+    loss in a power cut a resumable writer redoes anyway (the rename alone covers a killed process)."""
     path = Path(path)
     tmp = Path(tmp_path) if tmp_path is not None else path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

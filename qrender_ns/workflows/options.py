@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple
 
+import tyro
+
 from qrender_ns.data.scene_generator import SceneVariation
 from qrender_ns.gsnet.augment import GSNetAugment
 from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.teachers.settings import TeacherSettings
 
 FitKind = Literal["plain", "depth"]
+DEFAULT_FRAME_STRIDE = 20  # every 20th frame of a .sens (OpenGaussian / OpenScene; data/sens.py)
 
 
 @dataclass
@@ -287,5 +290,30 @@ class Backproject:
 
     def main(self) -> None:
         from qrender_ns.workflows.backproject import main
+
+        main(self)
+
+
+@dataclass
+class PrepareScannet:
+    """Convert a raw ScanNet .sens file into the scene layout `ns-train q-splat --data` reads."""
+
+    sens: tyro.conf.Positional[Path]
+    """The ScanNet <scene>.sens file (its <scene>_vh_clean_2.ply and .labels.ply beside it are copied too)."""
+    out: Optional[Path] = None
+    """Scene folder to write color/ depth/ pose/ intrinsic/ into (default: the folder holding the .sens)."""
+    frame_stride: int = DEFAULT_FRAME_STRIDE
+    """Keep every Nth frame (20: OpenGaussian / OpenScene's frame_skip; 1 keeps all); names keep the frame index."""
+    image_size: Optional[Tuple[int, int]] = None
+    """WIDTH HEIGHT of the written colour images (default: native, 1296 968 for ScanNet; intrinsics are scaled)."""
+    max_frames: Optional[int] = None
+    """Stop after this many selected frames (default: all)."""
+    overwrite: bool = False
+    """Replace an earlier export in --out (otherwise it is resumed, and other settings are refused)."""
+    progress: bool = True
+    """Show a progress bar (rich) on a terminal."""
+
+    def main(self) -> None:
+        from qrender_ns.workflows.prepare_scannet import main
 
         main(self)
