@@ -76,7 +76,7 @@ def test_culled_rows_left_unwritten_by_the_projection_are_not_scanned(monkeypatc
     stand-in projection fills them with NaN. Only the rows the tiles list may be read or checked."""
     from gsplat_standins import nan_fill_culled
 
-    from qrender_ns.render import rasterize as module
+    from qrender_ns.render import projection as module  # project_and_bin looks project_gaussians up there
 
     means, quats, scales, opac, feats = _random_gaussians(60, 8)
     means[:10, 2] = -1.0  # behind the camera: culled
