@@ -362,6 +362,60 @@ def test_teacher_noise_is_recorded_and_checked(tmp_path):
     assert TeacherCache(default_cache_root(info.root, "synthetic")).teacher_info["label_noise"] == 0.2
 
 
+def _real_layout(tmp_path, name="real", labels=False) -> Path:
+    """A generated nerfstudio-layout scene made to look like a user's capture: no gt/ (not a generated scene) and,
+    unless labels, no LeRF-OVS label/ folder (no vocabulary known before training)."""
+    import shutil
+
+    info = sg.generate_scene(tmp_path / name, layout="nerfstudio", seed=0, **SMALL)
+    shutil.rmtree(info.root / "gt")
+    if not labels:
+        shutil.rmtree(info.root / "label", ignore_errors=True)
+    return info.root
+
+
+def test_auto_picks_the_prompt_free_teacher_when_no_prompts_are_known(tmp_path):
+    """teacher auto: synthetic on generated scenes; on real ones grounded-sam2-clip when prompts are known (given, a
+    LeRF-OVS label folder, ScanNet's classes), else sam2-auto-clip; options of another teacher are one-line errors."""
+    from qrender_ns.teachers.settings import TeacherSettings, TeacherSetupError, resolve_prompts, resolve_teacher
+    from qrender_ns.teachers.setup import existing_cache_root
+
+    real, labelled, generated = _real_layout(tmp_path), _real_layout(tmp_path, "lerf", labels=True), _scene(tmp_path)
+    auto = TeacherSettings()
+    assert resolve_teacher(auto, real, layout="nerfstudio") == "sam2-auto-clip"
+    assert resolve_teacher(TeacherSettings(teacher_weights="random-tiny"), real, layout="nerfstudio") == "sam2-auto-clip"
+    assert resolve_teacher(TeacherSettings(mask_level="all"), real, layout="nerfstudio") == "sam2-auto-clip"
+    assert resolve_teacher(TeacherSettings(prompts="chair"), real, layout="nerfstudio") == "grounded-sam2-clip"
+    assert resolve_teacher(auto, labelled, layout="nerfstudio") == "grounded-sam2-clip"  # LeRF-OVS categories
+    assert resolve_teacher(auto, real, layout="scannet") == "grounded-sam2-clip"  # the ScanNet-19 classes
+    assert resolve_teacher(auto, generated.root, layout="scannet") == "synthetic"
+    assert resolve_teacher(TeacherSettings(teacher_weights="random-tiny"), generated.root) == "grounded-sam2-clip"
+
+    errors = [
+        (TeacherSettings(prompts="chair", mask_level="large"), "--prompts \(grounded-sam2-clip\) and --mask-level"),
+        (TeacherSettings(teacher="grounded-sam2-clip", mask_level="small"), "--mask-level is not read by the grounded"),
+        (TeacherSettings(teacher="sam2-auto-clip", prompts="chair"), "--prompts is not read by the sam2-auto-clip"),
+        (TeacherSettings(teacher="synthetic", mask_level="small"), "--mask-level is not read by the synthetic"),
+    ]
+    for settings, message in errors:
+        with pytest.raises(TeacherSetupError, match=message) as err:
+            resolve_teacher(settings, real, layout="nerfstudio")
+        assert "\n" not in str(err.value)
+    with pytest.raises(TeacherSetupError, match="needs text prompts.*prompt-free sam2-auto-clip teacher") as err:
+        resolve_prompts(TeacherSettings(teacher="grounded-sam2-clip"), real, "nerfstudio", "--pipeline.datamanager.")
+    assert "--pipeline.datamanager.prompts" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(TeacherSetupError, match="cannot read the prompts file .*nowhere.txt"):
+        resolve_prompts(TeacherSettings(prompts_file=tmp_path / "nowhere.txt"), real, "nerfstudio")
+
+    # A finished run's saved config says auto: its cache is found without any weights, the one auto picks first.
+    assert existing_cache_root(auto, real) is None
+    for name in ("grounded-sam2-clip", "sam2-auto-clip"):
+        (real / "qsplat_teacher" / name).mkdir(parents=True)
+        (real / "qsplat_teacher" / name / "manifest.json").write_text("{}")
+    assert existing_cache_root(auto, real) == real / "qsplat_teacher" / "sam2-auto-clip"
+    assert existing_cache_root(TeacherSettings(prompts="chair"), real) == real / "qsplat_teacher" / "grounded-sam2-clip"
+
+
 def test_nerfstudio_dataparser_filenames_map_to_cache_keys(tmp_path):
     info = _scene(tmp_path, layout="nerfstudio", seed=1)
     SyntheticTeacher(info.root).run(progress=False)

@@ -1,4 +1,5 @@
-"""The grounded-sam2-clip teacher (GroundingDINO + SAM2 + open_clip), offline.
+"""The real teachers, offline: grounded-sam2-clip (GroundingDINO + SAM2 + open_clip) and the prompt-free
+sam2-auto-clip (SAM2's automatic masks + open_clip).
 
 Without weights everything runs on randomly initialised small models: a tiny open_clip architecture (with
 open_clip's shipped BPE tokenizer), SAM2's tiny config with no checkpoint (input shrunk to 256 px), and a tiny
@@ -23,6 +24,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 pytest.importorskip("sam2", reason="sam2 is not installed (the `teachers` extra)")
 
 from qrender_ns.data import scene_generator as sg  # noqa: E402
+from qrender_ns.teachers import automatic as qauto  # noqa: E402
 from qrender_ns.teachers import clip as qclip  # noqa: E402
 from qrender_ns.teachers import masks as qmasks  # noqa: E402
 from qrender_ns.teachers.cache import TeacherCache  # noqa: E402
@@ -287,8 +289,9 @@ def test_missing_checkpoints_give_clear_errors(tmp_path, monkeypatch, detector):
                                               "--prompts", "chair,table", "--clip-checkpoint", str(tmp_path / "no.bin"),
                                               "--detector-checkpoint", str(detector), "--teacher-device", "cpu"])
     assert command.sam2_config is None and command.teacher_batch_size == 32
-    with pytest.raises(SystemExit, match=f"No open_clip checkpoint.*\n.*{tmp_path / 'no.bin'}"):
+    with pytest.raises(SystemExit, match=f"No open_clip checkpoint.*{tmp_path / 'no.bin'}") as err:
         command.main()
+    assert "\n" not in str(err.value)  # one sentence, in qsplat as in ns-train
     assert not (scene.root / "qsplat_teacher" / "grounded-sam2-clip").exists()
 
     # A checkpoint option without --teacher picks the real teacher (never a silent synthetic run) ...
@@ -344,6 +347,172 @@ def test_ns_train_and_eval_from_a_grounded_sam2_clip_cache(tmp_path, detector):
     model._text_encoder, model.config.allow_random_text_encoder = None, False
     with pytest.raises(ValueError, match="allow-random-text-encoder"):
         model.text_encoder  # noqa: B018
+
+
+# --- the prompt-free teacher: sam2-auto-clip -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_extracted(tmp_path_factory):
+    """The 3-image generated scene (2 training images) with a filled sam2-auto-clip cache (tiny random models)."""
+    info = _scene(tmp_path_factory.mktemp("auto"))
+    teacher = qauto.Sam2AutoClipTeacher(info.root, qtiny.tiny_auto_config())
+    return info, teacher, teacher.run(progress=False)
+
+
+def test_prompt_free_extraction_writes_a_valid_cache(auto_extracted, detector):
+    info, teacher, stats = auto_extracted
+    assert teacher.image_keys == ["color/0.jpg", "color/2.jpg"] and (stats.written, stats.skipped) == (2, 0)
+    cache = TeacherCache(teacher.cache_root)
+    assert teacher.cache_root == info.root / "qsplat_teacher" / "sam2-auto-clip"  # its own folder, the same format
+    cache.validate(teacher.image_keys, sizes=[(HEIGHT, WIDTH)] * 2)
+    assert cache.teacher_name == "sam2-auto-clip" and cache.feature_dim == 512
+    assert cache.class_names == []  # no vocabulary before training
+    for key in teacher.image_keys:
+        mask_ids, embeddings = cache.read(key)
+        num_masks = embeddings.shape[0]
+        assert mask_ids.shape == (HEIGHT, WIDTH) and num_masks >= 2  # negatives for the contrastive loss
+        assert set(np.unique(mask_ids.numpy())) <= set(range(-1, num_masks))
+        assert set(range(num_masks)) <= set(np.unique(mask_ids.numpy()))
+        assert torch.allclose(embeddings.norm(dim=1), torch.ones(num_masks), atol=1e-5)
+        assert int(np.bincount(mask_ids.numpy()[mask_ids.numpy() >= 0]).min()) >= 4
+    info_ = cache.teacher_info
+    assert info_["version"] == qauto.VERSION and "prompts" not in info_ and "detector" not in info_
+    assert info_["clip"]["random_init"] is True and info_["sam2"]["random_init"] is True
+    assert info_["automatic_masks"]["mask_level"] == "large" and info_["automatic_masks"]["points_per_side"] == 4
+    sidecar = json.loads((teacher.cache_root / "weights.json").read_text())
+    assert sidecar == {"clip_checkpoint": None, "sam2_checkpoint": None}
+
+    # The text side: the teacher's own CLIP (refused while random unless allowed), as for grounded-sam2-clip.
+    with pytest.raises(ValueError, match="randomly initialised CLIP"):
+        load_text_encoder(teacher.cache_root)
+    encoder = load_text_encoder(teacher.cache_root, allow_random_init=True)
+    assert encoder.name == "sam2-auto-clip" and encoder.dim == 512
+    assert torch.allclose(encoder.encode(["chair"]), teacher.clip.encode_text(["chair"]), atol=1e-6)
+
+    # A grounded-sam2-clip cache of the same scene lives beside it: neither replaces the other.
+    assert not (info.root / "qsplat_teacher" / "grounded-sam2-clip").exists()
+    grounded = qmasks.GroundedSam2ClipTeacher(info.root, tiny_config(detector), image_keys=["color/0.jpg"])
+    assert grounded.cache_root != teacher.cache_root
+
+
+def test_prompt_free_resume_and_invalidation(auto_extracted):
+    info, _, _ = auto_extracted
+    again = qauto.Sam2AutoClipTeacher(info.root, qtiny.tiny_auto_config())
+    assert (again.run(progress=False).written, again._segmenter, again._clip) == (0, None, None)  # nothing loaded
+    other = qauto.Sam2AutoClipTeacher(info.root, qtiny.tiny_auto_config(mask_level="all"))
+    with pytest.raises(ValueError, match=r"other settings \(differ: automatic_masks\)"):
+        other.run(progress=False)  # another granularity is never mixed in silently ...
+    assert other.run(overwrite=True, progress=False).written == 2  # ... only on request
+    assert TeacherCache(other.cache_root).teacher_info["automatic_masks"]["mask_level"] == "all"
+    with pytest.raises(ValueError, match="mask level must be one of small, medium, large, all"):
+        qtiny.tiny_auto_config(mask_level="huge")
+
+
+def test_one_granularity_is_the_area_rank_of_the_three_masks_per_point():
+    """small / medium / large: per point the smallest / middle / largest of SAM2's three masks by area, whatever
+    the order of SAM2's outputs; the predicted IoUs and low-res logits follow their mask."""
+    from types import SimpleNamespace
+
+    areas = [[9, 1, 4], [1, 4, 9]]  # per point, SAM2's three masks in output order
+    masks = torch.full((2, 3, 3, 3), -1.0)
+    for p, row in enumerate(areas):
+        for k, area in enumerate(row):
+            masks[p, k].view(-1)[:area] = 1.0
+    ious = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    low_res = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2)
+
+    def predict(points, labels, multimask_output=True, return_logits=False):
+        return (masks, ious, low_res) if multimask_output else (masks[:, :1], ious[:, :1], low_res[:, :1])
+
+    for level, chosen in (("small", [1, 0]), ("medium", [2, 1]), ("large", [0, 2])):
+        generator = SimpleNamespace(predictor=SimpleNamespace(_predict=predict), mask_threshold=0.0)
+        qmasks.keep_one_granularity(generator, level)
+        out_masks, out_ious, out_low = generator.predictor._predict(None, None, multimask_output=True,
+                                                                     return_logits=True)
+        assert out_masks.shape == (2, 1, 3, 3) and out_ious.shape == (2, 1) and out_low.shape == (2, 1, 2, 2)
+        for p, k in enumerate(chosen):
+            assert torch.equal(out_masks[p, 0], masks[p, k]) and out_ious[p, 0] == ious[p, k]
+            assert torch.equal(out_low[p, 0], low_res[p, k])
+        assert generator.predictor._predict(None, None, multimask_output=False)[0].shape[1] == 1
+    with pytest.raises(ValueError, match="mask level"):
+        qmasks.keep_one_granularity(SimpleNamespace(predictor=SimpleNamespace(_predict=predict), mask_threshold=0.0),
+                                    "all")
+
+
+def _real_capture_layout(root: Path) -> Path:
+    """A generated nerfstudio-layout scene without gt/ and label/: to q-splat, a user's capture with no prompts."""
+    import shutil
+
+    info = sg.generate_scene(root, layout="nerfstudio", seed=3, num_images=6, width=WIDTH, height=HEIGHT,
+                             num_eval=1, num_points=3000)
+    shutil.rmtree(info.root / "gt")
+    shutil.rmtree(info.root / "label", ignore_errors=True)
+    return info.root
+
+
+def test_ns_train_a_capture_without_prompts_trains_open_vocabulary_features(tmp_path):
+    """`ns-train q-splat --data <capture>` with no prompts: teacher auto picks sam2-auto-clip, fills its cache (tiny
+    random models: --pipeline.datamanager.teacher-weights random-tiny) and trains the features; a query then
+    competes against the canonical negatives only (the run has no vocabulary)."""
+    from test_method import make_config, train
+
+    from qrender_ns.features.selection import SelectionRule, competitor_texts, select_by_rule
+
+    scene = _real_capture_layout(tmp_path / "capture")
+    steps = 40
+    config = make_config(scene, tmp_path / "runs", steps=steps)
+    config.pipeline.datamanager.teacher_weights = "random-tiny"
+    start = time.perf_counter()
+    trainer, history = train(config, steps)
+    print(f"\n[teachers] sam2-auto-clip extraction + {steps} steps: {time.perf_counter() - start:.1f} s")
+    cache = trainer.pipeline.datamanager.teacher_cache
+    assert cache.teacher_name == "sam2-auto-clip" and cache.root == scene / "qsplat_teacher" / "sam2-auto-clip"
+    feat = [h["feature_loss"] for h in history if "feature_loss" in h]
+    assert len(feat) >= steps - 15 and all(np.isfinite(feat))
+    model = trainer.pipeline.model
+    assert model.class_names == [] and model.text_encoder.name == "sam2-auto-clip"
+    assert competitor_texts("chair", model.class_names, model.config.relevancy_negatives) == list(
+        model.config.relevancy_negatives)
+    selected = select_by_rule(model, "chair", SelectionRule())
+    assert selected.dtype == torch.bool and selected.shape == (model.gaussian_features.shape[0],)
+
+
+def test_teacher_setup_errors_end_ns_train_with_one_line(tmp_path):
+    """No weights on the machine: `ns-train q-splat --data <capture without prompts>` ends with one sentence (which
+    teacher, what is missing, where it looked, the alternatives), no traceback; so does an explicit
+    grounded-sam2-clip without prompts, in the datamanager's set-up."""
+    import subprocess
+    import sys
+
+    from qrender_ns.data.dataparser import QSplatDataParserConfig
+    from qrender_ns.method.datamanager import QSplatDataManagerConfig
+
+    scene = _real_capture_layout(tmp_path / "capture")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    env = dict(os.environ, QSPLAT_WEIGHTS_DIR=str(empty), HF_HUB_CACHE=str(empty), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([str(Path(sys.executable).parent / "ns-train"), "q-splat", "--data", str(scene),
+                             "--output-dir", str(tmp_path / "runs"), "--machine.device-type", "cpu", "--vis",
+                             "tensorboard", "--max-num-iterations", "5"],
+                            capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "[q-splat]" in line]
+    assert len(lines) == 1 and result.stderr.rstrip().endswith(lines[0]), result.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("[q-splat] The sam2-auto-clip teacher (auto's choice for a real scene without prompts) "
+                           "needs its weights on this machine: No open_clip checkpoint")
+    assert str(empty / "laion") in line and "--pipeline.datamanager.clip-checkpoint PATH" in line
+    assert "--pipeline.datamanager.teacher-weights random-tiny" in line and "--pipeline.datamanager.teacher none" in line
+    assert not (scene / "qsplat_teacher").exists()
+
+    config = QSplatDataManagerConfig(dataparser=QSplatDataParserConfig(data=scene), teacher="grounded-sam2-clip")
+    with pytest.raises(SystemExit, match=r"^\[q-splat\] the grounded-sam2-clip teacher needs text prompts") as err:
+        config.setup(device="cpu", test_mode="val")
+    assert "\n" not in str(err.value) and "--pipeline.datamanager.prompts" in str(err.value)
 
 
 # --- real weights ----------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ scenes gain `gt_classes` (long [H, W], 0 = none), the ground truth of the 2D mIo
 When training starts, a missing or partial teacher cache is filled first, from the images exactly as this
 datamanager serves them (undistorted, cropped, downscaled; data/datamanager.py, teachers/filling.py): `ns-train q-splat --data
 <scene>` is one command. The dataparser is any of nerfstudio's (`ns-train q-splat ... colmap --downscale-factor
-4` works); the default `qsplat-data` detects the layout (data/dataparser.py).
+4` works); the default `qsplat-data` detects the layout (data/dataparser.py). A teacher that cannot start (no
+prompts where needed, missing weights or packages, options of another teacher) ends ns-train with its one-line
+`[q-splat] ...` sentence (SystemExit), as `qsplat extract-features` does.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ class QSplatDataManager(ServedImages):
 
     def __init__(self, config: QSplatDataManagerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.teacher_cache = self._setup_teacher(training=self.test_mode == "val")
+        try:
+            self.teacher_cache = self._setup_teacher(training=self.test_mode == "val")
+        except TeacherSetupError as e:  # no prompts, missing weights or packages: one line, not a traceback
+            raise SystemExit(f"[q-splat] {e}") from None
         random_teacher = bool(self.teacher_cache and (self.teacher_cache.teacher_info.get("clip") or {}).get("random_init"))
         # The pipeline hands train_dataset.metadata (a copy of the parser's) to the model.
         self.train_dataset.metadata.update(
@@ -68,7 +73,7 @@ class QSplatDataManager(ServedImages):
         if not training:  # ns-eval / ns-viewer: read the cache the run used (if any); never compute
             root = existing_cache_root(settings, self.scene_root)
             return TeacherCache(root) if root is not None and (root / "manifest.json").is_file() else None
-        name = resolve_teacher(settings, self.scene_root, PREFIX)
+        name = resolve_teacher(settings, self.scene_root, PREFIX, layout=self.layout)
         if name == "none":
             CONSOLE.print("[yellow]\\[q-splat] --pipeline.datamanager.teacher none: training RGB only, no features.[/yellow]")
             return None

@@ -56,6 +56,22 @@ def require(module: str):
             "`QSPLAT_TEACHERS=1 bash scripts/setup_venv.sh` (see docs/teachers.md).") from None
 
 
+def require_installed(*modules: str) -> None:
+    """Check that teacher dependencies are installed without importing them (a teacher's set-up fails at once,
+    before any image, instead of at its first image)."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise TeacherDependencyError(
+                f"`{module}` is not installed. The real teachers need the `teachers` extra: run "
+                "`QSPLAT_TEACHERS=1 bash scripts/setup_venv.sh` (see docs/teachers.md).")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files and hashes
 # ----------------------------------------------------------------------------------------------------
@@ -158,9 +174,9 @@ def resolve_clip_checkpoint(model_name: str = DEFAULT_MODEL, pretrained: Optiona
 
 
 def _missing_clip_message(model_name: str, pretrained: Optional[str], looked: Sequence[str], explicit: bool) -> str:
-    lines = [f"No open_clip checkpoint for {model_name} / {pretrained or '(explicit file)'} on this machine "
-             "(q-splat never downloads weights). Looked for:"]
-    lines += [f"  - {p}" for p in looked]
+    """One line: what is missing, every path looked at, how to fetch it."""
+    message = (f"No open_clip checkpoint for {model_name} / {pretrained or '(explicit file)'} on this machine "
+               f"(q-splat never downloads weights); looked for {', '.join(looked)}")
     repo = None
     if pretrained:
         try:
@@ -168,14 +184,13 @@ def _missing_clip_message(model_name: str, pretrained: Optional[str], looked: Se
         except ValueError:
             repo = None
     if repo:
-        lines += ["Fetch it on a connected machine and copy it here, e.g.:",
-                  f"  hf download {repo} {CHECKPOINT_FILES[1]} --local-dir \"${WEIGHTS_DIR_ENV}/{repo}\"",
-                  f"  (or: python -c \"import open_clip; open_clip.create_model('{model_name}', "
-                  f"pretrained='{pretrained}')\" and copy ~/.cache/huggingface/hub),",
-                  f"then set {WEIGHTS_DIR_ENV} or pass --clip-checkpoint PATH."]
+        message += (f"; fetch it on a connected machine (`hf download {repo} {CHECKPOINT_FILES[1]} --local-dir "
+                    f"\"${WEIGHTS_DIR_ENV}/{repo}\"`), then set {WEIGHTS_DIR_ENV} or pass --clip-checkpoint PATH.")
     elif not explicit:
-        lines.append("Pass --clip-checkpoint PATH to an open_clip checkpoint file.")
-    return "\n".join(lines)
+        message += "; pass --clip-checkpoint PATH to an open_clip checkpoint file."
+    else:
+        message += "."
+    return message
 
 
 # ----------------------------------------------------------------------------------------------------

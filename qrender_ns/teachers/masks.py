@@ -35,7 +35,7 @@ from qrender_ns.data.dataparser import QSplatDataParserConfig
 from qrender_ns.teachers.cache import FillStats, default_cache_root, image_key
 from qrender_ns.teachers.clip import (DEFAULT_MODEL, DEFAULT_PRETRAINED, WEIGHTS_DIR_ENV, ClipModel,
                                       MissingWeightsError, describe_clip, file_sha256, hf_cache_hint, hf_cached_file,
-                                      load_clip, require, weights_dir)
+                                      load_clip, require, require_installed, weights_dir)
 from qrender_ns.teachers.filling import fill_teacher_cache, open_cache_for
 from qrender_ns.utils.fsio import atomic_write_json
 
@@ -160,16 +160,15 @@ def resolve_sam2_checkpoint(config: str, checkpoint: Optional[PathLike] = None) 
             if found is not None:
                 return found
             looked.append(hf_cache_hint(repo, filename))
-    lines = [f"No SAM2 checkpoint for config {key} on this machine (q-splat never downloads weights). Looked for:"]
-    lines += [f"  - {p}" for p in looked]
+    message = (f"No SAM2 checkpoint for config {key} on this machine (q-splat never downloads weights); looked for "
+               f"{', '.join(looked)}")
     if filename:
-        lines += ["Fetch it on a connected machine and copy it here, e.g.:",
-                  f"  hf download {repo} {filename} --local-dir \"${WEIGHTS_DIR_ENV}/{repo}\"",
-                  f"  (or: wget https://dl.fbaipublicfiles.com/segment_anything_2/{folder}/{filename}),",
-                  f"then set {WEIGHTS_DIR_ENV} or pass --sam2-checkpoint PATH."]
+        message += (f"; fetch it on a connected machine (`hf download {repo} {filename} --local-dir "
+                    f"\"${WEIGHTS_DIR_ENV}/{repo}\"`, or wget https://dl.fbaipublicfiles.com/segment_anything_2/"
+                    f"{folder}/{filename}), then set {WEIGHTS_DIR_ENV} or pass --sam2-checkpoint PATH.")
     else:
-        lines.append(f"Known configs: {', '.join(SAM2_CHECKPOINTS)}; pass --sam2-checkpoint PATH for others.")
-    raise MissingWeightsError("\n".join(lines))
+        message += f"; known configs: {', '.join(SAM2_CHECKPOINTS)}; pass --sam2-checkpoint PATH for others."
+    raise MissingWeightsError(message)
 
 
 def resolve_detector(detector: str) -> Path:
@@ -197,13 +196,11 @@ def resolve_detector(detector: str) -> Path:
             pass
         except Exception:  # LocalEntryNotFoundError and friends: not cached
             looked.append(hf_cache_hint(detector, "config.json"))
-    lines = [f"No GroundingDINO model {detector!r} on this machine (q-splat never downloads weights). Looked for:"]
-    lines += [f"  - {p}" for p in looked]
     repo = detector if is_id else DEFAULT_DETECTOR
-    lines += ["Fetch it on a connected machine and copy it here, e.g.:",
-              f"  hf download {repo} --local-dir \"${WEIGHTS_DIR_ENV}/{repo}\"",
-              f"then set {WEIGHTS_DIR_ENV} or pass --detector-checkpoint FOLDER."]
-    raise MissingWeightsError("\n".join(lines))
+    raise MissingWeightsError(
+        f"No GroundingDINO model {detector!r} on this machine (q-splat never downloads weights); looked for "
+        f"{', '.join(looked)}; fetch it on a connected machine (`hf download {repo} --local-dir "
+        f"\"${WEIGHTS_DIR_ENV}/{repo}\"`), then set {WEIGHTS_DIR_ENV} or pass --detector-checkpoint FOLDER.")
 
 
 def detector_sha256(folder: Path) -> str:
@@ -271,7 +268,7 @@ class Sam2Segmenter:
     """SAM2 masks for boxes, and optionally SAM2's automatic masks."""
 
     def __init__(self, config: str, checkpoint: Optional[Path], device: torch.device, overrides: Sequence[str] = (),
-                 seed: int = 0, automatic: Optional[dict] = None):
+                 seed: int = 0, automatic: Optional[dict] = None, level: str = "all"):
         build_sam2 = require("sam2.build_sam").build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -287,6 +284,8 @@ class Sam2Segmenter:
 
             self.generator = SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **automatic)
             self._fit_feature_sizes(self.generator.predictor)
+            if level != "all":
+                keep_one_granularity(self.generator, level)
 
     def _fit_feature_sizes(self, predictor) -> None:
         # SAM2ImagePredictor hard-codes the backbone feature sizes of a 1024 input; keep them in step with the
@@ -316,6 +315,32 @@ class Sam2Segmenter:
         if not records:
             return np.zeros((0, height, width), bool)
         return np.stack([np.asarray(r["segmentation"], bool) for r in records])
+
+
+GRANULARITY_RANK = {"small": 0, "medium": 1, "large": 2}
+
+
+def keep_one_granularity(generator, level: str) -> None:
+    """Make a SAM2AutomaticMaskGenerator keep one granularity: of the three masks SAM2 predicts per grid point
+    (subpart / part / whole), the smallest, middle or largest by area ("small" / "medium" / "large"), as
+    LangSplat's s / m / l levels, which are SAM's multimask outputs 0 / 1 / 2 generated separately. Ranking by
+    area does not rely on the order of SAM2's output tokens. The generator's own filters (predicted IoU,
+    stability, box NMS) then run on that level alone. Wraps the predictor's `_predict` (sam2 1.1.0), the one
+    call `_process_batch` makes with multimask_output=True."""
+    if level not in GRANULARITY_RANK:
+        raise ValueError(f"mask level must be one of {', '.join(GRANULARITY_RANK)} or all, got {level!r}")
+    rank, predict, threshold = GRANULARITY_RANK[level], generator.predictor._predict, generator.mask_threshold
+
+    def one_level(*args, **kwargs):
+        masks, iou_preds, low_res = predict(*args, **kwargs)
+        if masks.shape[1] < 3:  # multimask_output=False: nothing to choose
+            return masks, iou_preds, low_res
+        area = (masks > threshold).flatten(2).sum(-1)  # [B, 3]
+        pick = area.argsort(dim=1, stable=True)[:, rank:rank + 1]  # [B, 1]
+        take = lambda x: x.gather(1, pick.view(-1, 1, *[1] * (x.ndim - 2)).expand(-1, 1, *x.shape[2:]))  # noqa: E731
+        return take(masks), iou_preds.gather(1, pick), take(low_res)
+
+    generator.predictor._predict = one_level
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,31 +422,107 @@ def scene_image_keys(scene_dir: PathLike, splits: Sequence[str] = ("train",)) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-class GroundedSam2ClipTeacher:
-    """Grounded-SAM2 masks + CLIP embeddings for a scene's images, written to its teacher cache.
+class ClipMaskTeacher:
+    """What the real teachers share: SAM2 + open_clip weights resolved and hashed at construction (a missing one
+    or a missing package fails at once, before any work), models loaded lazily on the first image that is not
+    already cached (a finished cache resumes instantly), one id map per image (`compose_mask_ids`) and one CLIP
+    embedding per kept mask (`mask_crop`), the resumable fill and the weights sidecar. A subclass sets `name`,
+    `packages`, `_info` (the manifest's teacher entry) and `masks(image)` (candidates in paint order)."""
 
-    Checkpoints are resolved and hashed at construction (a missing one fails at once, before any work); the
-    models load on the first image that is not already cached, so a finished cache resumes instantly."""
+    name = ""
+    packages: Tuple[str, ...] = ("sam2",)
 
-    name = NAME
-
-    def __init__(self, scene_dir: PathLike, config: GroundedSam2ClipConfig, image_keys: Optional[Sequence[str]] = None,
-                 splits: Sequence[str] = ("train",), cache_root: Optional[PathLike] = None):
+    def _setup_models(self, scene_dir: PathLike, config, cache_root: Optional[PathLike]) -> dict:
+        """Resolve the packages and the CLIP / SAM2 weights; returns the manifest's "sam2" entry."""
         self.scene_dir = Path(scene_dir)
         self.config = config
         self.device = config.resolved_device()
-        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root(self.scene_dir, NAME)
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root(self.scene_dir, self.name)
         c = config
+        require_installed(*self.packages)
         self.clip_info, self.clip_path = describe_clip(
             c.clip_model, c.clip_pretrained, c.clip_checkpoint, random_init=c.random_init,
             model_cfg=c.clip_model_cfg, seed=c.seed)
         self.sam2_path = None if c.random_init else resolve_sam2_checkpoint(c.sam2_config, c.sam2_checkpoint)
-        self.detector_path = resolve_detector(c.detector)
         sam2_info = {"config": _config_key(c.sam2_config), "overrides": list(c.sam2_overrides)}
         if self.sam2_path is None:
             sam2_info.update(random_init=True, seed=c.seed)
         else:
             sam2_info.update(checkpoint_file=self.sam2_path.name, checkpoint_sha256=file_sha256(self.sam2_path))
+        self._clip: Optional[ClipModel] = None
+        self._segmenter: Optional[Sam2Segmenter] = None
+        return sam2_info
+
+    def _setup_images(self, image_keys: Optional[Sequence[str]], splits: Sequence[str]) -> None:
+        self.splits = tuple(splits)
+        self.image_keys = list(image_keys) if image_keys is not None else scene_image_keys(self.scene_dir, splits)
+
+    @property
+    def teacher_info(self) -> dict:
+        """The manifest's teacher entry: any change in it redoes every image."""
+        return json.loads(json.dumps(self._info))
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip_info["dim"])
+
+    @property
+    def clip(self) -> ClipModel:
+        if self._clip is None:
+            c = self.config
+            self._clip = load_clip(c.clip_model, c.clip_pretrained, self.clip_path, device=self.device,
+                                   random_init=c.random_init, model_cfg=c.clip_model_cfg, seed=c.seed)
+        return self._clip
+
+    def masks(self, image: np.ndarray) -> List[np.ndarray]:
+        raise NotImplementedError
+
+    def compute_image(self, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
+        """(mask_ids int32 [H, W], unit embeddings [M, dim]) of one RGB uint8 image."""
+        height, width = image.shape[:2]
+        candidates = self.masks(image)
+        if not candidates:
+            return np.full((height, width), -1, np.int32), torch.zeros(0, self.dim)
+        mask_ids, kept = compose_mask_ids(candidates, self.config.min_mask_pixels)
+        crops = [mask_crop(image, candidates[i], self.config.crop_padding) for i in kept]
+        embeddings = self.clip.encode_images(crops, self.config.batch_size)
+        return mask_ids, embeddings.reshape(len(kept), self.dim)
+
+    def compute_served(self, key: str, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
+        """compute_image() of an image as the datamanager serves it (undistorted, cropped, downscaled)."""
+        return self.compute_image(np.ascontiguousarray(np.asarray(image)[..., :3]))
+
+    def run(self, overwrite: bool = False, progress: bool = True) -> FillStats:
+        """Fill the cache for the teacher's images as the datamanager serves them (resuming: current entries
+        are skipped)."""
+        items = served_images(self.scene_dir, self.splits)
+        if self.image_keys:
+            items = [item for item in items if item[0] in self.image_keys]
+        keys = [key for key, _ in items]
+        with open_cache_for(self, keys, replace_other_teacher=overwrite) as cache:  # the lock is released on leaving
+            self.write_weights_sidecar()
+            return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
+
+    def _weight_paths(self) -> Dict[str, Optional[Path]]:
+        return {"clip_checkpoint": self.clip_path, "sam2_checkpoint": self.sam2_path}
+
+    def write_weights_sidecar(self) -> None:
+        """Where the weights were found (not part of the cache key): load_text_encoder reads the CLIP path."""
+        data = {k: str(Path(v).resolve()) if v else None for k, v in self._weight_paths().items()}
+        atomic_write_json(self.cache_root / WEIGHTS_SIDECAR, data, indent=1)
+
+
+class GroundedSam2ClipTeacher(ClipMaskTeacher):
+    """Grounded-SAM2 masks + CLIP embeddings for a scene's images, written to its teacher cache."""
+
+    name = NAME
+    packages = ("sam2", "transformers")
+
+    def __init__(self, scene_dir: PathLike, config: GroundedSam2ClipConfig, image_keys: Optional[Sequence[str]] = None,
+                 splits: Sequence[str] = ("train",), cache_root: Optional[PathLike] = None):
+        sam2_info = self._setup_models(scene_dir, config, cache_root)
+        c = config
+        self.detector_path = resolve_detector(c.detector)
         automatic = None
         if c.automatic_masks:
             automatic = {"points_per_side": c.auto_points_per_side, "pred_iou_thresh": c.auto_pred_iou_thresh,
@@ -437,34 +538,14 @@ class GroundedSam2ClipTeacher:
             "masks": {"min_mask_pixels": c.min_mask_pixels, "crop_padding": c.crop_padding,
                       "crop": "mask box + padding, background black, zero-padded square, bicubic resize"},
         }
-        self.splits = tuple(splits)
-        self.image_keys = list(image_keys) if image_keys is not None else scene_image_keys(self.scene_dir, splits)
-        self._clip: Optional[ClipModel] = None
         self._detector: Optional[GroundingDinoDetector] = None
-        self._segmenter: Optional[Sam2Segmenter] = None
-
-    @property
-    def teacher_info(self) -> dict:
-        """The manifest's teacher entry: any change in it redoes every image."""
-        return json.loads(json.dumps(self._info))
+        self._setup_images(image_keys, splits)
 
     @property
     def class_names(self) -> List[str]:
         return list(self.config.prompts)
 
-    @property
-    def dim(self) -> int:
-        return int(self.clip_info["dim"])
-
     # --- models (lazy) ------------------------------------------------------------------------------------
-
-    @property
-    def clip(self) -> ClipModel:
-        if self._clip is None:
-            c = self.config
-            self._clip = load_clip(c.clip_model, c.clip_pretrained, self.clip_path, device=self.device,
-                                   random_init=c.random_init, model_cfg=c.clip_model_cfg, seed=c.seed)
-        return self._clip
 
     @property
     def detector(self) -> GroundingDinoDetector:
@@ -501,42 +582,16 @@ class GroundedSam2ClipTeacher:
                 area = int(m.sum())
                 if area and (m & ~covered).sum() >= c.auto_min_new_fraction * area:
                     automatic.append(m)
-        by_area = lambda ms: sorted(ms, key=lambda m: -int(m.sum()))  # noqa: E731  (stable: ties keep order)
-        return by_area(automatic) + by_area(prompted)
+        return largest_first(automatic) + largest_first(prompted)
 
-    def compute_image(self, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
-        """(mask_ids int32 [H, W], unit embeddings [M, dim]) of one RGB uint8 image."""
-        height, width = image.shape[:2]
-        candidates = self.masks(image)
-        if not candidates:
-            return np.full((height, width), -1, np.int32), torch.zeros(0, self.dim)
-        mask_ids, kept = compose_mask_ids(candidates, self.config.min_mask_pixels)
-        crops = [mask_crop(image, candidates[i], self.config.crop_padding) for i in kept]
-        embeddings = self.clip.encode_images(crops, self.config.batch_size)
-        return mask_ids, embeddings.reshape(len(kept), self.dim)
+    def _weight_paths(self) -> Dict[str, Optional[Path]]:
+        return {**super()._weight_paths(), "detector": self.detector_path}
 
-    def compute_served(self, key: str, image: np.ndarray) -> Tuple[np.ndarray, torch.Tensor]:
-        """compute_image() of an image as the datamanager serves it (undistorted, cropped, downscaled)."""
-        return self.compute_image(np.ascontiguousarray(np.asarray(image)[..., :3]))
 
-    def run(self, overwrite: bool = False, progress: bool = True) -> FillStats:
-        """Fill the cache for the teacher's images as the datamanager serves them (resuming: current entries
-        are skipped)."""
-        items = served_images(self.scene_dir, self.splits)
-        if self.image_keys:
-            items = [item for item in items if item[0] in self.image_keys]
-        keys = [key for key, _ in items]
-        with open_cache_for(self, keys, replace_other_teacher=overwrite) as cache:  # the lock is released on leaving
-            self.write_weights_sidecar()
-            return fill_teacher_cache(cache, self, items, overwrite=overwrite, progress=progress)
-
-    def write_weights_sidecar(self) -> None:
-        """Where the weights were found (not part of the cache key): load_text_encoder reads the CLIP path."""
-        data = {"clip_checkpoint": str(self.clip_path.resolve()) if self.clip_path else None,
-                "sam2_checkpoint": str(self.sam2_path.resolve()) if self.sam2_path else None,
-                "detector": str(self.detector_path.resolve())}
-        path = self.cache_root / WEIGHTS_SIDECAR
-        atomic_write_json(path, data, indent=1)
+def largest_first(masks: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Masks sorted by decreasing area (stable: ties keep their order), the paint order that keeps smaller masks
+    visible on top of the larger ones they overlap."""
+    return sorted(masks, key=lambda m: -int(m.sum()))
 
 
 def read_weights_sidecar(cache_root: PathLike) -> dict:

@@ -84,8 +84,8 @@ def require_generated_scene(scene_dir: Union[str, Path]) -> Path:
     if not meta.is_file():
         raise FileNotFoundError(
             f"{scene_dir} has no gt/scene.json: the synthetic teacher needs a scene made by `qsplat make-scene` "
-            "(its ground-truth masks are the teacher). Real scenes need the Grounded-SAM2 + CLIP teacher: "
-            "`qsplat extract-features --teacher grounded-sam2-clip` (docs/teachers.md).")
+            "(its ground-truth masks are the teacher). Real scenes need a real teacher: `qsplat extract-features "
+            "--teacher auto` (grounded-sam2-clip with prompts, sam2-auto-clip without; docs/teachers.md).")
     return meta
 
 

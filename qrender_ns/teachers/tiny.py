@@ -1,8 +1,8 @@
-"""Tiny randomly initialised Grounded-SAM2 + CLIP models (`--teacher-weights random-tiny`).
+"""Tiny randomly initialised Grounded-SAM2 / SAM2 + CLIP models (`--teacher-weights random-tiny`).
 
-They run the real teacher code (GroundingDINO via transformers, SAM2, open_clip) end to end on any scene
-without a single downloaded weight, in seconds per image on a CPU: a smoke test of a capture, of the
-install and of the cache plumbing. Their masks and embeddings mean nothing, and text queries against a
+They run the real teachers' code (GroundingDINO via transformers, SAM2 and its automatic mask generator,
+open_clip) end to end on any scene without a single downloaded weight, in seconds per image on a CPU: a smoke
+test of a capture, of the install and of the cache plumbing. Their masks and embeddings mean nothing, and text queries against a
 cache they made are refused unless that is acknowledged (the model allows it for caches they made).
 
 The GroundingDINO (Swin + BERT, a few hundred thousand parameters, its own word-piece vocabulary) is built
@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from qrender_ns.teachers.automatic import Sam2AutoClipConfig
 from qrender_ns.teachers.masks import GroundedSam2ClipConfig
 
 TINY_CLIP_NAME = "qsplat-tiny-random-clip"
@@ -85,3 +86,16 @@ def tiny_teacher_config(prompts: Sequence[str], device: str = "cpu", batch_size:
                     random_init=True, device=device, batch_size=batch_size)
     settings.update(overrides)
     return GroundedSam2ClipConfig(**settings)
+
+
+def tiny_auto_config(device: str = "cpu", batch_size: int = 32, mask_level: str = "large", **overrides):
+    """Sam2AutoClipConfig of the tiny random models: SAM2 hiera-t at 256 px on a 4 x 4 point grid, every mask kept
+    (no IoU / stability threshold, no box NMS: a random SAM2's masks are near-duplicates, which NMS would reduce to
+    one per image and leave the contrastive loss without negatives; no small-region removal)."""
+    settings = dict(clip_model=TINY_CLIP_NAME, clip_model_cfg=TINY_CLIP, sam2_config="sam2.1_hiera_t",
+                    sam2_overrides=("++model.image_size=256",), mask_level=mask_level, points_per_side=4,
+                    pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_mask_region_area=0,
+                    min_mask_pixels=4,
+                    random_init=True, device=device, batch_size=batch_size)
+    settings.update(overrides)
+    return Sam2AutoClipConfig(**settings)

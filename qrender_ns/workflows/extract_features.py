@@ -23,7 +23,7 @@ def main(cfg: ExtractFeatures) -> None:
     if not Path(cfg.data).is_dir():
         raise SystemExit(f"[q-splat] --data {cfg.data} is not a folder: pass a scene folder")
     if cfg.teacher == "none":
-        raise SystemExit("[q-splat] --teacher none extracts nothing; choose auto, synthetic or grounded-sam2-clip")
+        raise SystemExit("[q-splat] --teacher none extracts nothing; choose auto, synthetic, grounded-sam2-clip or sam2-auto-clip")
     bad = [s for s in cfg.splits if s not in ("train", "val", "test")]
     if bad:
         raise SystemExit(f"[q-splat] --splits must be among train, val, test; got {bad}")
@@ -37,9 +37,10 @@ def extract_features(cfg: ExtractFeatures) -> None:
     """Fill the teacher cache of cfg.data for cfg.splits (as served by the datamanager)."""
     settings = settings_of(cfg)
     scene_root = Path(cfg.data).resolve()
-    name = resolve_teacher(settings, scene_root)
+    layout = detect_layout(scene_root)
+    name = resolve_teacher(settings, scene_root, layout=layout)
     # The teacher first: missing weights fail before any image is read.
-    teacher = build_teacher(settings, name, scene_root, detect_layout(scene_root))
+    teacher = build_teacher(settings, name, scene_root, layout)
     config = ServedImagesConfig(dataparser=QSplatDataParserConfig(data=scene_root, downscale_factor=cfg.downscale_factor))
     datamanager = config.setup(device="cpu", test_mode="val")  # the images as training serves them
     items = []
@@ -51,8 +52,8 @@ def extract_features(cfg: ExtractFeatures) -> None:
         if hasattr(teacher, "write_weights_sidecar"):
             teacher.write_weights_sidecar()
         device = getattr(teacher, "device", "cpu")
-        print(f"[q-splat] {teacher.name} teacher on {len(items)} images of {cfg.data} "
-              f"({len(teacher.class_names)} classes/prompts, device {device})")
+        vocabulary = f"{len(teacher.class_names)} classes/prompts" if teacher.class_names else "no prompts"
+        print(f"[q-splat] {teacher.name} teacher on {len(items)} images of {cfg.data} ({vocabulary}, device {device})")
         stats = fill_teacher_cache(cache, teacher, items, overwrite=cfg.overwrite, progress=True)
     print(f"[q-splat] teacher cache: {cache.root}")
     rate = f", {stats.written / stats.seconds:.2f} images/s" if stats.written and stats.seconds > 0 else ""
