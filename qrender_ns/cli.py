@@ -23,7 +23,7 @@ def commands():
     libgomp reads once, when the options' imports (GS-Net's config) load torch."""
     from qrender_ns.data.scene_generator import MakeScene
     from qrender_ns.eval.options import EvalLerfOvs, EvalScannet, Report
-    from qrender_ns.workflows.options import (Backproject, BuildExt, Demo, ExtractFeatures, MakeDataset,
+    from qrender_ns.workflows.options import (Backproject, BuildExt, Demo, Export, ExtractFeatures, MakeDataset,
                                               PredictFeatures, PrepareScannet, Query, RenderDemo, TrainGSNet)
 
     return Union[
@@ -35,6 +35,7 @@ def commands():
         Annotated[PrepareScannet, tyro.conf.subcommand("prepare-scannet")],
         Annotated[ExtractFeatures, tyro.conf.subcommand("extract-features")],
         Annotated[Query, tyro.conf.subcommand("query")],
+        Annotated[Export, tyro.conf.subcommand("export")],
         Annotated[EvalScannet, tyro.conf.subcommand("eval-scannet")],
         Annotated[EvalLerfOvs, tyro.conf.subcommand("eval-lerf-ovs")],
         Annotated[Report, tyro.conf.subcommand("report")],

@@ -202,7 +202,8 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
 
     # the old rule, as an explicit option
     old = subprocess.run([str(BIN / "qsplat"), "query", "--load-config", str(trained["config_path"]), "--text", "chair",
-                          "--output", str(tmp_path / "old.ply"), "--cameras", "0", "--selection", "absolute",
+                          "--output", str(tmp_path / "old.ply"), "--output-format", "points", "--cameras", "0",
+                          "--selection", "absolute",
                           "--threshold", "0.55"], capture_output=True, text=True, timeout=600)
     assert old.returncode == 0, old.stdout[-3000:] + old.stderr[-3000:]
     old_summary = json.loads(old.stdout[old.stdout.index("{"):])

@@ -65,6 +65,11 @@ class QSplatDataManager(ServedImages):
             # read by the model's depth_loss "auto" / "on" (None: depth is served; else why not)
             qsplat_depth_missing=self.train_depth.missing,
             qsplat_depth_units_per_metre=self.train_depth.units_per_metre,
+            # --pipeline.model.gaussians-ply: the PLY's frame is checked against these, and brought into this one
+            qsplat_dataparser_transform=self.train_dataparser_outputs.dataparser_transform,
+            qsplat_dataparser_scale=float(self.train_dataparser_outputs.dataparser_scale),
+            qsplat_train_camera_centers=self.train_dataset.cameras.camera_to_worlds[:, :3, 3].clone(),
+            qsplat_test_mode=self.test_mode,  # "val" while training; ns-eval / ns-viewer: the checkpoint's Gaussians
         )
 
     # ------------------------------------------------------------------ teacher cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics.image.lpip as lpip_module
@@ -31,6 +32,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from rich.markup import escape
 from torch.nn import Parameter
 
+from qrender_ns.data import gaussian_ply
 from qrender_ns.data.checks import check_feature_dim
 from qrender_ns.data.depth import BATCH_KEY as DEPTH_KEY
 from qrender_ns.features.losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
@@ -51,6 +53,7 @@ FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
 BACKPROJECT_STATE = "qsplat_backproject_features"  # feature_head=backproject: densified as strategy state
 TILE_SIZE = 16
+FROZEN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")  # gaussians-ply: fixed
 
 
 @dataclass
@@ -100,6 +103,21 @@ class QSplatModelConfig(SplatfactoModelConfig):
     allow_random_text_encoder: bool = False
     """Accept a teacher cache made with a randomly initialised CLIP (plumbing tests): its text queries and
     class metrics mean nothing. Off: such a cache's text encoder is refused with an error."""
+    gaussians_ply: Optional[Path] = None
+    """A trained 3DGS PLY (Inria's point_cloud.ply, `ns-export gaussian-splat`'s splat.ply, `qsplat export`'s) whose
+    Gaussians replace the fit from seed points: every parameter (means, log scales, quaternions, opacity logits, SH
+    colours) is loaded from it, brought into the dataparser's frame (--pipeline.model.gaussians-ply-frame), and by
+    default only the features train (geometry and colours frozen, no densification, no feature warm-up, the PLY's
+    full SH degree from the first step). Its SH degree may be at most --pipeline.model.sh-degree (lower: the higher
+    bands are zero). docs/usage.md, "Bring your own 3DGS"."""
+    gaussians_ply_frame: Literal["auto", "data", "dataparser"] = "auto"
+    """Frame of --pipeline.model.gaussians-ply. data: the dataset's world frame (COLMAP / ScanNet / transforms.json;
+    Inria's point_cloud.ply); dataparser: nerfstudio's normalised frame (what `ns-export gaussian-splat` writes);
+    auto: the frame recorded by `qsplat export`, else detected by overlap with the training cameras (an error
+    sentence when both frames overlap about equally: then name it)."""
+    gaussians_ply_train_geometry: bool = False
+    """--pipeline.model.gaussians-ply: also train geometry and colours (splatfacto's optimisers and densification
+    from the loaded Gaussians); off: features only."""
 
 
 class QSplatModel(SplatfactoModel):
@@ -114,16 +132,26 @@ class QSplatModel(SplatfactoModel):
         if self.config.gsnet_checkpoint is not None and self.config.feature_head != "gsnet":
             raise ValueError("--pipeline.model.gsnet-checkpoint needs --pipeline.model.feature-head gsnet "
                              "(for a trained table model, `qsplat predict-features` fills its features)")
-        seed = self.seed_points
+        metadata = self.kwargs.get("metadata") or {}
+        loaded = self._gaussians_from_ply(metadata) if self.config.gaussians_ply is not None else None
+        seed, random_init = self.seed_points, self.config.random_init
+        if self.config.gaussians_ply is not None:  # splatfacto's init from 4 dummy points (no kNN over a big cloud)
+            self.seed_points, self.config.random_init = (torch.rand(4, 3), torch.zeros(0, 3)), False
         has_colors = seed is not None and not self.config.random_init and seed[1].shape[0] > 0
         if has_colors:  # splatfacto would build the SH tensor with .cuda(): hide the colours
             self.seed_points = (seed[0], seed[1][:0])
-        with _lpips_when_available() as lpips_state:
-            super().populate_modules()
+        try:
+            with _lpips_when_available() as lpips_state:
+                super().populate_modules()
+        finally:
+            self.seed_points, self.config.random_init = seed, random_init
         self.lpips_available = lpips_state["available"]
-        self.seed_points = seed
         if has_colors:
             self._init_colors_from_seed(seed[1])
+        if loaded is not None:
+            self._set_gaussians(loaded)
+        self.geometry_frozen = self.config.gaussians_ply is not None and not self.config.gaussians_ply_train_geometry
+        self._freeze_geometry()
         num_points = self.gauss_params["means"].shape[0]
         if self.config.feature_head == "gsnet":
             self.gsnet = build_gsnet(self.config.gsnet, self.config.feature_dim, self.config.gsnet_checkpoint,
@@ -142,7 +170,6 @@ class QSplatModel(SplatfactoModel):
         self.register_buffer("feature_supervised", torch.zeros(num_points, dtype=torch.bool)
                              if self.config.feature_head == "table" else None)
         self.log_temperature = Parameter(torch.tensor(math.log(self.config.infonce_init_temperature)))
-        metadata = self.kwargs.get("metadata") or {}
         self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
         self.teacher_cache_root: Optional[str] = metadata.get("qsplat_teacher_cache")
         # `--pipeline.datamanager.teacher-weights random-tiny` asked for random models on purpose (smoke test)
@@ -192,6 +219,50 @@ class QSplatModel(SplatfactoModel):
             shs[:, 0, :3] = torch.logit(rgb / 255, eps=1e-10)
         self.gauss_params["features_dc"] = Parameter(shs[:, 0, :])
         self.gauss_params["features_rest"] = Parameter(shs[:, 1:, :])
+
+    # ------------------------------------------------------------------ a trained 3DGS as input
+    def _gaussians_from_ply(self, metadata) -> Optional[gaussian_ply.GaussianPly]:
+        """--pipeline.model.gaussians-ply in the dataparser frame (None outside training: ns-eval / ns-viewer load
+        the checkpoint's Gaussians, the PLY need not exist any more). Every problem: SystemExit, one sentence."""
+        if metadata.get("qsplat_test_mode", "val") != "val":
+            return None
+        if "qsplat_dataparser_transform" not in metadata:
+            raise SystemExit("[q-splat] --pipeline.model.gaussians-ply needs q-splat's datamanager (it passes the "
+                             "dataparser transform and the cameras to the model)")
+        try:
+            resolved = resolve_gaussians_ply(self.config, metadata["qsplat_dataparser_transform"],
+                                             metadata["qsplat_dataparser_scale"],
+                                             metadata["qsplat_train_camera_centers"])
+        except gaussian_ply.GaussianPlyError as e:
+            raise SystemExit(f"[q-splat] {e}") from None
+        g = resolved.gaussians
+        CONSOLE.print(f"\\[q-splat] {g.n} Gaussians (SH degree {g.sh_degree}) from {escape(str(self.config.gaussians_ply))}"
+                      f", frame {resolved.source_frame} ({escape(resolved.how)}); "
+                      + ("training geometry and features" if self.config.gaussians_ply_train_geometry else
+                         "training the features only (geometry and colours frozen, no densification)"))
+        return g
+
+    def _set_gaussians(self, g: gaussian_ply.GaussianPly) -> None:
+        """The PLY's Gaussians (dataparser frame) as splatfacto's parameters; SH padded to the model's degree."""
+        k_model = self.gauss_params["features_rest"].shape[1]
+        rest = torch.from_numpy(np.ascontiguousarray(g.sh_rest, dtype=np.float32))
+        dc = torch.from_numpy(np.ascontiguousarray(g.sh_dc, dtype=np.float32))
+        if self.config.sh_degree == 0:  # splatfacto keeps sigmoid-activated colours at degree 0
+            dc = torch.logit((dc * gaussian_ply.SH_C0 + 0.5).clamp(1e-6, 1 - 1e-6))
+        padded = torch.zeros(g.n, k_model, 3)
+        padded[:, : rest.shape[1]] = rest
+        params = {"means": g.means, "scales": g.log_scales, "quats": g.quats_wxyz,
+                  "opacities": np.asarray(g.opacity_logits)[:, None]}
+        for name, value in params.items():
+            self.gauss_params[name] = Parameter(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+        self.gauss_params["features_dc"] = Parameter(dc)
+        self.gauss_params["features_rest"] = Parameter(padded)
+
+    def _freeze_geometry(self) -> None:
+        """Features-only training on loaded Gaussians: no gradient (and no optimiser) for geometry and colours."""
+        if self.geometry_frozen:
+            for name in FROZEN_PARAMS:
+                self.gauss_params[name].requires_grad_(False)
 
     def _add_viewer_controls(self) -> None:
         self.query_panel = QueryPanel(self)  # a plain object: nerfstudio finds the elements below on the model
@@ -290,6 +361,11 @@ class QSplatModel(SplatfactoModel):
 
     def step_post_backward(self, step):
         """Mark the Gaussians this step's feature loss reached, then densify (the flags follow their Gaussians)."""
+        if self.geometry_frozen:  # loaded Gaussians, features only: no densification
+            grad = self.gauss_params[FEATURE_PARAM].grad if FEATURE_PARAM in self.gauss_params else None
+            if self.feature_supervised is not None and grad is not None:
+                self.feature_supervised |= grad.detach().abs().amax(dim=-1) > 0
+            return None
         if self.config.feature_head == "backproject":
             self.strategy_state[BACKPROJECT_STATE] = self.backproject_features
             super().step_post_backward(step)
@@ -313,6 +389,7 @@ class QSplatModel(SplatfactoModel):
             self.backproject_features = torch.zeros_like(state_dict["backproject_features"], device=self.device)
             result = super().load_state_dict(state_dict, **kwargs)
             self._backproject_key = self._gaussians_key()  # the saved features are those of the saved Gaussians
+            self._freeze_geometry()
             return result
         if self.feature_supervised is not None:
             if "feature_supervised" in state_dict:  # resize to the checkpoint's Gaussian count
@@ -322,7 +399,9 @@ class QSplatModel(SplatfactoModel):
                 state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
                                                               dtype=torch.bool, device=self.device)
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
-        return super().load_state_dict(state_dict, **kwargs)
+        result = super().load_state_dict(state_dict, **kwargs)
+        self._freeze_geometry()  # splatfacto's load made new Parameters
+        return result
 
     def get_training_callbacks(self, training_callback_attributes):
         if self.config.feature_head == "backproject" and not (
@@ -333,6 +412,8 @@ class QSplatModel(SplatfactoModel):
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_gaussian_param_groups()
+        if self.geometry_frozen:  # not handed to an optimiser at all: no update, no Adam state
+            groups = {name: params for name, params in groups.items() if name not in FROZEN_PARAMS}
         if FEATURE_PARAM in self.gauss_params:
             groups[FEATURE_PARAM] = [self.gauss_params[FEATURE_PARAM]]
         return groups
@@ -388,6 +469,8 @@ class QSplatModel(SplatfactoModel):
         return outputs
 
     def _wants_features(self) -> bool:
+        if self.geometry_frozen:  # loaded, settled geometry: no RGB-only warm-up
+            return True
         return not self.training or self.step >= self.config.feature_warmup_steps
 
     def render_rgb(self, camera: Cameras, crop_ids=None) -> Dict[str, Union[torch.Tensor, List]]:
@@ -413,7 +496,7 @@ class QSplatModel(SplatfactoModel):
         gsplat_kernels = kernels.render_kernels(self.device).rgb == "gsplat"
         rasterize_rgb = self._rasterize_rgb_gsplat if gsplat_kernels else self._rasterize_rgb_cpu
         render, alpha, self.info = rasterize_rgb(params, viewmat, K, W, H, with_depth)
-        if self.training:
+        if self.training and not self.geometry_frozen:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
         background = self._get_background_color()
         rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
@@ -430,6 +513,8 @@ class QSplatModel(SplatfactoModel):
     def _sh_degree_to_use(self) -> Optional[int]:
         if self.config.sh_degree == 0:
             return None
+        if self.config.gaussians_ply is not None:  # trained colours: their full degree from the first step
+            return self.config.sh_degree
         return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
 
     def _rasterize_rgb_gsplat(self, params, viewmat, K, W, H, with_depth):
@@ -547,6 +632,9 @@ class QSplatModel(SplatfactoModel):
             loss = self.sampled_feature_loss(batch["mask_ids"], batch["mask_embeddings"])
             if loss is not None:
                 loss_dict["feature_loss"] = self.config.feature_loss_weight * loss
+        if self.training and self.geometry_frozen and "feature_loss" not in loss_dict:
+            # nothing to learn from this view (< 2 masks, no teacher): a zero the trainer can call backward on
+            loss_dict["feature_loss"] = 0.0 * self.log_temperature
         return loss_dict
 
     def depth_error(self, outputs, batch, relative: bool = False) -> Optional[torch.Tensor]:
@@ -672,6 +760,33 @@ class QSplatModel(SplatfactoModel):
         if gt_classes.shape != prediction.shape:
             raise ValueError(f"ground-truth class map {tuple(gt_classes.shape)} != render {tuple(prediction.shape)}")
         return mean_class_iou(prediction, gt_classes), prediction
+
+
+_RESOLVED: Dict[tuple, "gaussian_ply.ResolvedGaussians"] = {}  # the trainer's early check, reused by the model
+
+
+def resolve_gaussians_ply(config: QSplatModelConfig, transform, scale, camera_centers) -> "gaussian_ply.ResolvedGaussians":
+    """config.gaussians_ply read, checked and brought into the dataparser frame of ``transform``/``scale``
+    (``camera_centers``: the training cameras, dataparser frame). Raises GaussianPlyError (one sentence). The
+    answer for the same file, frame and transform is computed once (the trainer checks before the teacher runs)."""
+    path = Path(config.gaussians_ply)
+    T = np.asarray(transform.detach().cpu() if hasattr(transform, "detach") else transform, dtype=np.float64)[:3]
+    cams = np.asarray(camera_centers.detach().cpu() if hasattr(camera_centers, "detach") else camera_centers,
+                      dtype=np.float64)
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat and (stat.st_mtime_ns, stat.st_size), config.gaussians_ply_frame,
+           T.tobytes(), float(scale), cams.tobytes())
+    if stat is None or key not in _RESOLVED:
+        _RESOLVED.clear()
+        _RESOLVED[key] = gaussian_ply.gaussians_in_dataparser_frame(
+            path, config.gaussians_ply_frame, T, float(scale), cams, option="--pipeline.model.gaussians-ply-frame")
+    resolved = _RESOLVED[key]
+    degree = resolved.gaussians.sh_degree
+    if degree > config.sh_degree:
+        raise gaussian_ply.GaussianPlyError(
+            f"{path} has SH degree {degree} colours but the model renders degree {config.sh_degree}: pass "
+            f"--pipeline.model.sh-degree {degree}")
+    return resolved
 
 
 def _nearest_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -7,13 +7,20 @@ from pathlib import Path
 from nerfstudio.engine.trainer import Trainer
 from nerfstudio.utils.decorators import check_main_thread
 
+from qrender_ns.data.gaussian_ply import GaussianPlyError, read_gaussian_ply
 from qrender_ns.method import checkpoint
+from qrender_ns.method.model import resolve_gaussians_ply
 
 
 class QSplatTrainer(Trainer):
     """nerfstudio's Trainer with crash-safe checkpoints: saved to a temporary and renamed (a kill -9 mid-save
     leaves the previous checkpoints intact), and `--load-dir` without `--load-step` resumes from the newest
     checkpoint that loads, naming any corrupt newer one it skips."""
+
+    def setup(self, test_mode="val") -> None:
+        if test_mode == "val":
+            check_gaussians_ply(self.config.pipeline)  # before the datamanager fills the teacher cache
+        super().setup(test_mode=test_mode)
 
     @check_main_thread
     def save_checkpoint(self, step: int) -> None:
@@ -45,3 +52,33 @@ class QSplatTrainer(Trainer):
             step, _, _ = checkpoint.latest_loadable_step(self.config.load_dir)
             self.config.load_step = step
         super()._load_checkpoint()
+
+
+def check_gaussians_ply(pipeline_config) -> None:
+    """--pipeline.model.gaussians-ply checked before any work (the teacher, the model): the file, its properties
+    and values, then its frame against the training cameras (parsed here once more, without the image checks).
+    SystemExit with one sentence; the model reuses the answer."""
+    model = pipeline_config.model
+    if getattr(model, "gaussians_ply", None) is None:
+        return
+    try:
+        read_gaussian_ply(model.gaussians_ply, features=False)
+    except GaussianPlyError as e:
+        raise SystemExit(f"[q-splat] {e}") from None
+    datamanager = pipeline_config.datamanager
+    try:
+        parser_config = datamanager.dataparser
+        if getattr(datamanager, "data", None) is not None:
+            parser_config.data = Path(datamanager.data)
+        parser = parser_config.setup()
+        if hasattr(parser, "delegate_config"):  # qsplat-data: nerfstudio's parser underneath, no image decoding
+            parser = parser.delegate_config().setup()
+        outputs = parser.get_dataparser_outputs("train")
+        cameras = outputs.cameras.camera_to_worlds[:, :3, 3]
+        transform, scale = outputs.dataparser_transform, outputs.dataparser_scale
+    except Exception:  # the datamanager reports problems with the data in its own words
+        return
+    try:
+        resolve_gaussians_ply(model, transform, scale, cameras)
+    except GaussianPlyError as e:
+        raise SystemExit(f"[q-splat] {e}") from None

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qrender_ns.data import gaussian_ply
 from qrender_ns.data.dataparser import QSplatDataParserConfig
 from qrender_ns.method.checkpoint import register_safe_globals
 from qrender_ns.method.datamanager import QSplatDataManagerConfig
@@ -124,22 +125,27 @@ def gaussians_from_points(xyz: np.ndarray, rgb: np.ndarray, labels: Optional[np.
         labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)), source=source)
 
 
+def scene_gaussians_from_ply(g: "gaussian_ply.GaussianPly", source: str = "") -> SceneGaussians:
+    """A GaussianPly (qrender_ns.data.gaussian_ply) as GS-Net / back-projection inputs (activated parameters)."""
+    return SceneGaussians(
+        means=torch.from_numpy(np.ascontiguousarray(g.means, dtype=np.float32)),
+        quats=torch.from_numpy(np.ascontiguousarray(g.quats_wxyz, dtype=np.float32)),
+        scales=torch.from_numpy(np.exp(g.log_scales).astype(np.float32)),
+        opacities=torch.sigmoid(torch.from_numpy(np.ascontiguousarray(g.opacity_logits, dtype=np.float32))),
+        colors=torch.from_numpy((0.5 + SH_C0 * g.sh_dc).astype(np.float32)).clamp(0, 1), source=source)
+
+
 def read_ply_gaussians(path: PathLike, point_scale: Optional[float] = None) -> SceneGaussians:
-    """A 3DGS PLY (x y z, f_dc_0..2, opacity logit, scale_0..2 log, rot_0..3 wxyz) or a coloured point
-    cloud (x y z red green blue [label]) turned into Gaussians."""
+    """A 3DGS PLY (x y z, f_dc_0..2, opacity logit, scale_0..2 log, rot_0..3 wxyz; read and checked by
+    qrender_ns.data.gaussian_ply, taken in the frame it is in) or a coloured point cloud (x y z red green blue
+    [label]) turned into Gaussians."""
     from plyfile import PlyData
 
     v = PlyData.read(str(path))["vertex"].data
     names = set(v.dtype.names)
     xyz = np.stack([v["x"], v["y"], v["z"]], 1).astype(np.float32)
-    if {"opacity", "scale_0", "rot_0", "f_dc_0"} <= names:
-        dc = np.stack([v[f"f_dc_{i}"] for i in range(3)], 1)
-        return SceneGaussians(
-            means=torch.from_numpy(xyz),
-            quats=torch.from_numpy(np.stack([v[f"rot_{i}"] for i in range(4)], 1).astype(np.float32)),
-            scales=torch.from_numpy(np.exp(np.stack([v[f"scale_{i}"] for i in range(3)], 1)).astype(np.float32)),
-            opacities=torch.sigmoid(torch.from_numpy(np.asarray(v["opacity"], dtype=np.float32))),
-            colors=torch.from_numpy((0.5 + SH_C0 * dc).astype(np.float32)).clamp(0, 1), source=str(path))
+    if names & {"opacity", "scale_0", "rot_0", "f_dc_0"}:
+        return scene_gaussians_from_ply(gaussian_ply.read_gaussian_ply(path, features=False), str(path))
     if {"red", "green", "blue"} <= names:
         rgb = np.stack([v["red"], v["green"], v["blue"]], 1)
         labels = np.asarray(v["label"]) if "label" in names else None
@@ -196,7 +202,8 @@ def _generated_views(root: Path, meta: dict, eval_split: bool) -> SceneViews:
                       class_maps=[root / c["class_map"] for c in cams])
 
 
-def _dataparser_views(parser_config, scene_root: Path, split: str) -> Tuple[SceneViews, float]:
+def _dataparser_views(parser_config, scene_root: Path, split: str, transform_out: Optional[list] = None
+                      ) -> Tuple[SceneViews, float]:
     # The cameras as training serves them (downscaled on load, undistorted and cropped), matching the teacher
     # cache, which holds the served images.
     datamanager = QSplatDataManagerConfig(dataparser=parser_config, teacher="none").setup(device="cpu", test_mode="val")
@@ -213,7 +220,17 @@ def _dataparser_views(parser_config, scene_root: Path, split: str) -> Tuple[Scen
     maps = [scene_root / "gt" / "classes" / f"{Path(f).stem}.png" for f in outputs.image_filenames]
     views = SceneViews(viewmats=viewmats, Ks=cams.get_intrinsics_matrices().float(), width=int(widths[0]),
                        height=int(heights[0]), image_keys=keys, class_maps=[m if m.is_file() else None for m in maps])
+    if transform_out is not None:  # the dataparser transform (data frame -> this frame), for --gaussians-ply
+        transform_out[:] = [outputs.dataparser_transform.detach().cpu().numpy()[:3], float(outputs.dataparser_scale)]
     return views, float(outputs.dataparser_scale)
+
+
+def _gaussians_from_user_ply(path: Path, frame: str, views: SceneViews, transform) -> Tuple[SceneGaussians, "gaussian_ply.ResolvedGaussians"]:
+    """--gaussians-ply read, checked and brought into the cameras' (dataparser) frame; ValueError (one sentence)."""
+    centres = torch.linalg.inv(views.viewmats.double())[:, :3, 3].numpy()
+    T, s = transform
+    resolved = gaussian_ply.gaussians_in_dataparser_frame(path, frame, T, s, centres)
+    return scene_gaussians_from_ply(resolved.gaussians, str(path)), resolved
 
 
 def _classes(root: Path, teacher_root: Path) -> Tuple[List[str], List[int]]:
@@ -233,10 +250,18 @@ def _classes(root: Path, teacher_root: Path) -> Tuple[List[str], List[int]]:
 
 
 def load_scene(spec: PathLike, teacher: str = "synthetic", units_per_metre: Optional[float] = None,
-               point_scale: Optional[float] = None, with_eval: bool = True) -> TrainingScene:
-    """The scene named by `spec` (a run's config.yml / run folder, or a scene folder; module docstring)."""
+               point_scale: Optional[float] = None, with_eval: bool = True, gaussians_ply: Optional[PathLike] = None,
+               gaussians_ply_frame: str = "auto", require_teacher: bool = True) -> TrainingScene:
+    """The scene named by `spec` (a run's config.yml / run folder, or a scene folder; module docstring).
+    gaussians_ply: with a scene folder, a trained 3DGS PLY (Inria's, ns-export's, qsplat export's) whose
+    Gaussians the scene gets, brought into the cameras' frame (`gaussians_ply_frame`: auto / data / dataparser,
+    as --pipeline.model.gaussians-ply-frame); the answer's `resolved` attribute says how. GaussianPlyError
+    (a ValueError, one sentence naming the file) for a bad PLY or one that does not overlap the cameras."""
     spec = Path(spec)
+    resolved = None
     config_path = spec if spec.name.endswith(".yml") else spec / "config.yml"
+    if config_path.is_file() and gaussians_ply is not None:
+        raise ValueError(f"--gaussians-ply goes with a scene folder, not a run ({config_path}): a run has its Gaussians")
     if config_path.is_file():
         import yaml
 
@@ -258,30 +283,38 @@ def load_scene(spec: PathLike, teacher: str = "synthetic", units_per_metre: Opti
         teacher_root = default_cache_root(root, teacher)
         scene_json = root / "gt" / "scene.json"
         meta = json.loads(scene_json.read_text()) if scene_json.is_file() else None
-        if (root / "gaussians.ply").is_file():
+        if gaussians_ply is not None:
+            gaussians = None  # below, once the cameras are known
+        elif (root / "gaussians.ply").is_file():
             gaussians = read_ply_gaussians(root / "gaussians.ply", point_scale)
         elif meta is not None:
             gaussians = read_ply_gaussians(root / meta["point_cloud"], point_scale)
         else:
             gaussians = None
+        transform = [np.eye(4)[:3], 1.0]  # generated scenes: their world frame is the dataparser's
         if meta is not None:
             train, scale = _generated_views(root, meta, False), 1.0
             eval_views = _generated_views(root, meta, True) if with_eval else None
         else:
             parser = QSplatDataParserConfig(data=root)
-            train, scale = _dataparser_views(parser, root, "train")
+            train, scale = _dataparser_views(parser, root, "train", transform)
             eval_views = _dataparser_views(parser, root, "test")[0] if with_eval else None
+        if gaussians_ply is not None:
+            gaussians, resolved = _gaussians_from_user_ply(Path(gaussians_ply), gaussians_ply_frame, train, transform)
+        if meta is None:
             if gaussians is None:
                 seed = parser.setup().get_dataparser_outputs("train").metadata.get("points3D_xyz")
                 if seed is None:
                     raise FileNotFoundError(f"{root}: no gaussians.ply and no seed point cloud")
                 rgb = parser.setup().get_dataparser_outputs("train").metadata["points3D_rgb"]
                 gaussians = gaussians_from_points(seed.numpy(), rgb.numpy(), scale=point_scale, source="seed points")
-        name = root.name
-    if not (teacher_root / "manifest.json").is_file():
+        name = root.name if gaussians_ply is None else f"{root.name}:{Path(gaussians_ply).stem}"
+    if require_teacher and not (teacher_root / "manifest.json").is_file():
         raise FileNotFoundError(f"GS-Net scene {spec}: no teacher cache at {teacher_root}. "
                                 f"Run `{extract_command(root, teacher)}` first.")
     names, ids = _classes(root, teacher_root)
-    return TrainingScene(name=name, root=root, gaussians=gaussians, train=train, eval=eval_views,
-                         teacher_root=teacher_root, units_per_metre=units_per_metre or scale,
-                         class_names=names, class_ids=ids)
+    scene = TrainingScene(name=name, root=root, gaussians=gaussians, train=train, eval=eval_views,
+                          teacher_root=teacher_root, units_per_metre=units_per_metre or scale,
+                          class_names=names, class_ids=ids)
+    scene.resolved = resolved
+    return scene

@@ -151,7 +151,12 @@ class Query:
     text: str
     """The query, e.g. "chair"."""
     output: Optional[Path] = None
-    """PLY of the selected Gaussians (default: <run dir>/query/<text>.ply)."""
+    """PLY of the selected Gaussians (default: <run dir>/query/<text>.ply), in the data's frame (as `qsplat export`)."""
+    output_format: Literal["gaussians", "points"] = "gaussians"
+    """gaussians: a standard 3DGS PLY of the selected Gaussians (any 3DGS viewer; `qsplat export`'s layout); points:
+    a coloured point cloud (x y z red green blue relevancy) of their centres."""
+    with_features: bool = False
+    """--output-format gaussians: also write the selected Gaussians' features (<name>.features.npz)."""
     selection: Literal["wins", "absolute"] = "wins"
     """wins: a Gaussian is selected when the query's cosine beats every other class/prompt of the run's vocabulary
     and the canonical negatives, and it has a (non-zero) learnt feature: no threshold. absolute: relevancy vs the
@@ -166,6 +171,31 @@ class Query:
 
     def main(self) -> None:
         from qrender_ns.workflows.query import main
+
+        main(self)
+
+
+@dataclass
+class Export:
+    """Write a trained q-splat run's Gaussians as a standard 3DGS PLY (any 3DGS viewer opens it) with their 512-D
+    features in a sidecar <name>.features.npz (docs/usage.md, "Bring your own 3DGS, export")."""
+
+    load_config: Path
+    """config.yml of a q-splat run (as for ns-eval)."""
+    output: Optional[Path] = None
+    """The PLY to write (default: <run dir>/export/gaussians.ply); the sidecar goes beside it."""
+    frame: Literal["data", "dataparser"] = "data"
+    """data: the dataset's world frame (COLMAP / ScanNet / transforms.json), like Inria's point_cloud.ply; dataparser:
+    nerfstudio's normalised frame the model trained in, like `ns-export gaussian-splat`. The transform is recorded
+    in a PLY comment either way (`--pipeline.model.gaussians-ply` reads it back)."""
+    features: Literal["sidecar", "properties", "none"] = "sidecar"
+    """sidecar: <name>.features.npz (float16 by default, with a hash of the positions); properties: f_lang_* float
+    properties in the PLY itself (a self-contained file, ~2x the size, foreign viewers carry 512 columns); none."""
+    features_dtype: Literal["float16", "float32"] = "float16"
+    """Sidecar precision."""
+
+    def main(self) -> None:
+        from qrender_ns.workflows.export import main
 
         main(self)
 
@@ -245,10 +275,23 @@ class TrainGSNet:
 class PredictFeatures:
     """Predict every Gaussian's feature of a trained q-splat run with a trained GS-Net."""
 
-    load_config: Path
-    """config.yml of a q-splat run (as for ns-eval)."""
     gsnet_checkpoint: Path
     """GS-Net checkpoint from `qsplat train-gsnet`."""
+    load_config: Optional[Path] = None
+    """config.yml of a q-splat run (as for ns-eval): its features are filled and written as a new run. Or, instead:
+    --data and --gaussians-ply."""
+    data: Optional[Path] = None
+    """With --gaussians-ply instead of a run: the scene folder (images and cameras; any layout ns-train reads)."""
+    gaussians_ply: Optional[Path] = None
+    """With --data: a trained 3DGS PLY (Inria's point_cloud.ply, ns-export gaussian-splat's, qsplat export's); the
+    features are written beside a copy of it (--output)."""
+    gaussians_ply_frame: Literal["auto", "data", "dataparser"] = "auto"
+    """Frame of --gaussians-ply, as ns-train's --pipeline.model.gaussians-ply-frame."""
+    output: Optional[Path] = None
+    """--gaussians-ply: the PLY to write (its Gaussians as read, plus <name>.features.npz; default
+    <data>/gsnet_features/<ply name>)."""
+    teacher: str = "synthetic"
+    """--gaussians-ply with --evaluate: teacher cache of the scene whose class names are evaluated."""
     evaluate: bool = True
     """Report the 2D mIoU of the class argmax on the eval views (generated scenes) before and after."""
     units_per_metre: Optional[float] = None
@@ -264,6 +307,11 @@ class PredictFeatures:
 
         main(self)
 
+    def __post_init__(self):
+        if (self.load_config is None) == (self.data is None or self.gaussians_ply is None):
+            raise SystemExit("qsplat predict-features: give either --load-config (a q-splat run) or --data and "
+                             "--gaussians-ply (a scene folder and a trained 3DGS PLY)")
+
 
 @dataclass
 class Backproject:
@@ -272,6 +320,11 @@ class Backproject:
 
     scenes: Tuple[Path, ...]
     """Scenes: run configs (config.yml of q-splat / splatfacto runs) or scene folders, as `train-gsnet`."""
+    gaussians_ply: Optional[Path] = None
+    """With one scene folder in --scenes: a trained 3DGS PLY (Inria's point_cloud.ply, ns-export gaussian-splat's,
+    qsplat export's) whose Gaussians get the features; also written as <out>/<scene>.ply + .features.npz."""
+    gaussians_ply_frame: Literal["auto", "data", "dataparser"] = "auto"
+    """Frame of --gaussians-ply, as ns-train's --pipeline.model.gaussians-ply-frame."""
     out: Path = Path("outputs/backproject")
     """Folder for `<scene>.pt` (features [N, D], weights [N]) and summary.json."""
     num_quantiles: Optional[int] = 10

@@ -44,6 +44,8 @@ def _eval_miou(pipeline) -> Optional[float]:
 
 
 def run_predict(cfg: PredictFeatures) -> Dict:
+    if cfg.load_config is None:
+        return run_predict_ply(cfg)
     from nerfstudio.utils.eval_utils import eval_setup
 
     checkpoint.check_run_config(Path(cfg.load_config), "qsplat predict-features")
@@ -102,6 +104,44 @@ def run_predict(cfg: PredictFeatures) -> Dict:
     }
     print(f"[q-splat] GS-Net predicted {summary['num_gaussians']} features in {seconds:.2f} s "
           f"({summary['num_voxels']} voxels, backend {net.backend_name}); new run: {out_dir / 'config.yml'}")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_predict_ply(cfg: PredictFeatures) -> Dict:
+    """--data + --gaussians-ply: GS-Net over the PLY's Gaussians (in the cameras' frame), the features written
+    beside a copy of the PLY (qrender_ns.data.gaussian_ply sidecar); the 2D mIoU on the eval views with ground truth."""
+    from qrender_ns.workflows.backproject import _write_ply_with_features
+    from qrender_ns.workflows.gsnet_scenes import load_scene
+    from qrender_ns.workflows.train_gsnet import evaluate_features
+
+    tta_transforms(cfg.tta_views)
+    net_cpu = GSNet.from_checkpoint(cfg.gsnet_checkpoint)
+    try:
+        scene = load_scene(cfg.data, teacher=cfg.teacher, units_per_metre=cfg.units_per_metre, with_eval=cfg.evaluate,
+                           gaussians_ply=cfg.gaussians_ply, gaussians_ply_frame=cfg.gaussians_ply_frame,
+                           require_teacher=cfg.evaluate)
+    except (FileNotFoundError, ValueError) as e:  # GaussianPlyError is a ValueError: one sentence
+        raise SystemExit(f"qsplat predict-features: {e}") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = net_cpu.to(device).eval()
+    inputs = {k: v.to(device) for k, v in scene.gaussians.gsnet_inputs().items()}
+    start = time.perf_counter()
+    with torch.no_grad():
+        features = predict_with_tta(net, inputs, scene.units_per_metre, cfg.tta_views)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    metrics = {}
+    if cfg.evaluate and scene.eval is not None and scene.class_names:
+        scene.gaussians = scene.gaussians.to(device)
+        metrics = evaluate_features(scene, features)
+    output = cfg.output or Path(cfg.data) / "gsnet_features" / Path(cfg.gaussians_ply).name
+    ply = _write_ply_with_features(cfg.gaussians_ply, features, output)
+    summary = {"num_gaussians": int(features.shape[0]), "seconds": seconds, "device": str(device),
+               "frame": scene.resolved.source_frame, "gsnet_checkpoint": str(cfg.gsnet_checkpoint),
+               "tta_views": cfg.tta_views, "ply": str(ply), **metrics}
+    print(f"[q-splat] GS-Net predicted {summary['num_gaussians']} features in {seconds:.2f} s -> {ply}")
     print(json.dumps(summary, indent=2))
     return summary
 

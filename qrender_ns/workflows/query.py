@@ -12,7 +12,9 @@ from nerfstudio.utils import colormaps
 
 from qrender_ns.eval import load_pipeline
 from qrender_ns.features.selection import SelectionRule, gaussian_relevancy, select_by_rule
+from qrender_ns.data.gaussian_ply import points_to_data_frame
 from qrender_ns.teachers.vocabulary import vocabulary_error
+from qrender_ns.workflows.export import dataparser_transform_of, finite_only, model_gaussians, write_ply_or_exit
 from qrender_ns.workflows.options import Query
 
 
@@ -74,8 +76,14 @@ def run_query(cfg: Query) -> dict:
     run_dir = Path(cfg.load_config).parent
     safe = "".join(c if c.isalnum() else "_" for c in cfg.text)
     ply_path = cfg.output or run_dir / "query" / f"{safe}.ply"
-    write_selection_ply(ply_path, model.means[selected].detach().cpu().numpy(),
-                        colors[selected].cpu().numpy(), scores[selected].cpu().numpy())
+    transform, scale = dataparser_transform_of(pipeline)
+    if cfg.output_format == "gaussians":  # the selected Gaussians as a 3DGS PLY, data frame (as qsplat export)
+        g = model_gaussians(model, transform, scale, "data", features=cfg.with_features)
+        g = finite_only(g.select(selected.cpu().numpy()), "qsplat query")
+        write_ply_or_exit(ply_path, g, "sidecar" if cfg.with_features else None)
+    else:
+        means = points_to_data_frame(model.means[selected].detach().cpu().numpy(), transform, scale)
+        write_selection_ply(ply_path, means, colors[selected].cpu().numpy(), scores[selected].cpu().numpy())
 
     png_paths = []
     eval_data = pipeline.datamanager.fixed_indices_eval_dataloader
@@ -95,6 +103,7 @@ def run_query(cfg: Query) -> dict:
     summary = dict(text=cfg.text, checkpoint=str(checkpoint_path), num_gaussians=int(scores.numel()),
                    num_selected=int(selected.sum()), selection=cfg.selection,
                    threshold=cfg.threshold if cfg.selection == "absolute" else None, ply=str(ply_path),
+                   output_format=cfg.output_format,
                    relevancy_pngs=png_paths)
     print(json.dumps(summary, indent=2))
     return summary
