@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CHANNELS, K, NUM_MASKS, PIXELS_PER_MASK = 512, 10, 40, 256
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_cpu.json"
 # bytes per Gaussian the path needs, for the guard (measured at 1e5/1e6, rounded up), and the geometry's
-GUARD_BYTES = {"dense": 13_000, "sparse": 3_000, "gsnet": 6_000}
-GEOMETRY_BYTES = 1_400
+GUARD_BYTES = {"dense": 13_000, "sparse": 2_500}
+GEOMETRY_BYTES = 700
 
 
 def maxrss_bytes() -> int:
