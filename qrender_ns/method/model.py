@@ -40,7 +40,7 @@ from qrender_ns.gsnet.backproject import backproject_views
 from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.gsnet.integration import GSNetFeatures, build_gsnet
 from qrender_ns.method.viewer import QueryPanel
-from qrender_ns.method.sparse_adam import RowSparseAdam, feature_table, touched_rows
+from qrender_ns.method.sparse_adam import feature_table, rows_follow_densification, touched_rows
 from qrender_ns.render import gsplat_shim, kernels, rasterize_query_scores, rasterize_to_pixels
 from qrender_ns.render.rows import compact_view, gather_rows
 from qrender_ns.render.validate import check_num_quantiles
@@ -316,21 +316,8 @@ class QSplatModel(SplatfactoModel):
         self.feature_supervised[rows.to(self.feature_supervised.device)] = True
         self.strategy_state[SUPERVISED_STATE] = self.feature_supervised
         optimizer = getattr(self, "optimizers", {}).get(FEATURE_PARAM)
-        if not isinstance(optimizer, RowSparseAdam):
+        with rows_follow_densification(optimizer, self.gauss_params, FEATURE_PARAM):  # RowSparseAdam's state
             super().step_post_backward(step)
-        else:
-            # gsplat's split / clone / prune rewrite every optimiser state tensor with torch.cat against float32
-            # zeros (which would promote bfloat16 moments to float32, [N, C] at a time): it gets a 1-based row
-            # provenance instead (0 for the fresh rows it appends), and the moments follow that afterwards
-            saved = optimizer.state.pop(param, {})
-            optimizer.state[param] = {"qsplat_source": torch.arange(1, param.shape[0] + 1, dtype=torch.float64,
-                                                                    device=param.device)}
-            super().step_post_backward(step)
-            new = self.gauss_params[FEATURE_PARAM]
-            source = optimizer.state.pop(new, {}).get("qsplat_source")
-            optimizer.state[param] = saved
-            if new is not param:
-                optimizer.remap_rows(param, new, source.long() - 1)
         self.feature_supervised = self.strategy_state[SUPERVISED_STATE].bool()
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore

@@ -23,6 +23,7 @@ Densification (gsplat's split / clone / prune) resizes the table: QSplatModel mo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -50,7 +51,7 @@ def touched_rows(grad: Optional[Tensor]) -> Tensor:
     if grad is None:
         return torch.zeros(0, dtype=torch.long)
     if grad.is_sparse:
-        grad = grad.coalesce()
+        grad = (grad if grad.sparse_dim() == 1 else grad.to_dense().to_sparse(sparse_dim=1)).coalesce()
         rows, values = grad.indices()[0], grad.values()
         return rows[values.abs().amax(dim=-1) > 0] if values.numel() else rows
     return torch.nonzero(grad.detach().abs().amax(dim=-1) > 0).squeeze(-1)
@@ -111,6 +112,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                     continue
                 grad = param.grad
                 if grad.is_sparse:
+                    if grad.sparse_dim() != 1:  # element-sparse (e.g. dense.to_sparse()): as row-sparse
+                        grad = grad.to_dense().to_sparse(sparse_dim=1)
                     grad = grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
                 else:
@@ -199,3 +202,27 @@ def state_bytes_per_row(channels: int, table_dtype: torch.dtype, moments: str) -
     v = {"float32": 4 * channels, "bfloat16": 2 * channels, "bfloat16-rowwise": 4}[mode]
     return float(table + m + v + 4 + 1)  # + row_step, + the supervised flag
 
+
+
+@contextlib.contextmanager
+def rows_follow_densification(optimizer, params, name: str):
+    """Within: gsplat's split / clone / prune of `params` (its strategy ops) resize params[name]; on exit the
+    RowSparseAdam state follows the rows as gsplat moves dense Adam's (kept rows keep theirs, appended children
+    start fresh). gsplat rewrites every optimiser state tensor with torch.cat against float32 zeros, which would
+    promote bfloat16 moments to float32 [N, C] at a time: it gets a 1-based row provenance instead (0 for the rows
+    it appends), and the moments are gathered once afterwards."""
+    param = params[name]
+    if not isinstance(optimizer, RowSparseAdam):
+        yield
+        return
+    saved = optimizer.state.pop(param, {})
+    optimizer.state[param] = {"qsplat_source": torch.arange(1, param.shape[0] + 1, dtype=torch.float64,
+                                                            device=param.device)}
+    try:
+        yield
+    finally:
+        new = params[name]
+        source = optimizer.state.pop(new, {}).get("qsplat_source")
+        optimizer.state[param] = saved
+        if new is not param:
+            optimizer.remap_rows(param, new, source.long() - 1)

@@ -154,6 +154,8 @@ def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image
     per_view += [] if shared_opacities else [("opacities", opacities)]
     listed = flatten_ids.to(device=device, dtype=torch.int64)
     for name, t in per_view:
+        if not validate_values and name != "opacities":  # only the NaN scan reads them: O(intersections) gathers
+            continue
         rows = t.reshape(num_cams * num_gs, *t.shape[2:])[listed]
         if validate_values and rows.numel() and not bool(torch.isfinite(rows).all()):
             raise ValueError(f"`{name}` contains NaN or Inf values (at rows that flatten_ids lists)")
