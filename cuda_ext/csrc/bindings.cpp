@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   QRENDER_BIND(cpu)
   m.def("project_rows_cpu", &qrender::project_rows_cpu,
         "[rows . units^T, |rows|] of rows [..., C] and units [Q, C], in one pass over the rows");
+  m.def("row_sparse_adam_cpu", &qrender::row_sparse_adam_cpu,
+        "Adam step of the touched rows only (qrender_ns/method/sparse_adam.py), in place");
   m.def("release_recycled_maps", &qrender::release_recycled_maps,
         "Return the CPU kernel's idle output maps to the OS; returns the bytes released");
   m.def("recycled_idle_bytes", &qrender::recycled_idle_bytes);

@@ -48,6 +48,9 @@ QRENDER_DECLARE(cpu)
 // The proj of the query space on the CPU in one pass over rows [..., C]: [..., Q + 1] =
 // [rows . units^T, |rows|] (each row read once, while a matmul and a norm read them twice).
 at::Tensor project_rows_cpu(const at::Tensor &rows, const at::Tensor &units);
+void row_sparse_adam_cpu(at::Tensor param, const at::Tensor &rows, const at::Tensor &grad, at::Tensor exp_avg,
+                         at::Tensor exp_avg_sq, at::Tensor row_step, double lr, double beta1, double beta2,
+                         double eps, bool stochastic, int64_t seed);
 
 #ifdef WITH_CUDA
 QRENDER_DECLARE(cuda)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Type
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig, OptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
@@ -16,6 +16,7 @@ from nerfstudio.plugins.types import MethodSpecification
 from qrender_ns.method import checkpoint
 from qrender_ns.method.datamanager import QSplatDataManagerConfig
 from qrender_ns.method.model import FEATURE_PARAM, QSplatModelConfig
+from qrender_ns.method.sparse_adam import RowSparseAdam
 from qrender_ns.method.trainer import QSplatTrainer
 from qrender_ns.utils.fsio import check_writable_dir
 
@@ -28,6 +29,19 @@ def _adam(lr, final=None, warmup=0):
         scheduler = ExponentialDecaySchedulerConfig(lr_final=final, max_steps=MAX_STEPS, warmup_steps=warmup,
                                                     lr_pre_warmup=0 if warmup else 1e-8)
     return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": scheduler}
+
+
+@dataclass
+class RowSparseAdamOptimizerConfig(OptimizerConfig):
+    """The feature table's optimiser: Adam on the rows a step touched (qrender_ns/method/sparse_adam.py)."""
+
+    _target: Type = RowSparseAdam
+    eps: float = 1e-15
+    moments: str = "auto"
+    """auto (float32 moments for a float32 table, bfloat16 first moment + a float32 second moment per row for a
+    half-precision one), float32, bfloat16, bfloat16-rowwise (docs/scale.md)."""
+    stochastic_rounding: bool = True
+    """bfloat16 table: write updated rows back with stochastic rounding."""
 
 
 @dataclass
@@ -70,7 +84,7 @@ def qsplat_trainer_config() -> TrainerConfig:
             "opacities": _adam(0.05),
             "scales": _adam(0.005),
             "quats": _adam(0.001),
-            FEATURE_PARAM: _adam(0.01),
+            FEATURE_PARAM: {"optimizer": RowSparseAdamOptimizerConfig(lr=0.01), "scheduler": None},
             "feature_head": _adam(1e-3),
             "gsnet": _adam(1e-3),  # feature_head=gsnet: the GS-Net weights
             "camera_opt": _adam(1e-4, final=5e-7, warmup=1000),

@@ -42,7 +42,9 @@ from qrender_ns.gsnet.backproject import backproject_views
 from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.gsnet.integration import GSNetFeatures, build_gsnet
 from qrender_ns.method.viewer import QueryPanel
+from qrender_ns.method.sparse_adam import feature_table, rows_follow_densification, touched_rows
 from qrender_ns.render import gsplat_shim, kernels, rasterize_query_scores, rasterize_to_pixels
+from qrender_ns.render.rows import compact_view, gather_rows
 from qrender_ns.render.validate import check_num_quantiles
 from qrender_ns.render.projection import project_and_bin, viewmat_from_c2w
 from qrender_ns.teachers.cache import TeacherCache
@@ -65,6 +67,14 @@ class QSplatModelConfig(SplatfactoModelConfig):
     """K quantile Gaussians blended per pixel for feature maps (paper default 10); None = dense."""
     feature_dim: int = 512
     """Feature channels (512 = CLIP ViT-B-16)."""
+    feature_precision: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """feature_head=table: the dtype the [N, feature_dim] table is stored in. Renders upcast the rows they gather
+    (float32 accumulation); RowSparseAdam updates them in float32 and writes bfloat16 back with stochastic
+    rounding. float32: the table as before (4x the bytes with its optimiser state; docs/scale.md)."""
+    sparse_feature_grad: bool = True
+    """feature_head=table: the feature loss's gradient holds only the rows its sampled pixels selected (a sparse
+    COO gradient, <= pixels x K rows) and the optimiser (RowSparseAdam) updates only those, so a step's feature
+    cost follows the pixels, not the scene (docs/scale.md). False: a dense [N, feature_dim] gradient every step."""
     feature_head: Literal["table", "gsnet", "backproject"] = "table"
     """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md);
     backproject: training-free, the teacher's mask embeddings averaged onto the Gaussians with their
@@ -163,7 +173,8 @@ class QSplatModel(SplatfactoModel):
             self.register_buffer("backproject_features", torch.zeros(num_points, self.config.feature_dim))
             self._backproject_key = None  # the Gaussians the buffer was computed (or loaded) for
         else:
-            self.gauss_params[FEATURE_PARAM] = Parameter(torch.randn(num_points, self.config.feature_dim) * 0.1)
+            self.gauss_params[FEATURE_PARAM] = feature_table(num_points, self.config.feature_dim,
+                                                             self.config.feature_precision)
         # Table head: which Gaussians a feature gradient ever reached. The others keep their random
         # initialisation for training but read as zero features outside it (no relevancy where nothing was
         # learnt). Carried through densification as strategy state (gsplat copies/splits/prunes its tensors).
@@ -312,12 +323,15 @@ class QSplatModel(SplatfactoModel):
             return self.backproject_features
         table = self.gauss_params[FEATURE_PARAM]
         if self.training:
-            return table
+            return table if table.dtype == torch.float32 else table.float()
+        self._check_supervised(table)
+        return table.float() * self.feature_supervised[:, None].float()
+
+    def _check_supervised(self, table: torch.Tensor) -> None:
         supervised = self.feature_supervised
         if supervised.shape[0] != table.shape[0]:
             raise RuntimeError(f"feature_supervised has {supervised.shape[0]} entries for {table.shape[0]} Gaussians: "
                                "whatever resized gauss_params must resize it too (it is densified as strategy state)")
-        return table * supervised[:, None].to(table.dtype)
 
     # ------------------------------------------------------------------ back-projection head
     def _gaussians_key(self):
@@ -363,8 +377,8 @@ class QSplatModel(SplatfactoModel):
         """Mark the Gaussians this step's feature loss reached, then densify (the flags follow their Gaussians)."""
         if self.geometry_frozen:  # loaded Gaussians, features only: no densification
             grad = self.gauss_params[FEATURE_PARAM].grad if FEATURE_PARAM in self.gauss_params else None
-            if self.feature_supervised is not None and grad is not None:
-                self.feature_supervised |= grad.detach().abs().amax(dim=-1) > 0
+            if self.feature_supervised is not None and grad is not None:  # row-sparse or dense
+                self.feature_supervised[touched_rows(grad).to(self.feature_supervised.device)] = True
             return None
         if self.config.feature_head == "backproject":
             self.strategy_state[BACKPROJECT_STATE] = self.backproject_features
@@ -373,11 +387,13 @@ class QSplatModel(SplatfactoModel):
             return None
         if self.feature_supervised is None:
             return super().step_post_backward(step)
-        grad = self.gauss_params[FEATURE_PARAM].grad
-        if grad is not None:
-            self.feature_supervised |= grad.detach().abs().amax(dim=-1) > 0
+        param = self.gauss_params[FEATURE_PARAM]
+        rows = touched_rows(param.grad)  # a row-sparse or dense gradient: the rows it reached
+        self.feature_supervised[rows.to(self.feature_supervised.device)] = True
         self.strategy_state[SUPERVISED_STATE] = self.feature_supervised
-        super().step_post_backward(step)
+        optimizer = getattr(self, "optimizers", {}).get(FEATURE_PARAM)
+        with rows_follow_densification(optimizer, self.gauss_params, FEATURE_PARAM):  # RowSparseAdam's state
+            super().step_post_backward(step)
         self.feature_supervised = self.strategy_state[SUPERVISED_STATE].bool()
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore
@@ -400,6 +416,10 @@ class QSplatModel(SplatfactoModel):
                                                               dtype=torch.bool, device=self.device)
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
         result = super().load_state_dict(state_dict, **kwargs)
+        table = self.gauss_params.get(FEATURE_PARAM) if FEATURE_PARAM in self.gauss_params else None
+        want = getattr(torch, self.config.feature_precision)
+        if table is not None and table.dtype != want:  # splatfacto rebuilds it in float32 to load into
+            self.gauss_params[FEATURE_PARAM] = Parameter(table.detach().to(want), requires_grad=table.requires_grad)
         self._freeze_geometry()  # splatfacto's load made new Parameters
         return result
 
@@ -566,24 +586,53 @@ class QSplatModel(SplatfactoModel):
         dirs = means[None] - campos[:, None]
         return torch.clamp_min(gsplat_shim.spherical_harmonics(degree, dirs, colors[None].expand(dirs.shape[0], -1, -1, -1)) + 0.5, 0.0)
 
-    def _feature_inputs(self, crop_ids):
-        """Projected geometry of the last view (self.info, shared with its RGB) and the features."""
+    def _feature_inputs(self, crop_ids, table_mode: str = "rows"):
+        """Projected geometry of the last view (self.info, shared with its RGB) and the features.
+
+        Table head: the Gaussians the view's tile lists reference, renamed, with their gathered rows (upcast, and
+        outside training masked by the supervised flags): no [N, C] copy of the table (render/rows.py
+        compact_view; the gradient of a training render is row-sparse). `table_mode` "table": the whole table as
+        stored (the row-sparse sampled-pixel path); "dense": the whole table in float32 (sparse_feature_grad off)."""
         info = self.info
-        feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
         geometry = [info["means2d"], info["conics"], info["opacities"]]
         if self.config.detach_geometry_for_features:
             geometry = [t.detach() for t in geometry]
+        flatten_ids = info["flatten_ids"]
+        if self.config.feature_head != "table":
+            feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
+        else:
+            table = self.gauss_params[FEATURE_PARAM]
+            index = None if crop_ids is None else torch.nonzero(crop_ids.reshape(-1)).squeeze(-1) \
+                if crop_ids.dtype == torch.bool else crop_ids.reshape(-1)
+            if table_mode != "rows":
+                if table_mode == "dense" and table.dtype != geometry[0].dtype:
+                    table = table.to(geometry[0].dtype)  # the old path: a dense gradient through the cast
+                feats = table if index is None else table[index]
+            else:
+                view_rows, (means2d, conics, opacities, flatten_ids) = compact_view(*geometry, flatten_ids)
+                geometry = [means2d, conics, opacities]
+                rows = view_rows if index is None else index[view_rows]
+                feats = gather_rows(table, rows, means2d.dtype)
+                if not self.training:
+                    self._check_supervised(table)
+                    feats = feats * self.feature_supervised[rows][:, None].to(feats.dtype)
         return (geometry[0], geometry[1], feats, geometry[2], int(info["width"]), int(info["height"]),
-                int(info["tile_size"]), info["isect_offsets"], info["flatten_ids"])
+                int(info["tile_size"]), info["isect_offsets"], flatten_ids)
 
     def render_features(self, crop_ids, num_quantiles: Optional[int],
                         pixel_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Feature map of the last projected view (same projection and tiles as its RGB):
         {"features": [H, W, C], "feature_alpha": [H, W, 1]}, or [P, C] / [P, 1] at the flat
         pixel indices `pixel_ids` (y * W + x) only, forward and backward (training losses)."""
+        table_mode, sparse = "rows", False
+        if pixel_ids is not None and self.training and self.config.feature_head == "table":
+            sparse = self.config.sparse_feature_grad and num_quantiles is not None
+            table_mode = "table" if sparse else "dense"
+        # the row-sparse sampled-pixel path reads the table as stored; the others its gathered rows
         out, alpha = rasterize_to_pixels(
-            *self._feature_inputs(crop_ids), num_quantiles=num_quantiles, backend=self.config.rasterizer_backend,
-            validate_values=False, pixel_ids=pixel_ids)  # NaNs surface in the losses
+            *self._feature_inputs(crop_ids, table_mode), num_quantiles=num_quantiles,
+            backend=self.config.rasterizer_backend, validate_values=False, pixel_ids=pixel_ids,
+            sparse_grad=sparse)  # NaNs surface in the losses
         if pixel_ids is not None:
             return {"features": out, "feature_alpha": alpha}
         return {"features": out[0], "feature_alpha": alpha[0]}

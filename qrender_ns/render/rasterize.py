@@ -16,6 +16,7 @@ from qrender_ns.render import _backend
 from qrender_ns.render.autograd import _attach_absgrad, _RasterizeToPixels
 from qrender_ns.render.projection import project_and_bin
 from qrender_ns.render.reference import rasterize_query_reference, rasterize_to_pixels_reference
+from qrender_ns.render.rows import rasterize_pixels_sparse
 from qrender_ns.render.validate import (_check_image, _check_opacities, _check_pixel_ids, _check_pixel_inputs,
                                         _check_tensor, _resolve_backend, check_num_quantiles)
 
@@ -36,6 +37,7 @@ def rasterize_to_pixels(
     absgrad: bool = False,
     validate_values: bool = True,
     pixel_ids: Optional[Tensor] = None,
+    sparse_grad: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Blend C-channel features of tile-binned projected Gaussians into images.
 
@@ -53,16 +55,30 @@ def rasterize_to_pixels(
     `pixel_ids` (int [P], flat (camera, y, x) indices into V*H*W, repeats allowed) blends only
     those pixels, forward and backward: the same tiles, pixel centres and quantile selection as
     the whole image, without its [V,H,W,C] map (training losses that read a few pixels).
+    `sparse_grad=True` (with `pixel_ids`, quantile mode, features [N,C]; as gsplat's `sparse_grad`): the gradient
+    of `features` is a sparse COO tensor holding only the rows the pixels selected (at most P*K), and `features`
+    may be stored in any float dtype (bfloat16/float16 rows are upcast as they are gathered, so the blend
+    accumulates in the geometry's dtype); the kernel does the selection, the blend of the <= K rows per pixel
+    is an embedding bag (qrender_ns/render/rows.py). Same values and gradients as the dense path.
 
     Returns (features [V,H,W,C], alphas [V,H,W,1]), or ([P,C], [P,1]) with `pixel_ids`.
     """
     k = check_num_quantiles(num_quantiles)
     num_cams, num_gs = _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height,
-                                           tile_size, isect_offsets, flatten_ids, backgrounds, validate_values)
+                                           tile_size, isect_offsets, flatten_ids, backgrounds, validate_values,
+                                           half_features=sparse_grad)
     device = means2d.device
     if pixel_ids is not None:
         pixel_ids = _check_pixel_ids(pixel_ids, num_cams * image_height * image_width, device)
     kind = _resolve_backend(backend, device)
+    if sparse_grad:
+        if pixel_ids is None or k == 0 or features.dim() != 2:
+            raise ValueError("sparse_grad=True needs pixel_ids, num_quantiles (quantile mode) and features [N, C] "
+                             "shared by the cameras")
+        if absgrad:
+            raise ValueError("sparse_grad=True does not compute absgrad (the model's feature loss never asks it)")
+        return rasterize_pixels_sparse(means2d, conics, features, opacities, image_width, image_height, tile_size,
+                                       isect_offsets, flatten_ids, pixel_ids, backgrounds, k, kind)
     if kind == "torch":
         return rasterize_to_pixels_reference(
             means2d, conics, features, opacities, image_width, image_height, tile_size,

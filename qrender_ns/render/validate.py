@@ -20,6 +20,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64)  # what the compiled kernels are built for
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # feature tables the row-sparse path reads (rows upcast)
 
 
 def _check_tensor(name: str, value: Any, shape: Tuple[Optional[int], ...], floating=True,
@@ -96,8 +97,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image_height, tile_size,
-                        isect_offsets, flatten_ids, backgrounds, validate_values) -> Tuple[int, int]:
+                        isect_offsets, flatten_ids, backgrounds, validate_values,
+                        half_features: bool = False) -> Tuple[int, int]:
     """Shapes, dtypes and index ranges of rasterize_to_pixels' inputs -> (V, N).
+    `half_features`: shared features [N, C] may also be float16/bfloat16 (paths that upcast gathered rows).
 
     Values of the per-view tensors (means2d, conics, [V,N] opacities/features) are checked only at the rows
     `flatten_ids` lists: gsplat's CUDA projection leaves culled Gaussians' rows unwritten (torch::empty), and
@@ -108,7 +111,12 @@ def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image
     _check_tensor("conics", conics, (num_cams, num_gs, 3), finite=False)
     shared_features = isinstance(features, Tensor) and features.dim() == 2
     shared_opacities = isinstance(opacities, Tensor) and opacities.dim() == 1
-    if shared_features:
+    half = half_features and shared_features and features.dtype in HALF_DTYPES
+    if half:
+        _check_tensor("features", features, (num_gs, None), floating=False)
+        if validate_values and features.numel() and not bool(torch.isfinite(features).all()):
+            raise ValueError("`features` contains NaN or Inf values")
+    elif shared_features:
         _check_tensor("features", features, (num_gs, None), finite=validate_values)
     else:
         _check_tensor("features", features, (num_cams, num_gs, None), finite=False)
@@ -139,13 +147,15 @@ def _check_pixel_inputs(means2d, conics, features, opacities, image_width, image
     tensors = [means2d, conics, features, opacities] + ([backgrounds] if backgrounds is not None else [])
     dtype, device = means2d.dtype, means2d.device
     for name, t in zip(("conics", "features", "opacities", "backgrounds"), tensors[1:]):
-        if t.dtype != dtype or t.device != device:
+        if (t.dtype != dtype and not (half and name == "features")) or t.device != device:
             raise ValueError(f"`{name}` must match means2d's dtype/device ({dtype}, {device}), got ({t.dtype}, {t.device})")
     per_view = [("means2d", means2d), ("conics", conics)]
     per_view += [] if shared_features else [("features", features)]
     per_view += [] if shared_opacities else [("opacities", opacities)]
     listed = flatten_ids.to(device=device, dtype=torch.int64)
     for name, t in per_view:
+        if not validate_values and name != "opacities":  # only the NaN scan reads them: O(intersections) gathers
+            continue
         rows = t.reshape(num_cams * num_gs, *t.shape[2:])[listed]
         if validate_values and rows.numel() and not bool(torch.isfinite(rows).all()):
             raise ValueError(f"`{name}` contains NaN or Inf values (at rows that flatten_ids lists)")

@@ -193,6 +193,21 @@ def rasterize_pixels_triton(means2d: Tensor, conics: Tensor, features: Tensor, o
                                   num_quantiles, absgrad)
 
 
+def select_pixels_triton(means2d: Tensor, conics: Tensor, ones: Tensor, opacities: Tensor, image_width: int,
+                         image_height: int, tile_size: int, isect_offsets: Tensor, flatten_ids: Tensor,
+                         pixel_ids: Tensor, num_quantiles: int) -> Tuple[Tensor, Tensor]:
+    """The quantile walk only, at sampled pixels (render/rows.py): (isect indices [P, K], -1 padded; counts [P]),
+    in the order of `pixel_ids`. `ones`: a [N, 1] feature column (the blend pass it feeds is one channel)."""
+    _check_device(means2d)
+    lay = _Layout(means2d.shape[0], image_width, image_height, tile_size, isect_offsets, flatten_ids,
+                  pixel_ids.to(means2d.device))
+    _, _, sel, count = _forward(lay, *_contig(means2d, conics, ones, opacities, None), num_quantiles)
+    if sel is None:  # no programs: no pixels
+        return (torch.full((pixel_ids.numel(), num_quantiles), -1, dtype=torch.int32, device=means2d.device),
+                torch.zeros(pixel_ids.numel(), dtype=torch.int32, device=means2d.device))
+    return sel[lay.inverse], count[lay.inverse]
+
+
 def _contig(means2d, conics, features, opacities, backgrounds):
     return (means2d.contiguous(), conics.contiguous(), features.contiguous(), opacities.contiguous(),
             backgrounds.contiguous() if backgrounds is not None else None)

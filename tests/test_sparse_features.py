@@ -1,0 +1,223 @@
+"""Row-sparse features (issue 27): the sparse_grad render equals the dense one (values and gradients), the
+row-sparse Adam equals torch's Adam on the touched rows and leaves the others alone, its state follows gsplat's
+densification as dense Adam's does, and whole-view renders from gathered rows equal the whole-table ones."""
+
+import pytest
+import torch
+
+from qrender_ns.method.sparse_adam import RowSparseAdam, feature_table, rows_follow_densification, touched_rows
+from qrender_ns.render import rasterize_query_scores, rasterize_to_pixels
+from qrender_ns.render.rows import compact_view
+from scenes import make_scene
+
+
+def _pixels(scene, num_cams, count, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_cams * scene.height * scene.width, (count,), generator=gen)
+    return torch.cat([ids, ids[:5]])
+
+
+def _grads(scene, features, pid, k, backend, sparse, bg, seed=1):
+    geometry = [t.detach().clone().requires_grad_() for t in (scene.means2d, scene.conics, scene.opacities)]
+    feats = features.detach().clone().requires_grad_()
+    bgr = bg.clone().requires_grad_()
+    args = list(scene.args(feats))
+    args[0], args[1], args[3] = geometry
+    out, alpha = rasterize_to_pixels(*args, backgrounds=bgr, num_quantiles=k, backend=backend, pixel_ids=pid,
+                                     sparse_grad=sparse)
+    gen = torch.Generator().manual_seed(seed)
+    (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().add(
+        (alpha * torch.randn(alpha.shape, generator=gen, dtype=out.dtype)).sum()).backward()
+    return out, alpha, [g.grad for g in geometry], feats.grad, bgr.grad
+
+
+@pytest.mark.parametrize("num_quantiles", [1, 4, 10])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_sparse_grad_render_equals_reference(num_quantiles, backend):
+    scene = make_scene(num_cams=2, num_gs=90, width=37, height=29, channels=16, seed=num_quantiles)
+    bg = torch.rand(2, 16, dtype=scene.means2d.dtype)
+    pid = _pixels(scene, 2, 300)
+    ref = _grads(scene, scene.features, pid, num_quantiles, "torch", False, bg)
+    new = _grads(scene, scene.features, pid, num_quantiles, backend, True, bg)
+    torch.testing.assert_close(new[0], ref[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(new[1], ref[1], atol=2e-6, rtol=1e-6)
+    for g_new, g_ref in zip(new[2], ref[2]):
+        torch.testing.assert_close(g_new, g_ref, atol=1e-4, rtol=1e-4)
+    assert new[3].is_sparse
+    torch.testing.assert_close(new[3].to_dense(), ref[3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[4], ref[4], atol=1e-5, rtol=1e-5)
+    touched = new[3].coalesce().indices()[0]
+    assert set(touched.tolist()) == set(torch.nonzero(ref[3].abs().amax(-1) > 0).squeeze(-1).tolist())
+
+
+def test_half_precision_table_upcasts_gathered_rows():
+    scene = make_scene(num_cams=1, num_gs=120, width=40, height=32, channels=32, seed=3)
+    pid = _pixels(scene, 1, 200)
+    table = scene.features.to(torch.bfloat16)
+    ref, ref_alpha = rasterize_to_pixels(*scene.args(table.to(scene.means2d.dtype)), num_quantiles=8, backend="torch",
+                                         pixel_ids=pid)
+    feats = table.clone().requires_grad_()
+    out, alpha = rasterize_to_pixels(*scene.args(feats), num_quantiles=8, pixel_ids=pid, sparse_grad=True)
+    assert out.dtype == scene.means2d.dtype
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)  # same rows, accumulated in the geometry's dtype
+    out.sum().backward()
+    assert feats.grad.is_sparse and feats.grad.dtype == torch.bfloat16
+
+
+def test_sparse_grad_needs_quantiles_and_pixels():
+    scene = make_scene(num_cams=1, num_gs=20, channels=4)
+    with pytest.raises(ValueError, match="sparse_grad"):
+        rasterize_to_pixels(*scene.args(), num_quantiles=None, pixel_ids=torch.arange(5), sparse_grad=True)
+    with pytest.raises(ValueError, match="sparse_grad"):
+        rasterize_to_pixels(*scene.args(), num_quantiles=4, sparse_grad=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_row_sparse_adam_equals_dense_adam_on_touched_rows(compiled):
+    """Through the real render: the same sampled pixels every step, so the touched rows are touched at every
+    step (then lazy Adam is Adam exactly); the other rows never move (as under dense Adam, whose moments stay 0)."""
+    scene = make_scene(num_cams=1, num_gs=150, width=48, height=40, channels=24, seed=5, dtype=torch.float32)
+    pid = _pixels(scene, 1, 120, seed=2)
+    init = scene.features.float().clone()
+    dense = torch.nn.Parameter(init.clone())
+    sparse = torch.nn.Parameter(init.clone())
+    opt_dense = torch.optim.Adam([dense], lr=0.01, eps=1e-15)
+    opt_sparse = RowSparseAdam([sparse], lr=0.01, eps=1e-15, moments="float32")
+    opt_sparse.param_groups[0]["compiled"] = compiled
+    target = torch.randn(pid.numel(), 24, generator=torch.Generator().manual_seed(0))
+    rows = None
+    for _ in range(5):
+        for table, opt, flag in ((dense, opt_dense, False), (sparse, opt_sparse, True)):
+            out, _ = rasterize_to_pixels(*scene.args(table), num_quantiles=6, pixel_ids=pid, sparse_grad=flag)
+            ((out - target) ** 2).sum().backward()
+            if flag:
+                assert table.grad.is_sparse
+                rows = touched_rows(table.grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    untouched = torch.ones(150, dtype=torch.bool)
+    untouched[rows] = False
+    assert 0 < rows.numel() < 150 and untouched.any()
+    torch.testing.assert_close(sparse.detach()[rows], dense.detach()[rows], atol=1e-6, rtol=1e-5)
+    assert torch.equal(sparse.detach()[untouched], init[untouched])
+    assert torch.equal(dense.detach()[untouched], init[untouched])
+    assert (opt_sparse.state[sparse]["row_step"][rows] == 5).all()
+    assert (opt_sparse.state[sparse]["row_step"][untouched] == 0).all()
+
+
+def test_lazy_rows_keep_their_state_and_count_their_own_steps():
+    table = torch.nn.Parameter(torch.zeros(6, 4))
+    opt = RowSparseAdam([table], lr=0.1, moments="float32")
+    for rows in ([0, 1], [1, 2], [1]):
+        ids = torch.tensor(rows)
+        table.grad = torch.sparse_coo_tensor(ids[None], torch.ones(len(rows), 4), (6, 4), check_invariants=True)
+        opt.step()
+    assert opt.state[table]["row_step"].tolist() == [1, 3, 1, 0, 0, 0]
+    assert torch.equal(table.detach()[3:], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("moments", ["bfloat16", "bfloat16-rowwise"])
+def test_compiled_step_equals_torch_step_in_reduced_precision(moments):
+    gen = torch.Generator().manual_seed(0)
+    init = feature_table(40, 16, "bfloat16", generator=gen).detach()
+    tables = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    opts = [RowSparseAdam([t], lr=0.01, moments=moments, stochastic_rounding=False) for t in tables]
+    opts[1].param_groups[0]["compiled"] = False
+    for step in range(4):
+        ids = torch.randperm(40, generator=gen)[:15].sort().values
+        values = torch.randn(15, 16, generator=gen).to(torch.bfloat16)
+        for t, o in zip(tables, opts):
+            t.grad = torch.sparse_coo_tensor(ids[None], values, (40, 16))
+            o.step()
+    torch.testing.assert_close(tables[0].detach().float(), tables[1].detach().float(), atol=0, rtol=0)
+    for key in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert opts[0].state[tables[0]][key].dtype == opts[1].state[tables[1]][key].dtype
+        # bfloat16 moments: the two round g*g at different points, one unit in the last place (2^-8) apart
+        torch.testing.assert_close(opts[0].state[tables[0]][key].float(), opts[1].state[tables[1]][key].float(),
+                                   atol=1e-9, rtol=2 ** -7)
+
+
+def test_stochastic_rounding_is_unbiased():
+    table = torch.nn.Parameter(torch.ones(2000, 64, dtype=torch.bfloat16))
+    opt = RowSparseAdam([table], lr=1e-3, moments="bfloat16-rowwise")  # a step of 1e-3 < half a bf16 ulp at 1
+    table.grad = torch.ones(2000, 64, dtype=torch.bfloat16)
+    opt.step()
+    assert abs(float(table.detach().float().mean()) - (1 - 1e-3)) < 1e-4
+    rounded = torch.nn.Parameter(torch.ones(10, 64, dtype=torch.bfloat16))
+    opt2 = RowSparseAdam([rounded], lr=1e-3, moments="bfloat16-rowwise", stochastic_rounding=False)
+    rounded.grad = torch.ones(10, 64, dtype=torch.bfloat16)
+    opt2.step()
+    assert torch.equal(rounded.detach(), torch.ones(10, 64, dtype=torch.bfloat16))  # round to nearest loses it
+
+
+def test_state_follows_gsplat_densification_as_dense_adams():
+    from gsplat.strategy.ops import duplicate, remove, split
+
+    gen = torch.Generator().manual_seed(0)
+    n, c = 30, 8
+
+    def params():
+        g = torch.Generator().manual_seed(1)
+        return {"means": torch.nn.Parameter(torch.randn(n, 3, generator=g)),
+                "scales": torch.nn.Parameter(torch.randn(n, 3, generator=g) - 2),
+                "quats": torch.nn.Parameter(torch.randn(n, 4, generator=g)),
+                "clip_features": torch.nn.Parameter(torch.randn(n, c, generator=g))}
+
+    dense_params, sparse_params = params(), params()
+    dense_opt = torch.optim.Adam([dense_params["clip_features"]], lr=0.01)
+    sparse_opt = RowSparseAdam([sparse_params["clip_features"]], lr=0.01, moments="float32")
+    for _ in range(2):  # every row touched: the two states are equal before densifying
+        grad = torch.randn(n, c, generator=gen)
+        dense_params["clip_features"].grad = grad.clone()
+        sparse_params["clip_features"].grad = grad.to_sparse()
+        dense_opt.step()
+        sparse_opt.step()
+    masks = [torch.rand(n, generator=gen) < 0.3 for _ in range(3)]
+    for ps, feature_opt in ((dense_params, dense_opt), (sparse_params, sparse_opt)):
+        opts = {name: torch.optim.Adam([p], lr=0.01) for name, p in ps.items() if name != "clip_features"}
+        opts["clip_features"] = feature_opt
+        ctx = rows_follow_densification(opts["clip_features"], ps, "clip_features")
+        with ctx:
+            torch.manual_seed(3)
+            duplicate(ps, opts, {}, masks[0])
+            m = ps["means"].shape[0]
+            split(ps, opts, {}, torch.cat([masks[1], torch.zeros(m - n, dtype=torch.bool)]))
+            keep = ps["means"].shape[0]
+            remove(ps, opts, {}, torch.rand(keep, generator=torch.Generator().manual_seed(4)) < 0.2)
+    new_dense, new_sparse = dense_params["clip_features"], sparse_params["clip_features"]
+    torch.testing.assert_close(new_sparse.detach(), new_dense.detach(), atol=1e-6, rtol=1e-5)
+    dense_state, sparse_state = dense_opt.state[new_dense], sparse_opt.state[new_sparse]
+    torch.testing.assert_close(sparse_state["exp_avg"], dense_state["exp_avg"], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(sparse_state["exp_avg_sq"], dense_state["exp_avg_sq"], atol=1e-9, rtol=1e-6)
+    fresh = dense_state["exp_avg"].abs().amax(-1) == 0
+    assert fresh.any() and (~fresh).any()
+    assert (sparse_state["row_step"][fresh] == 0).all() and (sparse_state["row_step"][~fresh] == 2).all()
+    assert sparse_state["exp_avg"].dtype == torch.float32 and sparse_opt.param_groups[0]["params"][0] is new_sparse
+
+
+def test_state_dict_round_trip_keeps_dtypes():
+    table = feature_table(10, 4, "bfloat16")
+    opt = RowSparseAdam([table], lr=0.01)
+    table.grad = torch.ones(10, 4, dtype=torch.bfloat16).to_sparse()
+    opt.step()
+    other = RowSparseAdam([table], lr=0.01)
+    other.load_state_dict(opt.state_dict())
+    dtypes = {k: v.dtype for k, v in other.state[table].items()}
+    assert dtypes == {"row_step": torch.int32, "exp_avg": torch.bfloat16, "exp_avg_sq": torch.float32}
+
+
+@pytest.mark.parametrize("num_quantiles", [None, 5])
+def test_compact_view_render_equals_whole_table(num_quantiles):
+    scene = make_scene(num_cams=1, num_gs=200, width=50, height=40, channels=8, seed=7)
+    full, alpha = rasterize_to_pixels(*scene.args(), num_quantiles=num_quantiles, backend="cpu")
+    rows, (m2, co, op, fl) = compact_view(scene.means2d, scene.conics, scene.opacities, scene.flatten_ids)
+    args = list(scene.args(scene.features[rows]))
+    args[0], args[1], args[3], args[8] = m2, co, op, fl
+    compact, compact_alpha = rasterize_to_pixels(*args, num_quantiles=num_quantiles, backend="cpu")
+    assert rows.numel() < 200 or True
+    torch.testing.assert_close(compact, full, atol=0, rtol=0)
+    torch.testing.assert_close(compact_alpha, alpha, atol=0, rtol=0)
+    queries = torch.randn(3, 8, dtype=scene.means2d.dtype)
+    s_full, _ = rasterize_query_scores(*scene.args(), queries, num_quantiles=num_quantiles, backend="cpu")
+    s_compact, _ = rasterize_query_scores(*args, queries, num_quantiles=num_quantiles, backend="cpu")
+    torch.testing.assert_close(s_compact, s_full, atol=1e-6, rtol=1e-6)
