@@ -311,10 +311,11 @@ def test_feature_weight_is_the_supervision_each_gaussian_received(trained):
     assert state["pipeline"]["_model.feature_weight"].shape == (model.num_points,)
     # pixel_weights == d(sum of the rendered feature channel at those pixels) / d(each Gaussian's feature)
     was_training = model.training
-    model.train()
     camera = trained["trainer"].pipeline.datamanager.train_dataset.cameras[0:1]
+    model.eval()
     with torch.no_grad():
-        model.get_outputs(camera)  # projects the view (model.info)
+        model.render_rgb(camera)  # projects the view (model.info)
+    model.train()  # the raw table (training's features), as the loss renders it
     pixels = torch.arange(0, int(model.info["width"]) * int(model.info["height"]), 7)
     table = model.gauss_params["clip_features"]
     with torch.enable_grad():
