@@ -32,7 +32,7 @@ def _checkpoint(model, keep: int, drop=()):
         if key in drop:
             continue
         value = value.detach().cpu().clone()
-        if key.startswith("gauss_params.") or key in ("feature_supervised", "backproject_features"):
+        if key.startswith("gauss_params.") or key in ("feature_supervised", "feature_weight", "backproject_features"):
             value = value[:keep]
         state[key] = value
     return state
@@ -43,7 +43,7 @@ def _off_device(model, device_type: str):
     return [name for name, t in tensors if t.device.type != device_type]
 
 
-@pytest.mark.parametrize("head,drop", [("table", ()), ("table", ("feature_supervised",)), ("backproject", ()),
+@pytest.mark.parametrize("head,drop", [("table", ()), ("table", ("feature_supervised", "feature_weight")), ("backproject", ()),
                                        ("gsnet", ())], ids=["table", "table-old-checkpoint", "backproject", "gsnet"])
 def test_load_state_dict_builds_on_the_models_device(head, drop):
     model = _model(feature_head=head)
@@ -98,7 +98,7 @@ def test_our_code_names_the_device_of_every_tensor_it_makes(tiny_run):
                 for callback in trainer.callbacks if location is not None else ():
                     callback.run_callback_at_location(step, location=location)
     assert model.num_points != before and tensors_on_meta(model) == []
-    old_checkpoint = _checkpoint(model, model.num_points, drop=("feature_supervised",))
+    old_checkpoint = _checkpoint(model, model.num_points, drop=("feature_supervised", "feature_weight"))
     model.eval()
     camera, batch = trainer.pipeline.datamanager.fixed_indices_eval_dataloader[0]
     try:

@@ -17,6 +17,7 @@ from qrender_ns.eval.report import QUOTED, make_report
 from qrender_ns.eval.scannet3d import (SUBSET_IDS, EvalScannet, load_labels, low_opacity_mask, remap,
                                        run_eval_scannet, segmentation_metrics, selection_metrics, selection_report,
                                        subset_classes, transfer_labels)
+from selection_by_hand import wins_by_hand
 
 # 128x96 and 240 steps (~1.5 min on 2 cores): at 64x48 LangSplat's post-processing of the small objects caps
 # the LeRF-OVS mIoU at ~0.7 (measured; 0.83 here).
@@ -469,13 +470,7 @@ def test_opengaussian_3d_filters_jpg_masks_unknown(run, tmp_path):
 
 
 def _wins_by_hand(model, text: str) -> np.ndarray:
-    """The 'wins' rule recomputed here with numpy: cos to the text beats every other vocabulary word and canonical
-    negative, and the feature is non-zero."""
-    words = [w for w in dict.fromkeys([*model.class_names, *model.config.relevancy_negatives]) if w != text]
-    emb = model.text_encoder.encode([text, *words]).numpy().astype(np.float64)
-    feats = model.gaussian_features.detach().numpy().astype(np.float64)
-    cos = feats @ (emb / np.linalg.norm(emb, axis=1, keepdims=True)).T
-    return (cos[:, 0] > cos[:, 1:].max(1)) & (np.abs(feats).max(1) > 0)
+    return wins_by_hand(model, text)  # tests/selection_by_hand.py: kNN smoothing by supervision weight, then wins
 
 
 def test_eval_scannet_selection_3d(run, tmp_path):

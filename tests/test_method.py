@@ -12,6 +12,7 @@ import torch
 
 from qrender_ns.data.scene_generator import generate_scene
 from qrender_ns.teachers.synthetic import SyntheticTeacher
+from selection_by_hand import wins_by_hand
 
 BIN = Path(sys.executable).parent
 EVAL_KEYS = {"psnr", "ssim", "feature_miou", "feature_ms_dense", "feature_ms_quantile",
@@ -188,16 +189,7 @@ def test_query_writes_ply_and_relevancy_pngs(trained, tmp_path):
     from qrender_ns.eval import load_pipeline
 
     model = load_pipeline(trained["config_path"])[0].model
-    was_training = model.training
-    model.eval()  # never-supervised Gaussians read as zero features outside training
-    with torch.no_grad():
-        words = [w for w in dict.fromkeys([*model.class_names, *model.config.relevancy_negatives]) if w != "chair"]
-        emb = torch.nn.functional.normalize(model.text_encoder.encode(["chair", *words]), dim=-1)
-        features = model.gaussian_features.detach()
-        cos = torch.nn.functional.normalize(features, dim=-1) @ emb.T
-        wins = (cos[:, 0] > cos[:, 1:].amax(-1)) & (features.abs().amax(-1) > 0)
-        wins &= torch.sigmoid(model.opacities).squeeze(-1) > 0.1
-    model.train(was_training)
+    wins = wins_by_hand(model, "chair") & (torch.sigmoid(model.opacities).squeeze(-1) > 0.1).numpy()
     assert summary["selection"] == "wins" and summary["num_selected"] == int(wins.sum())
 
     # the old rule, as an explicit option
@@ -305,6 +297,35 @@ def test_never_supervised_gaussians_have_zero_features(trained):
     assert (model.gaussian_features[~flags] != 0).any()  # training still sees (and can reach) them
     state = torch.load(trained["config"].get_checkpoint_dir() / "step-000000119.ckpt", weights_only=False)
     assert torch.equal(state["pipeline"]["_model.feature_supervised"].cpu(), flags.cpu())
+
+
+def test_feature_weight_is_the_supervision_each_gaussian_received(trained):
+    """Issue 30 item 4: the table head sums, over training, the Q-Render blending weight of every Gaussian in the
+    views of the feature-loss steps; it follows densification, is positive wherever a feature gradient
+    arrived, lands in the checkpoint, and is the derivative of the loss's own feature render."""
+    model = trained["trainer"].pipeline.model
+    weight, flags = model.feature_weight, model.feature_supervised
+    assert weight.dtype == torch.float32 and weight.shape == (model.num_points,)  # in sync after densification
+    assert (weight >= 0).all() and (weight[flags] > 0).all()  # a feature gradient needs a blending weight
+    assert torch.equal(model.gaussian_confidence, weight * flags)
+    state = torch.load(trained["config"].get_checkpoint_dir() / "step-000000119.ckpt", weights_only=False)
+    assert state["pipeline"]["_model.feature_weight"].shape == (model.num_points,)
+    # pixel_weights == d(sum of the rendered feature channel at those pixels) / d(each Gaussian's feature)
+    was_training = model.training
+    camera = trained["trainer"].pipeline.datamanager.train_dataset.cameras[0:1]
+    model.eval()
+    with torch.no_grad():
+        model.render_rgb(camera)  # projects the view (model.info)
+    model.train()  # the raw table (training's features), as the loss renders it
+    pixels = torch.arange(0, int(model.info["width"]) * int(model.info["height"]), 7)
+    table = model.gauss_params["clip_features"]
+    with torch.enable_grad():
+        rendered = model.render_features(None, model.config.num_quantiles, pixel_ids=pixels)["features"]
+        (grad,) = torch.autograd.grad(rendered[:, 0].sum(), table)
+    weights = model.pixel_weights(pixels)
+    model.train(was_training)
+    assert weights.shape == (model.num_points,) and weights.sum() > 0
+    assert torch.allclose(weights, grad[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_from_checkpoint(trained, tmp_path, capfd):

@@ -381,7 +381,7 @@ class _Scene3D:
 
     def __init__(self, pipeline, cfg: "EvalLerfOvs"):
         self.model, self.cfg = pipeline.model, cfg
-        self.rule = SelectionRule(cfg.selection, cfg.select_threshold)
+        self.rule = SelectionRule(cfg.selection, cfg.select_threshold, cfg.selection_knn)
         self.rule.check()
         self.selections: Dict[str, np.ndarray] = {}
         if cfg.render_filters:
@@ -586,7 +586,7 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                    "negatives": list(model.config.relevancy_negatives),
                    "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
                    "num_quantiles": model.config.num_quantiles, "label_glob": cfg.label_glob,
-                   **({"selection": cfg.selection, "select_threshold": cfg.select_threshold,
+                   **({"selection": cfg.selection, "select_threshold": cfg.select_threshold, "selection_knn": cfg.selection_knn,
                        "selection_rule": scene_3d.rule.describe(), "select_min_opacity": cfg.select_min_opacity,
                        "silhouette_threshold": cfg.silhouette_threshold, "render_filters": cfg.render_filters,
                        "filter_max_scale": cfg.filter_max_scale,

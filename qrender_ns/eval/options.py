@@ -60,6 +60,9 @@ class EvalScannet:
     canonical negatives > --selection-threshold (the old rule)."""
     selection_threshold: float = 0.55
     """--selection absolute: the relevancy a selected Gaussian exceeds."""
+    selection_knn: int = 32  # = qrender_ns.features.selection.DEFAULT_KNN (this module stays import-light)
+    """wins: smooth each Gaussian's feature over its this-many nearest Gaussians in 3D, weighted by the supervision
+    each received, before the comparison (0 = its own feature only; 32 chosen on validation rooms, docs/evaluation.md)."""
     selection_sweep: Tuple[float, ...] = DEFAULT_SELECTION_SWEEP
     """Thresholds of the old absolute rule reported beside the chosen rule (the old sweep)."""
 
@@ -92,6 +95,9 @@ class EvalLerfOvs:
     absolute: relevancy vs the canonical negatives > --select-threshold (the old rule)."""
     select_threshold: float = 0.55
     """opengaussian-3d with --selection absolute: the relevancy a selected Gaussian exceeds."""
+    selection_knn: int = 32  # = qrender_ns.features.selection.DEFAULT_KNN (this module stays import-light)
+    """opengaussian-3d with wins: smooth each Gaussian's feature over its this-many nearest Gaussians in 3D, weighted by the supervision
+    each received, before the comparison (0 = its own feature only; 32 chosen on validation rooms, docs/evaluation.md)."""
     select_min_opacity: float = 0.0
     """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
     silhouette_threshold: float = 0.7

@@ -438,7 +438,7 @@ def _selection_of_prompts(model, prompts: Sequence[str], names: Sequence[str], g
     """selection_report of every class's prompt under the rule of qsplat query (cfg.selection), with the old
     absolute rule's sweep beside it."""
     _check_thresholds(cfg.selection_threshold, cfg.selection_sweep)
-    rule = SelectionRule(cfg.selection, cfg.selection_threshold)
+    rule = SelectionRule(cfg.selection, cfg.selection_threshold, cfg.selection_knn)
     rule.check()
     selections = {name: select_by_rule(model, prompt, rule).cpu().numpy() for name, prompt in zip(names, prompts)}
     relevancies = {name: gaussian_relevancy(model, prompt).float().cpu().numpy() for name, prompt in zip(names, prompts)}

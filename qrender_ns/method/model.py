@@ -53,6 +53,7 @@ from qrender_ns.utils.compat import torch_problem
 
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
+WEIGHT_STATE = "qsplat_feature_weight"  # key of the accumulated supervision weight in splatfacto's strategy_state
 BACKPROJECT_STATE = "qsplat_backproject_features"  # feature_head=backproject: densified as strategy state
 TILE_SIZE = 16
 FROZEN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")  # gaussians-ply: fixed
@@ -179,6 +180,11 @@ class QSplatModel(SplatfactoModel):
         # initialisation for training but read as zero features outside it (no relevancy where nothing was
         # learnt). Carried through densification as strategy state (gsplat copies/splits/prunes its tensors).
         self.register_buffer("feature_supervised", torch.zeros(num_points, dtype=torch.bool)
+                             if self.config.feature_head == "table" else None)
+        # Table head: how much supervision each Gaussian received, the Q-Render blending weight it had in the
+        # views of the feature-loss steps, summed over training (issue 30 item 4: the confidence of the 3D
+        # selection's kNN smoothing, qrender_ns.features.selection). Densified like the flags.
+        self.register_buffer("feature_weight", torch.zeros(num_points)
                              if self.config.feature_head == "table" else None)
         self.log_temperature = Parameter(torch.tensor(math.log(self.config.infonce_init_temperature)))
         self.class_names: List[str] = list(metadata.get("qsplat_class_names") or [])
@@ -391,10 +397,12 @@ class QSplatModel(SplatfactoModel):
         rows = touched_rows(param.grad)  # a row-sparse or dense gradient: the rows it reached
         self.feature_supervised[rows.to(self.feature_supervised.device)] = True
         self.strategy_state[SUPERVISED_STATE] = self.feature_supervised
+        self.strategy_state[WEIGHT_STATE] = self.feature_weight
         optimizer = getattr(self, "optimizers", {}).get(FEATURE_PARAM)
         with rows_follow_densification(optimizer, self.gauss_params, FEATURE_PARAM):  # RowSparseAdam's state
             super().step_post_backward(step)
         self.feature_supervised = self.strategy_state[SUPERVISED_STATE].bool()
+        self.feature_weight = self.strategy_state[WEIGHT_STATE].float()
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore
         if self.config.feature_head == "backproject":
@@ -415,6 +423,9 @@ class QSplatModel(SplatfactoModel):
                 state_dict["feature_supervised"] = torch.ones(state_dict["gauss_params.means"].shape[0],
                                                               dtype=torch.bool, device=self.device)
                 self.feature_supervised = torch.zeros_like(state_dict["feature_supervised"], device=self.device)
+            if "feature_weight" not in state_dict:  # a checkpoint from before the weight: the flags as 0 / 1 weights
+                state_dict["feature_weight"] = state_dict["feature_supervised"].float()
+            self.feature_weight = torch.zeros_like(state_dict["feature_weight"], dtype=torch.float32, device=self.device)
         result = super().load_state_dict(state_dict, **kwargs)
         table = self.gauss_params.get(FEATURE_PARAM) if FEATURE_PARAM in self.gauss_params else None
         want = getattr(torch, self.config.feature_precision)
@@ -719,7 +730,35 @@ class QSplatModel(SplatfactoModel):
             return None
         pixels, targets = sample
         pixel_feats = self.render_features(None, self.config.num_quantiles, pixel_ids=pixels)["features"]
+        if self.feature_weight is not None:
+            # the whole view, not the sampled pixels: the loss samples every mask alike, so a wall Gaussian behind
+            # a small object would collect that object's oversampled pixels (measured on validation rooms 21-22:
+            # sampled-pixel weights make the selection's smoothing worse than no weighting; docs/evaluation.md)
+            self.feature_weight += self.pixel_weights(None)
         return self._contrastive_loss(pixel_feats, targets, embeddings)
+
+    def pixel_weights(self, pixel_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """[N] Q-Render blending weight of every Gaussian summed over the flat pixels `pixel_ids` of the last
+        projected view (None: all its pixels; the model's K): how much each Gaussian shapes the rendered
+        features there. The gradient of a 1-channel render of ones (its own small forward and backward)."""
+        means2d, conics, _, opacities, *rest = self._feature_inputs(None)
+        ones = torch.ones(means2d.shape[-2], 1, device=means2d.device, requires_grad=True)
+        with torch.enable_grad():
+            out, _ = rasterize_to_pixels(means2d.detach(), conics.detach(), ones, opacities.detach(), *rest,
+                                         num_quantiles=self.config.num_quantiles,
+                                         backend=self.config.rasterizer_backend, validate_values=False,
+                                         pixel_ids=pixel_ids)
+            (grad,) = torch.autograd.grad(out.sum(), ones)
+        return grad[:, 0].detach()
+
+    @property
+    def gaussian_confidence(self) -> torch.Tensor:
+        """[N] >= 0: the supervision each Gaussian's feature received, for the 3D selection's smoothing. Table
+        head: the accumulated blending weight (`feature_weight`; checkpoints from before it: 1 for supervised
+        Gaussians); other heads: 1 where the feature is non-zero."""
+        if self.feature_weight is not None and self.feature_weight.shape[0] == self.num_points:
+            return self.feature_weight.detach() * self.feature_supervised.to(self.feature_weight.dtype)
+        return (self.gaussian_features.detach().abs().amax(-1) > 0).float()
 
     def feature_loss(self, features: torch.Tensor, mask_ids: torch.Tensor, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
         """Contrastive loss at sampled pixels of every teacher mask of a rendered map [H, W, C] (None if < 2 masks)."""

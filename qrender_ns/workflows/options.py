@@ -164,6 +164,9 @@ class Query:
     threshold: float = 0.55
     """--selection absolute only: relevancy above which a Gaussian is selected (0.5 = no better than a generic
     word)."""
+    selection_knn: int = 32  # = qrender_ns.features.selection.DEFAULT_KNN (this module stays import-light)
+    """wins: smooth each Gaussian's feature over its this-many nearest Gaussians in 3D, weighted by the supervision
+    each received, before the comparison (0 = its own feature only; 32 chosen on validation rooms, docs/evaluation.md)."""
     min_opacity: float = 0.1
     """Ignore nearly transparent Gaussians."""
     cameras: List[int] = field(default_factory=lambda: [0])

@@ -31,7 +31,7 @@ def _check_vocabulary(model, text: str) -> None:
 
 def _selection(model, cfg: "Query") -> torch.Tensor:
     """[G] bool: the rule's selection (qrender_ns.features.selection) among the Gaussians with opacity > min_opacity."""
-    rule = SelectionRule(cfg.selection, cfg.threshold)
+    rule = SelectionRule(cfg.selection, cfg.threshold, cfg.selection_knn)
     try:
         chosen = select_by_rule(model, cfg.text, rule)
     except ValueError as err:
@@ -102,7 +102,8 @@ def run_query(cfg: Query) -> dict:
         png_paths.append(str(png))
     summary = dict(text=cfg.text, checkpoint=str(checkpoint_path), num_gaussians=int(scores.numel()),
                    num_selected=int(selected.sum()), selection=cfg.selection,
-                   threshold=cfg.threshold if cfg.selection == "absolute" else None, ply=str(ply_path),
+                   threshold=cfg.threshold if cfg.selection == "absolute" else None,
+                   selection_knn=cfg.selection_knn if cfg.selection == "wins" else None, ply=str(ply_path),
                    output_format=cfg.output_format,
                    relevancy_pngs=png_paths)
     print(json.dumps(summary, indent=2))
