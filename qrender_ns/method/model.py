@@ -741,7 +741,7 @@ class QSplatModel(SplatfactoModel):
         """[N] Q-Render blending weight of every Gaussian summed over the flat pixels `pixel_ids` of the last
         projected view (None: all its pixels; the model's K): how much each Gaussian shapes the rendered
         features there. The gradient of a 1-channel render of ones (its own small forward and backward)."""
-        means2d, conics, _, opacities, *rest = self._feature_inputs(None)
+        means2d, conics, _, opacities, *rest = self._feature_inputs(None, table_mode="table")  # all N Gaussians
         ones = torch.ones(means2d.shape[-2], 1, device=means2d.device, requires_grad=True)
         with torch.enable_grad():
             out, _ = rasterize_to_pixels(means2d.detach(), conics.detach(), ones, opacities.detach(), *rest,
