@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from qrender_ns.utils.compat import torch_problem
 
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
+FEATURE_CHUNK_ROWS = 262_144  # rows per block of gaussian_feature_chunks (512 MiB of 512-D float32)
 BACKPROJECT_STATE = "qsplat_backproject_features"  # feature_head=backproject: densified as strategy state
 TILE_SIZE = 16
 FROZEN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")  # gaussians-ply: fixed
@@ -326,6 +327,25 @@ class QSplatModel(SplatfactoModel):
             return table if table.dtype == torch.float32 else table.float()
         self._check_supervised(table)
         return table.float() * self.feature_supervised[:, None].float()
+
+    def gaussian_feature_chunks(self, chunk: int = FEATURE_CHUNK_ROWS) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(start, float32 [<= chunk, feature_dim]) over the Gaussians in order: `gaussian_features` a block of rows
+        at a time. Table head: each block upcast (and outside training masked by the supervised flags) on its
+        own, so the extra memory is one block (256k x 512 float32 = 512 MiB) instead of a float32 [N, D] copy
+        (issue 27: the 3D protocols and `qsplat query` at millions of Gaussians)."""
+        if self.config.feature_head != "table":
+            features = self.gaussian_features.detach()
+            for start in range(0, features.shape[0], chunk):
+                yield start, features[start:start + chunk].float()
+            return
+        table = self.gauss_params[FEATURE_PARAM].detach()
+        if not self.training:
+            self._check_supervised(table)
+        for start in range(0, table.shape[0], chunk):
+            rows = table[start:start + chunk].float()
+            if not self.training:
+                rows = rows * self.feature_supervised[start:start + chunk, None].to(rows)
+            yield start, rows
 
     def _check_supervised(self, table: torch.Tensor) -> None:
         supervised = self.feature_supervised

@@ -47,9 +47,13 @@ def feature_table(num_rows: int, channels: int, dtype="bfloat16", scale: float =
 
 
 def touched_rows(grad: Optional[Tensor]) -> Tensor:
-    """Row ids with a nonzero gradient (a sparse COO or dense [N, C] gradient); empty for None."""
+    """Rows a gradient reached: a row-sparse coalesced COO gradient (the sampled-pixel render's) -> its row ids (the
+    rows the loss's pixels selected, which RowSparseAdam updates: O(rows), no scan of the [R, C] values); another
+    sparse or a dense [N, C] gradient -> the rows with a nonzero entry; empty for None."""
     if grad is None:
         return torch.zeros(0, dtype=torch.long)
+    if grad.is_sparse and grad.sparse_dim() == 1 and grad.is_coalesced():
+        return grad.indices()[0]
     if grad.is_sparse:
         grad = (grad if grad.sparse_dim() == 1 else grad.to_dense().to_sparse(sparse_dim=1)).coalesce()
         rows, values = grad.indices()[0], grad.values()

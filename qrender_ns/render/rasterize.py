@@ -49,9 +49,10 @@ def rasterize_to_pixels(
     "triton" (Triton, CUDA tensors), "cuda" (the hand CUDA kernel), "torch" (the pure-torch
     reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
     over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
-    `validate_values=False` skips the NaN/Inf scan of the float inputs (shapes and index
-    ranges are always checked): a full pass over `features`, ~0.3 s for 1e6 x 512 on 2 CPU
-    cores, which hot loops that guard their losses can skip.
+    `validate_values=False` skips the value scans (NaN/Inf of the float inputs, opacities in
+    [0, 1]; shapes and index ranges are always checked): a full pass over `features`, ~0.3 s
+    for 1e6 x 512 on 2 CPU cores, and gathers over the intersections, which hot loops that
+    guard their losses can skip.
     `pixel_ids` (int [P], flat (camera, y, x) indices into V*H*W, repeats allowed) blends only
     those pixels, forward and backward: the same tiles, pixel centres and quantile selection as
     the whole image, without its [V,H,W,C] map (training losses that read a few pixels).

@@ -102,22 +102,53 @@ def select_pixels(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     if kind == "torch":
         return _selection_reference(means2d, conics, opacities, width, height, tile_size, isect_offsets,
                                     flatten_ids, pixel_ids, num_quantiles)
-    ones = torch.ones(num_gs, 1, dtype=means2d.dtype, device=means2d.device)
+    ones = _ones(num_gs, means2d.dtype, means2d.device)
     ids = flatten_ids.int().contiguous()
+    # tile-major order: the samples of one tile walk the same list one after the other (the CPU loop hands out
+    # consecutive samples), so its entries are read from the [N] geometry once and then from the cache; without
+    # it every sample pays the random reads of its own walk, whose length grows with the tile lists (with N)
+    order = tile_major_order(pixel_ids, width, height, tile_size)
+    walked = pixel_ids[order]
     if kind == "triton":
         from qrender_ns.render.triton.launch import select_pixels_triton
 
         sel, count = select_pixels_triton(means2d, conics, ones, opacities, width, height, tile_size,
-                                          isect_offsets, ids, pixel_ids, num_quantiles)
+                                          isect_offsets, ids, walked, num_quantiles)
     else:
         ext = _backend.load_extension(with_cuda=kind == "cuda")
         _, _, _, sel, count = getattr(ext, f"rasterize_pixels_forward_{kind}")(
             means2d, conics, ones, opacities, None, width, height, tile_size, isect_offsets.int().contiguous(), ids,
-            num_quantiles, pixel_ids)
+            num_quantiles, walked)
     slots = torch.arange(num_quantiles, device=sel.device)
     valid = slots[None] < count.long()[:, None]
-    gid = ids.long()[torch.where(valid, sel.long(), torch.zeros_like(sel, dtype=torch.long))]
-    return torch.where(valid, gid, torch.full_like(gid, -1))
+    gid = ids[torch.where(valid, sel.long(), torch.zeros_like(sel, dtype=torch.long))].long()  # [P, K] reads only
+    gid = torch.where(valid, gid, torch.full_like(gid, -1))
+    out = torch.empty_like(gid)
+    out[order] = gid
+    return out
+
+
+_ONES: dict = {}
+
+
+def _ones(num_gs: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [N, 1] column of ones (the selection walk's 1-channel features), kept between steps of the same N."""
+    key = (num_gs, dtype, str(device))
+    if key not in _ONES:
+        _ONES.clear()
+        _ONES[key] = torch.ones(num_gs, 1, dtype=dtype, device=device)
+    return _ONES[key]
+
+
+def tile_major_order(pixel_ids: Tensor, width: int, height: int, tile_size: int) -> Tensor:
+    """A permutation of the samples that groups them by (camera, tile), row-major inside a tile: [P] int64."""
+    hw = height * width
+    cams, ys, xs = pixel_ids // hw, (pixel_ids % hw) // width, pixel_ids % width
+    tiles_w = -(-width // tile_size)
+    tiles_h = -(-height // tile_size)
+    tile = (cams * tiles_h + ys // tile_size) * tiles_w + xs // tile_size
+    key = (tile * tile_size + ys % tile_size) * tile_size + xs % tile_size
+    return torch.argsort(key, stable=True)
 
 
 def pixel_weights(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int, pixel_ids: Tensor,
