@@ -282,3 +282,44 @@ def test_feature_chunks_equal_gaussian_features(training):
         assert [start for start, _ in blocks] == list(range(0, 23, chunk))
         assert all(rows.dtype == torch.float32 for _, rows in blocks)
         assert torch.equal(torch.cat([rows for _, rows in blocks]), whole)
+
+
+def test_rows_render_equals_the_whole_table_render():
+    """rasterize_pixels_of_rows (features computed for the selected rows only): the same values and gradients as
+    the sampled-pixel render of the whole table, and it asks for each selected row once."""
+    from qrender_ns.render import rasterize_pixels_of_rows
+
+    scene = make_scene(num_cams=1, num_gs=90, width=32, height=28, channels=6, seed=7, dtype=torch.float32)
+    pid = _pixels(scene, 1, 80, seed=5)
+    weight = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    base = scene.features.float()
+    ref, ref_alpha = rasterize_to_pixels(*scene.args(base @ weight), num_quantiles=5, pixel_ids=pid)
+    g_ref, = torch.autograd.grad(ref.square().sum(), weight)
+    asked = []
+
+    def features_of(rows):
+        asked.append(rows)
+        return base[rows] @ weight
+
+    args = scene.args(base)
+    out, alpha = rasterize_pixels_of_rows(args[0], args[1], features_of, args[3], *args[4:9], pid, 5)
+    g_out, = torch.autograd.grad(out.square().sum(), weight)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, ref_alpha)
+    torch.testing.assert_close(g_out, g_ref)
+    assert len(asked) == 1 and torch.equal(asked[0], torch.unique(asked[0])) and asked[0].numel() < 90
+
+
+def test_gsnet_predicts_rows_equal_to_its_whole_prediction():
+    from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.rand(300, 3, generator=gen)
+    colors, opac = torch.rand(300, 3, generator=gen), torch.rand(300, generator=gen)
+    rows = torch.tensor([0, 3, 17, 150, 299])
+    for mlp in (32, 0):
+        net = GSNet(GSNetConfig(voxel_size=0.2, feature_dim=16, stem_channels=8, enc_channels=(8, 8, 8, 8),
+                                dec_channels=(8, 8, 8, 8), gaussian_mlp_channels=mlp, head_channels=16,
+                                backend="torch")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net(means, colors, opac, rows=rows), net(means, colors, opac)[rows])

@@ -43,7 +43,7 @@ from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.gsnet.integration import GSNetFeatures, build_gsnet
 from qrender_ns.method.viewer import QueryPanel
 from qrender_ns.method.sparse_adam import feature_table, rows_follow_densification, touched_rows
-from qrender_ns.render import gsplat_shim, kernels, rasterize_query_scores, rasterize_to_pixels
+from qrender_ns.render import gsplat_shim, kernels, rasterize_pixels_of_rows, rasterize_query_scores, rasterize_to_pixels
 from qrender_ns.render.rows import compact_view, gather_rows
 from qrender_ns.render.validate import check_num_quantiles
 from qrender_ns.render.projection import project_and_bin, viewmat_from_c2w
@@ -76,6 +76,9 @@ class QSplatModelConfig(SplatfactoModelConfig):
     """feature_head=table: the feature loss's gradient holds only the rows its sampled pixels selected (a sparse
     COO gradient, <= pixels x K rows) and the optimiser (RowSparseAdam) updates only those, so a step's feature
     cost follows the pixels, not the scene (docs/scale.md). False: a dense [N, feature_dim] gradient every step."""
+    gsnet_predict_rows: bool = True
+    """feature_head=gsnet: a training step's sampled-pixel render has GS-Net predict the features of the Gaussians
+    its pixels select only (the U-Net still runs on every voxel); False: all N features every step, as before."""
     feature_head: Literal["table", "gsnet", "backproject"] = "table"
     """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md);
     backproject: training-free, the teacher's mask embeddings averaged onto the Gaussians with their
@@ -618,7 +621,9 @@ class QSplatModel(SplatfactoModel):
         if self.config.detach_geometry_for_features:
             geometry = [t.detach() for t in geometry]
         flatten_ids = info["flatten_ids"]
-        if self.config.feature_head != "table":
+        if table_mode == "none":  # the caller computes the features (GS-Net's rows)
+            feats = None
+        elif self.config.feature_head != "table":
             feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
         else:
             table = self.gauss_params[FEATURE_PARAM]
@@ -644,6 +649,19 @@ class QSplatModel(SplatfactoModel):
         """Feature map of the last projected view (same projection and tiles as its RGB):
         {"features": [H, W, C], "feature_alpha": [H, W, 1]}, or [P, C] / [P, 1] at the flat
         pixel indices `pixel_ids` (y * W + x) only, forward and backward (training losses)."""
+        if (pixel_ids is not None and self.training and self.config.feature_head == "gsnet"
+                and self.config.gsnet_predict_rows and num_quantiles is not None):
+            # GS-Net predicts the features of the rows the sampled pixels select only (its U-Net still sees all)
+            m2d, con, _, opac, width, height, tile, offsets, ids = self._feature_inputs(crop_ids, "none")
+            features_of = self._gsnet_features.rows_of(self.gauss_params, self.config.sh_degree,
+                                                       self.units_per_metre)
+            if crop_ids is not None:
+                index = torch.nonzero(crop_ids.reshape(-1)).squeeze(-1) if crop_ids.dtype == torch.bool \
+                    else crop_ids.reshape(-1)
+                features_of = (lambda f, idx: (lambda rows: f(idx[rows])))(features_of, index)
+            out, alpha = rasterize_pixels_of_rows(m2d, con, features_of, opac, width, height, tile, offsets, ids,
+                                                  pixel_ids, num_quantiles, backend=self.config.rasterizer_backend)
+            return {"features": out, "feature_alpha": alpha}
         table_mode, sparse = "rows", False
         if pixel_ids is not None and self.training and self.config.feature_head == "table":
             sparse = self.config.sparse_feature_grad and num_quantiles is not None

@@ -19,7 +19,7 @@ nothing of size [N, C] is written in a step. Values and gradients equal the dens
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -178,12 +178,14 @@ def pixel_weights(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     return weights, torch.where(any_sel, norm, torch.zeros_like(norm))
 
 
-def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Tensor, opacities: Tensor, width: int,
+def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Union[Tensor, Callable[[Tensor], Tensor]], opacities: Tensor, width: int,
                             height: int, tile_size: int, isect_offsets: Tensor, flatten_ids: Tensor,
                             pixel_ids: Tensor, backgrounds: Optional[Tensor], num_quantiles: int,
                             kind: str) -> Tuple[Tensor, Tensor]:
     """rasterize_to_pixels(..., pixel_ids, sparse_grad=True) after validation: ([P, C], [P, 1]) in the geometry's
-    dtype; the gradient of `features` [N, C] (shared by the cameras) is row-sparse."""
+    dtype; the gradient of `features` [N, C] (shared by the cameras) is row-sparse. `features` may also be a
+    callable rows [R] -> [R, C] (rasterize_pixels_of_rows: the features of the selected rows only, computed on
+    demand, e.g. by GS-Net's head; gradients flow through it)."""
     num_gs = means2d.shape[1]
     gid = select_pixels(means2d, conics, opacities, width, height, tile_size, isect_offsets, flatten_ids,
                         pixel_ids, num_quantiles, kind)
@@ -191,13 +193,16 @@ def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Tensor, o
     valid = gid >= 0
     rows = torch.where(valid, gid % num_gs, torch.zeros_like(gid))
     touched, inverse = torch.unique(rows[valid], sorted=True, return_inverse=True)
-    channels = features.shape[-1]
     if touched.numel() == 0:
+        channels = features(touched).shape[-1] if callable(features) else features.shape[-1]
         out = means2d.new_zeros(pixel_ids.numel(), channels)
     else:
         slot = torch.zeros_like(rows)
         slot[valid] = inverse
-        table = gather_rows(features, touched, means2d.dtype)  # [R, C]: fp32 accumulation of any table
+        if callable(features):  # features computed for the touched rows only (GS-Net's head)
+            table = features(touched).to(means2d.dtype)
+        else:
+            table = gather_rows(features, touched, means2d.dtype)  # [R, C]: fp32 accumulation of any table
         out = F.embedding_bag(slot, table, per_sample_weights=weights.to(table.dtype), mode="sum")
     empty = ~valid[:, 0]
     if backgrounds is not None:
