@@ -323,3 +323,19 @@ def test_gsnet_predicts_rows_equal_to_its_whole_prediction():
                                 backend="torch")).eval()
         with torch.no_grad():
             torch.testing.assert_close(net(means, colors, opac, rows=rows), net(means, colors, opac)[rows])
+
+
+def test_sorted_rows_skip_coalesce_only_when_rows_are_unique_and_sorted():
+    from qrender_ns.method.sparse_adam import sorted_rows
+
+    values = torch.arange(6.0).reshape(3, 2)
+    ok = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, (9, 2))
+    assert not ok.is_coalesced()  # as autograd leaves the render's gradient
+    rows, vals = sorted_rows(ok)
+    assert rows.tolist() == [1, 4, 7] and torch.equal(vals, values)
+    assert sorted_rows(torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2))) is None
+    assert sorted_rows(values) is None
+    table = torch.nn.Parameter(torch.zeros(9, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2))
+    RowSparseAdam([table], lr=0.1, moments="float32").step()  # repeated rows: summed by coalesce, as before
+    assert (table.detach()[[1, 4]] != 0).all() and (table.detach()[[0, 2, 3, 5, 6, 7, 8]] == 0).all()
