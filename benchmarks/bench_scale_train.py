@@ -48,6 +48,20 @@ def write_ply(scene: Path, num: int, out: Path) -> None:
     write_gaussian_ply(out, g)
 
 
+def logged_step_times(text: str):
+    """Iteration times (s) of nerfstudio's per-step table rows: "7 (35.00%)   2 s, 376.761 ms   ..." or "412.3 ms"."""
+    out = {}  # the table is reprinted every step: one time per step number
+    for step, cell in re.findall(r"^\s*(\d+) \(\s*[\d.]+%\)\s+((?:\d+ s, )?[\d.]+ (?:ms|s))", text, flags=re.M):
+        if ", " in cell:
+            sec, ms = cell.split(", ")
+            out[int(step)] = float(sec.split()[0]) + float(ms.split()[0]) / 1000
+        elif cell.endswith("ms"):
+            out[int(step)] = float(cell.split()[0]) / 1000
+        else:
+            out[int(step)] = float(cell.split()[0])
+    return [out[k] for k in sorted(out)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scene", type=Path, default=Path("/tmp/scale_demo/scene"))
@@ -78,8 +92,7 @@ def main():
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     text = log.read_text()
-    times = [float(m) / (1000 if unit == "ms" else 1) for m, unit in
-             re.findall(r"^\s*\d+ \(\s*[\d.]+%\)\s+([\d.]+) (ms|s)\b", text, flags=re.M)]
+    times = logged_step_times(text)
     row = {"path": "ns-train q-splat (features only, loaded PLY)", "num_gaussians": num, "steps": args.steps,
            "returncode": done.returncode, "peak_rss_gib": peak / 2**30, "wall_s": wall,
            "step_s_median_logged": float(np.median(times)) if times else None,
