@@ -13,6 +13,11 @@ Paths (both mirror what QSplatModel does per step for a table head):
 - dense (today, cf5b224): a float32 [N, 512] nn.Parameter, rasterize_to_pixels(pixel_ids) forward + backward
   (a dense [N, 512] gradient), the supervised flag from grad.abs().amax(-1) > 0, torch.optim.Adam(eps=1e-15), grads
   set to None (nerfstudio's zero_grad).
+- gsnet / gsnet_rows: the GS-Net head (default architecture, torch sparse-conv backend, float32, Adam on the
+  network): all N features predicted and rendered densely every step (gsnet, --pipeline.model.gsnet-predict-rows
+  False), or the U-Net on every voxel and the per-Gaussian head for the rows the pixels select only
+  (gsnet_rows, the default; rasterize_pixels_of_rows). The scene's means are bench_rasterize's, in metres;
+  voxel edge GSNET_VOXEL.
 - sparse (new): the table as QSplatModel stores it (bfloat16 by default), rasterize_to_pixels(pixel_ids,
   sparse_grad=True) (a row-sparse gradient of the touched rows), the flag from the gradient's row ids,
   RowSparseAdam (per-row step counts, moments as configured) updating the touched rows only.
@@ -43,7 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CHANNELS, K, NUM_MASKS, PIXELS_PER_MASK = 512, 10, 40, 256
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_cpu.json"
 # bytes per Gaussian the path needs, for the guard (measured at 1e5/1e6, rounded up), and the geometry's
-GUARD_BYTES = {"dense": 13_000, "sparse": 2_500}
+GUARD_BYTES = {"dense": 13_000, "sparse": 2_500, "gsnet": 11_000, "gsnet_rows": 1_000}  # measured, rounded up
+# GS-Net's voxel edge here: 0.2 m keeps its U-Net (O(voxels), bounded by the scene's volume, not by N; ~4k voxels
+# in this frustum) cheap on CPU's torch sparse-conv backend, so the rows show what grows with N (the per-Gaussian
+# head and its [N, 512] output). At the paper's 5 cm the U-Net alone took ~30 s a step at 2e4 Gaussians here.
+GSNET_VOXEL = 0.2
 GEOMETRY_BYTES = 700
 
 
@@ -111,6 +120,35 @@ def child(path: str, num_gs: int, repeats: int, precision: str, moments: str) ->
             supervised.__ior__(table.grad.detach().abs().amax(dim=-1) > 0)  # the model's flag
             opt.zero_grad(set_to_none=True)
             return 0
+    elif path in ("gsnet", "gsnet_rows"):
+        from bench_rasterize import make_scene
+        from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig
+        from qrender_ns.render import rasterize_pixels_of_rows
+
+        means = make_scene(num_gs, torch.device("cpu"))[0]
+        colors = torch.rand(num_gs, 3, generator=torch.Generator().manual_seed(1))
+        gs_opac = opac.reshape(-1)
+        net = GSNet(GSNetConfig(backend="torch", feature_dim=CHANNELS, voxel_size=GSNET_VOXEL))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        touched_count = [0]
+
+        def step(pixels, targets):  # what QSplatModel does per step with feature_head=gsnet
+            if path == "gsnet":  # all N features, the dense sampled-pixel render of them (gsnet_predict_rows off)
+                table = net(means, colors, gs_opac)
+                out, _ = rasterize_to_pixels(means2d, conics, table, opac, width, height, tile, offsets, ids,
+                                             num_quantiles=K, validate_values=False, pixel_ids=pixels)
+            else:  # the rows the pixels select only
+
+                def features_of(rows):
+                    touched_count[0] = int(rows.numel())
+                    return net(means, colors, gs_opac, rows=rows)
+
+                out, _ = rasterize_pixels_of_rows(means2d, conics, features_of, opac, width, height, tile, offsets,
+                                                  ids, pixels, K)
+            paper_contrastive_loss(out, targets, embeddings).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return touched_count[0]
     else:
         from qrender_ns.method.sparse_adam import RowSparseAdam, feature_table
         from qrender_ns.method.sparse_adam import touched_rows
@@ -137,6 +175,8 @@ def child(path: str, num_gs: int, repeats: int, precision: str, moments: str) ->
         times.append(time.perf_counter() - t0)
     peak = maxrss_bytes()
     times.sort()
+    if path.startswith("gsnet"):
+        precision, moments = "float32 (GS-Net output)", "float32 (torch.optim.Adam on the network)"
     return {"path": path, "num_gaussians": num_gs, "precision": precision if path != "dense" else "float32",
             "moments": moments if path != "dense" else "float32 (torch.optim.Adam)",
             "peak_rss_gib": peak / 2**30, "geometry_rss_gib": geometry_rss / 2**30,
@@ -160,7 +200,7 @@ def run_child(path, num_gs, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-gaussians", type=float, nargs="+", default=[1e5, 1e6, 3e6])
-    parser.add_argument("--paths", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    parser.add_argument("--paths", nargs="+", default=["dense", "sparse"], choices=list(GUARD_BYTES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--moments", default="auto")

@@ -142,3 +142,34 @@ def test_smoothing_bad_input_is_one_sentence():
     for knn in (-1, 2.5, True):
         with pytest.raises(ValueError, match="neighbour count >= 0"):
             select_by_rule(_model(TABLE), "chair", SelectionRule(knn=knn))
+@pytest.mark.parametrize("mode", ["wins", "absolute"])
+def test_chunked_selection_equals_unchunked(mode):
+    """select_by_rule / gaussian_relevancy / predict_classes read the features block by block (feature_chunks, issue
+    27): any block size gives the whole table's answer, also through a model's own gaussian_feature_chunks."""
+    from qrender_ns.eval.scannet3d import predict_classes
+    from qrender_ns.features.selection import feature_chunks, gaussian_relevancy
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [_axis(*((w, float(x)) for w, x in zip(WORDS, torch.rand(7, generator=gen)))) for _ in range(37)]
+    rows[5] = torch.zeros(8)
+    model = _model(rows)
+    full = torch.stack(rows)
+    rule = SelectionRule(mode, 0.5)
+    whole = select_by_rule(model, "chair", rule, chunk=1 << 20)
+    competitors = model.text_encoder.encode(competitor_texts("chair", model.class_names, ("object", "things")))
+    if mode == "wins":
+        assert torch.equal(whole, wins_mask(full, model.text_encoder.encode(["chair"])[0], competitors))
+    relevancy = gaussian_relevancy(model, "chair", chunk=1 << 20)
+    text = model.text_encoder.encode(["wall", "floor", "chair", "table"])
+    classes = predict_classes(full, text)
+
+    def own_chunks(chunk):  # a model with its own block reader (as QSplatModel's table head)
+        for start in range(0, full.shape[0], chunk):
+            yield start, full[start:start + chunk]
+
+    chunked_model = SimpleNamespace(**vars(model), gaussian_feature_chunks=own_chunks)
+    for chunk in (1, 4, 10):
+        for m in (model, chunked_model):
+            assert torch.equal(select_by_rule(m, "chair", rule, chunk=chunk), whole)
+            torch.testing.assert_close(gaussian_relevancy(m, "chair", chunk=chunk), relevancy)
+            assert np.array_equal(predict_classes(feature_chunks(m, chunk), text), classes)

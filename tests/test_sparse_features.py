@@ -221,3 +221,121 @@ def test_compact_view_render_equals_whole_table(num_quantiles):
     s_full, _ = rasterize_query_scores(*scene.args(), queries, num_quantiles=num_quantiles, backend="cpu")
     s_compact, _ = rasterize_query_scores(*args, queries, num_quantiles=num_quantiles, backend="cpu")
     torch.testing.assert_close(s_compact, s_full, atol=1e-6, rtol=1e-6)
+
+
+def test_selection_walks_tiles_in_order_and_returns_pixels_in_theirs():
+    """select_pixels hands the kernel its samples grouped by tile (cache reuse along a tile's list) and returns the
+    picks in the caller's order: the compiled walk's picks equal the torch oracle's for shuffled, repeated ids."""
+    from qrender_ns.render.rows import select_pixels, tile_major_order
+
+    scene = make_scene(num_cams=2, num_gs=120, width=40, height=36, channels=8, seed=3, dtype=torch.float32)
+    pid = _pixels(scene, 2, 300, seed=4)
+    order = tile_major_order(pid, scene.width, scene.height, 16)
+    assert torch.equal(torch.sort(order).values, torch.arange(pid.numel()))
+    tiles = ((pid // (scene.width * scene.height)) * 3 + (pid % (scene.width * scene.height)) // scene.width // 16) \
+        * 3 + (pid % scene.width) // 16
+    assert (tiles[order][1:] >= tiles[order][:-1]).all()
+    args = scene.args(scene.features)
+    geometry = (args[0], args[1], args[3], scene.width, scene.height, 16, args[7], args[8], pid, 6)
+    assert torch.equal(select_pixels(*geometry, "cpu"), select_pixels(*geometry, "torch"))
+
+
+def test_touched_rows_of_a_row_sparse_gradient_are_its_ids_without_a_value_scan():
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), torch.tensor([[1.0, 0], [0, 0], [0, -2]]), (9, 2))
+    assert touched_rows(grad.coalesce()).tolist() == [1, 4, 7]  # the rows the render wrote (row 4: a zero row)
+    assert touched_rows(grad.to_dense()).tolist() == [1, 7]
+    assert touched_rows(None).numel() == 0
+
+
+def test_unvalidated_values_skip_the_scans_over_the_intersections():
+    """validate_values=False (the model's training renders) reads no value of N or of the intersections; the
+    default still rejects opacities outside [0, 1]; index ranges are checked either way."""
+    scene = make_scene(num_cams=1, num_gs=30, width=24, height=20, channels=4, seed=1, dtype=torch.float32)
+    args = list(scene.args(scene.features))
+    args[3] = args[3] * 3
+    pid = _pixels(scene, 1, 20)
+    with pytest.raises(ValueError, match="must lie in"):
+        rasterize_to_pixels(*args, num_quantiles=4, pixel_ids=pid)
+    rasterize_to_pixels(*args, num_quantiles=4, pixel_ids=pid, validate_values=False, sparse_grad=True)
+    bad_ids = list(scene.args(scene.features))
+    bad_ids[8] = bad_ids[8].clone()
+    bad_ids[8][0] = 10_000
+    with pytest.raises(ValueError, match="flatten_ids"):
+        rasterize_to_pixels(*bad_ids, num_quantiles=4, pixel_ids=pid, validate_values=False, sparse_grad=True)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_feature_chunks_equal_gaussian_features(training):
+    """QSplatModel.gaussian_feature_chunks (the 3D protocols', selection's and export's reader): blocks of
+    gaussian_features (upcast, outside training masked by the supervised flags), without the [N, D] copy."""
+    from types import SimpleNamespace
+
+    from qrender_ns.method.model import FEATURE_PARAM, QSplatModel
+
+    table = feature_table(23, 6, "bfloat16", generator=torch.Generator().manual_seed(0))
+    supervised = torch.rand(23, generator=torch.Generator().manual_seed(1)) > 0.4
+    model = SimpleNamespace(config=SimpleNamespace(feature_head="table"), gauss_params={FEATURE_PARAM: table},
+                            training=training, feature_supervised=supervised, _check_supervised=lambda t: None)
+    whole = QSplatModel.gaussian_features.fget(model).detach()
+    for chunk in (1, 5, 23, 64):
+        blocks = list(QSplatModel.gaussian_feature_chunks(model, chunk))
+        assert [start for start, _ in blocks] == list(range(0, 23, chunk))
+        assert all(rows.dtype == torch.float32 for _, rows in blocks)
+        assert torch.equal(torch.cat([rows for _, rows in blocks]), whole)
+
+
+def test_rows_render_equals_the_whole_table_render():
+    """rasterize_pixels_of_rows (features computed for the selected rows only): the same values and gradients as
+    the sampled-pixel render of the whole table, and it asks for each selected row once."""
+    from qrender_ns.render import rasterize_pixels_of_rows
+
+    scene = make_scene(num_cams=1, num_gs=90, width=32, height=28, channels=6, seed=7, dtype=torch.float32)
+    pid = _pixels(scene, 1, 80, seed=5)
+    weight = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    base = scene.features.float()
+    ref, ref_alpha = rasterize_to_pixels(*scene.args(base @ weight), num_quantiles=5, pixel_ids=pid)
+    g_ref, = torch.autograd.grad(ref.square().sum(), weight)
+    asked = []
+
+    def features_of(rows):
+        asked.append(rows)
+        return base[rows] @ weight
+
+    args = scene.args(base)
+    out, alpha = rasterize_pixels_of_rows(args[0], args[1], features_of, args[3], *args[4:9], pid, 5)
+    g_out, = torch.autograd.grad(out.square().sum(), weight)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, ref_alpha)
+    torch.testing.assert_close(g_out, g_ref)
+    assert len(asked) == 1 and torch.equal(asked[0], torch.unique(asked[0])) and asked[0].numel() < 90
+
+
+def test_gsnet_predicts_rows_equal_to_its_whole_prediction():
+    from qrender_ns.gsnet.gsnet import GSNet, GSNetConfig
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.rand(300, 3, generator=gen)
+    colors, opac = torch.rand(300, 3, generator=gen), torch.rand(300, generator=gen)
+    rows = torch.tensor([0, 3, 17, 150, 299])
+    for mlp in (32, 0):
+        net = GSNet(GSNetConfig(voxel_size=0.2, feature_dim=16, stem_channels=8, enc_channels=(8, 8, 8, 8),
+                                dec_channels=(8, 8, 8, 8), gaussian_mlp_channels=mlp, head_channels=16,
+                                backend="torch")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net(means, colors, opac, rows=rows), net(means, colors, opac)[rows])
+
+
+def test_sorted_rows_skip_coalesce_only_when_rows_are_unique_and_sorted():
+    from qrender_ns.method.sparse_adam import sorted_rows
+
+    values = torch.arange(6.0).reshape(3, 2)
+    ok = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, (9, 2))
+    assert not ok.is_coalesced()  # as autograd leaves the render's gradient
+    rows, vals = sorted_rows(ok)
+    assert rows.tolist() == [1, 4, 7] and torch.equal(vals, values)
+    assert sorted_rows(torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2))) is None
+    assert sorted_rows(values) is None
+    table = torch.nn.Parameter(torch.zeros(9, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2))
+    RowSparseAdam([table], lr=0.1, moments="float32").step()  # repeated rows: summed by coalesce, as before
+    assert (table.detach()[[1, 4]] != 0).all() and (table.detach()[[0, 2, 3, 5, 6, 7, 8]] == 0).all()

@@ -27,7 +27,7 @@ from qrender_ns.data.classes import NYU40_NAMES, SUBSET_IDS, subset_classes  # n
 from qrender_ns.eval import (dataparser_frame, feature_timing, fmt, load_pipeline, scene_root_of, to_world, write_json,
                              write_text)
 from qrender_ns.eval.options import ClassChoice, EvalScannet
-from qrender_ns.features.selection import SelectionRule, gaussian_relevancy, select_by_rule
+from qrender_ns.features.selection import SelectionRule, feature_chunks, gaussian_relevancy, select_by_rule
 from qrender_ns.render import rasterize_to_pixels
 from qrender_ns.utils.geometry import quat_to_rotmat_numpy
 
@@ -272,12 +272,14 @@ def low_opacity_mask(opacity_logits, min_opacity: float = 0.1) -> np.ndarray:
 def predict_classes(features, text_embeddings) -> np.ndarray:
     """1 + argmax_c cos(f, t_c) per row (torch tensors in, numpy out); 0 ("no prediction", a miss for every
     class) for an exactly zero feature: a Gaussian no training pixel reached (never-supervised, back-projection
-    weight 0) predicts nothing, instead of class 1 that an argmax over equal zero scores would give."""
+    weight 0) predicts nothing, instead of class 1 that an argmax over equal zero scores would give.
+    `features`: a [G, D] tensor, or an iterable of (start, [rows, D]) blocks in order (`feature_chunks`)."""
+    blocks = ((start, features[start:start + 262_144]) for start in range(0, features.shape[0], 262_144)) \
+        if isinstance(features, torch.Tensor) else features
     with torch.no_grad():
-        text = F.normalize(text_embeddings.to(features), dim=-1)
         out = []
-        for start in range(0, features.shape[0], 262_144):
-            rows = features[start:start + 262_144]
+        for _, rows in blocks:
+            text = F.normalize(text_embeddings.to(rows), dim=-1)
             sims = F.normalize(rows, dim=-1) @ text.T
             pred = sims.argmax(-1) + 1
             out.append(torch.where(rows.abs().amax(-1) > 0, pred, torch.zeros_like(pred)).cpu())
@@ -350,7 +352,7 @@ def run_eval_scannet(cfg: EvalScannet, pipeline=None, checkpoint_path=None) -> D
                                   quat_to_rotmat_numpy(model.quats.detach().cpu().numpy().astype(np.float64)))
             stds = np.exp(model.scales.detach().cpu().numpy().astype(np.float64)) / scale
         text = encoder.encode(prompts)
-        pred = predict_classes(model.gaussian_features.detach(), text)
+        pred = predict_classes(feature_chunks(model), text)  # block by block: no float32 [N, D] copy
 
     transfer = transfer_labels(means_world, points.xyz, points.labels, k=cfg.knn, max_distance=cfg.max_distance,
                                distance=cfg.distance, rotations=rotations, stds=stds)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,22 +135,47 @@ def wins_mask(features: Tensor, query: Tensor, competitors: Tensor, chunk: int =
     return mask if allowed is None else mask & allowed.to(mask.device)
 
 
-def gaussian_relevancy(model, text: str) -> Tensor:
-    """[G] LERF relevancy of every Gaussian's feature to `text` against the canonical negatives (the old rule's
-    score; also written into the query PLY)."""
+CHUNK_ROWS = 262_144
+
+
+def feature_chunks(model, chunk: int = CHUNK_ROWS) -> Iterator[Tuple[int, Tensor]]:
+    """(start, float32 [<= chunk, D]) blocks of the model's per-Gaussian features, in order: the model's own
+    `gaussian_feature_chunks` where it has one (the table head upcasts and masks one block at a time: no [N, D]
+    float32 copy), else slices of `gaussian_features`."""
+    chunks = getattr(model, "gaussian_feature_chunks", None)
+    if chunks is not None:
+        yield from chunks(chunk)
+        return
+    features = model.gaussian_features.detach()
+    for start in range(0, features.shape[0], chunk):
+        yield start, features[start:start + chunk].float()
+
+
+def _chunked(model, fn, chunk: int) -> Tensor:
     with torch.no_grad():
-        features = model.gaussian_features.detach()
-        embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).to(features)
-        return relevancy(features, embeddings[0], embeddings[1:])
+        out = [fn(rows) for _, rows in feature_chunks(model, chunk)]
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def select_by_rule(model, text: str, rule: SelectionRule) -> Tensor:
-    """[G] bool: the Gaussians `text` selects under `rule` (no opacity cut)."""
+def gaussian_relevancy(model, text: str, chunk: int = CHUNK_ROWS) -> Tensor:
+    """[G] LERF relevancy of every Gaussian's feature to `text` against the canonical negatives (the old rule's
+    score; also written into the query PLY). Block by block (`feature_chunks`)."""
+    with torch.no_grad():
+        embeddings = model.text_encoder.encode([text, *model.config.relevancy_negatives]).float()
+    return _chunked(model, lambda rows: relevancy(rows, embeddings[0].to(rows), embeddings[1:].to(rows)), chunk)
+
+
+def select_by_rule(model, text: str, rule: SelectionRule, chunk: int = CHUNK_ROWS) -> Tensor:
+    """[G] bool: the Gaussians `text` selects under `rule` (no opacity cut). Block by block (`feature_chunks`)."""
     rule.check()
     if rule.mode == "absolute":
-        return gaussian_relevancy(model, text) > rule.threshold
+        return gaussian_relevancy(model, text, chunk) > rule.threshold
     competitors = competitor_texts(text, model.class_names, model.config.relevancy_negatives)
-    features, own = selection_features(model, rule.knn)
     with torch.no_grad():
-        embeddings = model.text_encoder.encode([text, *competitors]).to(features)
-        return wins_mask(features, embeddings[0], embeddings[1:], allowed=own)
+        embeddings = model.text_encoder.encode([text, *competitors]).float()
+    if not rule.knn:  # each Gaussian's own feature: block by block, no [N, D] float32 copy
+        return _chunked(model, lambda rows: wins_mask(rows, embeddings[0].to(rows), embeddings[1:].to(rows), chunk),
+                        chunk).bool()
+    features, own = selection_features(model, rule.knn)  # the smoothing reads every neighbour: one [N, D] copy
+    with torch.no_grad():
+        return wins_mask(features, embeddings[0].to(features), embeddings[1:].to(features), allowed=own)

@@ -136,8 +136,12 @@ class GSNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, means: Tensor, colors: Tensor, opacities: Tensor, scales: Optional[Tensor] = None,
                 quats: Optional[Tensor] = None, units_per_metre: float = 1.0,
-                voxelization: Optional[Voxelization] = None) -> Tensor:
-        """L2-normalised features [N, feature_dim] of N Gaussians.
+                voxelization: Optional[Voxelization] = None, rows: Optional[Tensor] = None) -> Tensor:
+        """L2-normalised features [N, feature_dim] of N Gaussians, or [R, feature_dim] of the Gaussians `rows`
+        only (int64 [R]: e.g. the rows a training step's sampled pixels select, issue 27): the voxels and the
+        U-Net see all N Gaussians as before, and the per-Gaussian part (de-voxelization, the Gaussian MLP and
+        the 512-D head, and its output) runs for the R rows only; equal to forward(...)[rows]. Centre sampling
+        with voxel de-voxelization reads R voxels; other modes de-voxelize all N and pick the rows.
 
         means [N, 3], colors [N, 3] RGB in [0, 1], opacities [N] in [0, 1], scales [N, 3] linear and
         quats [N, 4] wxyz (needed by extent sampling / the optional inputs). The inputs are treated
@@ -158,18 +162,24 @@ class GSNet(nn.Module):
         voxel_in = pool_to_voxels(voxelization, attrs, "mean")
         t1 = time.perf_counter()
         voxel_out = self.backbone(self.backend(means.device), voxelization.coords, voxel_in)
+        direct = voxelization.is_center_sampled and self.config.devoxelize == "voxel"
         def devox(features: Tensor) -> Tensor:
+            if rows is not None and direct:  # each Gaussian reads its own voxel: R reads
+                return features[voxelization.center_voxel[rows]]
             if self.config.devoxelize == "trilinear":
-                return devoxelize_trilinear(voxelization, features, means / units_per_metre)
-            return devoxelize(voxelization, features)
+                out = devoxelize_trilinear(voxelization, features, means / units_per_metre)
+            else:
+                out = devoxelize(voxelization, features)
+            return out if rows is None else out[rows]
         if self.gaussian_mlp is None:  # the paper's form: 512-D per voxel, scattered back (max-reduce)
             out = devox(self._run_head(voxel_out))
-            if not (voxelization.is_center_sampled and self.config.devoxelize == "voxel"):
+            if not direct:
                 out = F.normalize(out, dim=-1)
         else:
-            own = attrs.clone()
-            centre = voxelization.voxel_centers()[voxelization.center_voxel]
-            own[:, :3] = (means / units_per_metre - centre) / self.config.voxel_size  # in [-0.5, 0.5]
+            own = attrs.clone() if rows is None else attrs[rows]
+            which = voxelization.center_voxel if rows is None else voxelization.center_voxel[rows]
+            pos = means / units_per_metre if rows is None else means[rows] / units_per_metre
+            own[:, :3] = (pos - voxelization.voxel_centers()[which]) / self.config.voxel_size  # in [-0.5, 0.5]
             per_gaussian = torch.cat([devox(voxel_out), self.gaussian_mlp(own)], dim=1)
             out = self._run_head(per_gaussian)
         self.last_stats = {"num_gaussians": float(n), "num_voxels": float(voxelization.num_voxels),

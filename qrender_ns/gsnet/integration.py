@@ -59,6 +59,20 @@ class GSNetFeatures:
         tensors = [params[k] for k in self._INPUT_PARAMS] + list(self.net.parameters()) + list(self.net.buffers())
         return (tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), self.net.training, units_per_metre)
 
+    def rows_of(self, params: Dict[str, Tensor], sh_degree: int, units_per_metre: float = 1.0):
+        """A callable rows [R] -> features [R, D] of those Gaussians only (GSNet.forward(rows=...)): the training
+        step's sampled-pixel render asks it for the rows its pixels select (issue 27)."""
+        inputs = gaussian_inputs_from_params(params, sh_degree)
+        if self.frozen:
+            self.net.eval()
+        self._key = self._value = None
+
+        def features_of(rows: Tensor) -> Tensor:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                return self.net(**inputs, units_per_metre=units_per_metre, rows=rows)
+
+        return features_of
+
     def __call__(self, params: Dict[str, Tensor], sh_degree: int, units_per_metre: float = 1.0) -> Tensor:
         inputs = gaussian_inputs_from_params(params, sh_degree)
         if self.frozen:

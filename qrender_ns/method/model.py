@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.gsnet.integration import GSNetFeatures, build_gsnet
 from qrender_ns.method.viewer import QueryPanel
 from qrender_ns.method.sparse_adam import feature_table, rows_follow_densification, touched_rows
-from qrender_ns.render import gsplat_shim, kernels, rasterize_query_scores, rasterize_to_pixels
+from qrender_ns.render import gsplat_shim, kernels, rasterize_pixels_of_rows, rasterize_query_scores, rasterize_to_pixels
 from qrender_ns.render.rows import compact_view, gather_rows
 from qrender_ns.render.validate import check_num_quantiles
 from qrender_ns.render.projection import project_and_bin, viewmat_from_c2w
@@ -54,6 +54,7 @@ from qrender_ns.utils.compat import torch_problem
 FEATURE_PARAM = "clip_features"
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
 WEIGHT_STATE = "qsplat_feature_weight"  # key of the accumulated supervision weight in splatfacto's strategy_state
+FEATURE_CHUNK_ROWS = 262_144  # rows per block of gaussian_feature_chunks (512 MiB of 512-D float32)
 BACKPROJECT_STATE = "qsplat_backproject_features"  # feature_head=backproject: densified as strategy state
 TILE_SIZE = 16
 FROZEN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")  # gaussians-ply: fixed
@@ -76,6 +77,9 @@ class QSplatModelConfig(SplatfactoModelConfig):
     """feature_head=table: the feature loss's gradient holds only the rows its sampled pixels selected (a sparse
     COO gradient, <= pixels x K rows) and the optimiser (RowSparseAdam) updates only those, so a step's feature
     cost follows the pixels, not the scene (docs/scale.md). False: a dense [N, feature_dim] gradient every step."""
+    gsnet_predict_rows: bool = True
+    """feature_head=gsnet: a training step's sampled-pixel render has GS-Net predict the features of the Gaussians
+    its pixels select only (the U-Net still runs on every voxel); False: all N features every step, as before."""
     feature_head: Literal["table", "gsnet", "backproject"] = "table"
     """table: a learnable feature per Gaussian; gsnet: the sparse 3D U-Net (GS-Net, docs/gsnet.md);
     backproject: training-free, the teacher's mask embeddings averaged onto the Gaussians with their
@@ -332,6 +336,25 @@ class QSplatModel(SplatfactoModel):
             return table if table.dtype == torch.float32 else table.float()
         self._check_supervised(table)
         return table.float() * self.feature_supervised[:, None].float()
+
+    def gaussian_feature_chunks(self, chunk: int = FEATURE_CHUNK_ROWS) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(start, float32 [<= chunk, feature_dim]) over the Gaussians in order: `gaussian_features` a block of rows
+        at a time. Table head: each block upcast (and outside training masked by the supervised flags) on its
+        own, so the extra memory is one block (256k x 512 float32 = 512 MiB) instead of a float32 [N, D] copy
+        (issue 27: the 3D protocols and `qsplat query` at millions of Gaussians)."""
+        if self.config.feature_head != "table":
+            features = self.gaussian_features.detach()
+            for start in range(0, features.shape[0], chunk):
+                yield start, features[start:start + chunk].float()
+            return
+        table = self.gauss_params[FEATURE_PARAM].detach()
+        if not self.training:
+            self._check_supervised(table)
+        for start in range(0, table.shape[0], chunk):
+            rows = table[start:start + chunk].float()
+            if not self.training:
+                rows = rows * self.feature_supervised[start:start + chunk, None].to(rows)
+            yield start, rows
 
     def _check_supervised(self, table: torch.Tensor) -> None:
         supervised = self.feature_supervised
@@ -609,7 +632,9 @@ class QSplatModel(SplatfactoModel):
         if self.config.detach_geometry_for_features:
             geometry = [t.detach() for t in geometry]
         flatten_ids = info["flatten_ids"]
-        if self.config.feature_head != "table":
+        if table_mode == "none":  # the caller computes the features (GS-Net's rows)
+            feats = None
+        elif self.config.feature_head != "table":
             feats = self.gaussian_features if crop_ids is None else self.gaussian_features[crop_ids]
         else:
             table = self.gauss_params[FEATURE_PARAM]
@@ -635,6 +660,19 @@ class QSplatModel(SplatfactoModel):
         """Feature map of the last projected view (same projection and tiles as its RGB):
         {"features": [H, W, C], "feature_alpha": [H, W, 1]}, or [P, C] / [P, 1] at the flat
         pixel indices `pixel_ids` (y * W + x) only, forward and backward (training losses)."""
+        if (pixel_ids is not None and self.training and self.config.feature_head == "gsnet"
+                and self.config.gsnet_predict_rows and num_quantiles is not None):
+            # GS-Net predicts the features of the rows the sampled pixels select only (its U-Net still sees all)
+            m2d, con, _, opac, width, height, tile, offsets, ids = self._feature_inputs(crop_ids, "none")
+            features_of = self._gsnet_features.rows_of(self.gauss_params, self.config.sh_degree,
+                                                       self.units_per_metre)
+            if crop_ids is not None:
+                index = torch.nonzero(crop_ids.reshape(-1)).squeeze(-1) if crop_ids.dtype == torch.bool \
+                    else crop_ids.reshape(-1)
+                features_of = (lambda f, idx: (lambda rows: f(idx[rows])))(features_of, index)
+            out, alpha = rasterize_pixels_of_rows(m2d, con, features_of, opac, width, height, tile, offsets, ids,
+                                                  pixel_ids, num_quantiles, backend=self.config.rasterizer_backend)
+            return {"features": out, "feature_alpha": alpha}
         table_mode, sparse = "rows", False
         if pixel_ids is not None and self.training and self.config.feature_head == "table":
             sparse = self.config.sparse_feature_grad and num_quantiles is not None

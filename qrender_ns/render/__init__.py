@@ -7,7 +7,8 @@ against (and the owner of the compositing constants), validate.py the input chec
 """
 
 from qrender_ns.render.projection import Projection, project_and_bin, project_gaussians, viewmat_from_c2w
-from qrender_ns.render.rasterize import rasterize_features, rasterize_query_scores, rasterize_to_pixels, release_cpu_maps
+from qrender_ns.render.rasterize import (rasterize_features, rasterize_pixels_of_rows, rasterize_query_scores,
+                                        rasterize_to_pixels, release_cpu_maps)
 from qrender_ns.render.reference import rasterize_query_reference, rasterize_to_pixels_reference
 from qrender_ns.render.validate import BACKENDS, MAX_QUANTILES
 
@@ -18,6 +19,7 @@ __all__ = [
     "project_and_bin",
     "project_gaussians",
     "rasterize_features",
+    "rasterize_pixels_of_rows",
     "rasterize_query_scores",
     "rasterize_to_pixels",
     "release_cpu_maps",

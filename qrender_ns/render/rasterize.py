@@ -7,7 +7,7 @@ Semantics of both modes: docs/quantile_rendering.md.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,9 +49,10 @@ def rasterize_to_pixels(
     "triton" (Triton, CUDA tensors), "cuda" (the hand CUDA kernel), "torch" (the pure-torch
     reference). With `absgrad=True` the backward also stores |dL/dmeans2d| summed
     over pixels in `means2d.absgrad` (compiled backends), as gsplat's densification expects.
-    `validate_values=False` skips the NaN/Inf scan of the float inputs (shapes and index
-    ranges are always checked): a full pass over `features`, ~0.3 s for 1e6 x 512 on 2 CPU
-    cores, which hot loops that guard their losses can skip.
+    `validate_values=False` skips the value scans (NaN/Inf of the float inputs, opacities in
+    [0, 1]; shapes and index ranges are always checked): a full pass over `features`, ~0.3 s
+    for 1e6 x 512 on 2 CPU cores, and gathers over the intersections, which hot loops that
+    guard their losses can skip.
     `pixel_ids` (int [P], flat (camera, y, x) indices into V*H*W, repeats allowed) blends only
     those pixels, forward and backward: the same tiles, pixel centres and quantile selection as
     the whole image, without its [V,H,W,C] map (training losses that read a few pixels).
@@ -106,6 +107,39 @@ def rasterize_to_pixels(
     if absgrad and means2d.requires_grad:
         _attach_absgrad(means2d, out[0])
     return out
+
+
+def rasterize_pixels_of_rows(
+    means2d: Tensor,
+    conics: Tensor,
+    features_of: Callable[[Tensor], Tensor],
+    opacities: Tensor,
+    image_width: int,
+    image_height: int,
+    tile_size: int,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    pixel_ids: Tensor,
+    num_quantiles: int,
+    backgrounds: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """rasterize_to_pixels(..., pixel_ids, sparse_grad=True) for features that are computed, not stored: the
+    kernel selects the <= K Gaussians of every sampled pixel, `features_of(rows)` (rows: sorted unique int64 [R]
+    into the N Gaussians) returns their [R, C] features, and the pixels blend them. A feature head that predicts
+    (GS-Net) then runs its per-Gaussian part for the R rows the step reads, not for all N (issue 27). Gradients
+    flow through `features_of`'s output. Returns ([P, C], [P, 1]). Values/index checks as validate_values=False."""
+    k = check_num_quantiles(num_quantiles)
+    if k == 0:
+        raise ValueError("rasterize_pixels_of_rows needs num_quantiles (quantile mode)")
+    num_gs = means2d.shape[1] if isinstance(means2d, Tensor) and means2d.dim() == 3 else 0
+    stand_in = means2d.new_zeros(1, 1).expand(num_gs, 1) if num_gs else means2d
+    num_cams, _ = _check_pixel_inputs(means2d, conics, stand_in, opacities, image_width, image_height, tile_size,
+                                      isect_offsets, flatten_ids, None, False)
+    pixel_ids = _check_pixel_ids(pixel_ids, num_cams * image_height * image_width, means2d.device)
+    kind = _resolve_backend(backend, means2d.device)
+    return rasterize_pixels_sparse(means2d, conics, features_of, opacities, image_width, image_height, tile_size,
+                                   isect_offsets, flatten_ids, pixel_ids, backgrounds, k, kind)
 
 
 # ----------------------------------------------------------------------------- query space

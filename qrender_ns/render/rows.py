@@ -19,7 +19,7 @@ nothing of size [N, C] is written in a step. Values and gradients equal the dens
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -102,22 +102,53 @@ def select_pixels(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     if kind == "torch":
         return _selection_reference(means2d, conics, opacities, width, height, tile_size, isect_offsets,
                                     flatten_ids, pixel_ids, num_quantiles)
-    ones = torch.ones(num_gs, 1, dtype=means2d.dtype, device=means2d.device)
+    ones = _ones(num_gs, means2d.dtype, means2d.device)
     ids = flatten_ids.int().contiguous()
+    # tile-major order: the samples of one tile walk the same list one after the other (the CPU loop hands out
+    # consecutive samples), so its entries are read from the [N] geometry once and then from the cache; without
+    # it every sample pays the random reads of its own walk, whose length grows with the tile lists (with N)
+    order = tile_major_order(pixel_ids, width, height, tile_size)
+    walked = pixel_ids[order]
     if kind == "triton":
         from qrender_ns.render.triton.launch import select_pixels_triton
 
         sel, count = select_pixels_triton(means2d, conics, ones, opacities, width, height, tile_size,
-                                          isect_offsets, ids, pixel_ids, num_quantiles)
+                                          isect_offsets, ids, walked, num_quantiles)
     else:
         ext = _backend.load_extension(with_cuda=kind == "cuda")
         _, _, _, sel, count = getattr(ext, f"rasterize_pixels_forward_{kind}")(
             means2d, conics, ones, opacities, None, width, height, tile_size, isect_offsets.int().contiguous(), ids,
-            num_quantiles, pixel_ids)
+            num_quantiles, walked)
     slots = torch.arange(num_quantiles, device=sel.device)
     valid = slots[None] < count.long()[:, None]
-    gid = ids.long()[torch.where(valid, sel.long(), torch.zeros_like(sel, dtype=torch.long))]
-    return torch.where(valid, gid, torch.full_like(gid, -1))
+    gid = ids[torch.where(valid, sel.long(), torch.zeros_like(sel, dtype=torch.long))].long()  # [P, K] reads only
+    gid = torch.where(valid, gid, torch.full_like(gid, -1))
+    out = torch.empty_like(gid)
+    out[order] = gid
+    return out
+
+
+_ONES: dict = {}
+
+
+def _ones(num_gs: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [N, 1] column of ones (the selection walk's 1-channel features), kept between steps of the same N."""
+    key = (num_gs, dtype, str(device))
+    if key not in _ONES:
+        _ONES.clear()
+        _ONES[key] = torch.ones(num_gs, 1, dtype=dtype, device=device)
+    return _ONES[key]
+
+
+def tile_major_order(pixel_ids: Tensor, width: int, height: int, tile_size: int) -> Tensor:
+    """A permutation of the samples that groups them by (camera, tile), row-major inside a tile: [P] int64."""
+    hw = height * width
+    cams, ys, xs = pixel_ids // hw, (pixel_ids % hw) // width, pixel_ids % width
+    tiles_w = -(-width // tile_size)
+    tiles_h = -(-height // tile_size)
+    tile = (cams * tiles_h + ys // tile_size) * tiles_w + xs // tile_size
+    key = (tile * tile_size + ys % tile_size) * tile_size + xs % tile_size
+    return torch.argsort(key, stable=True)
 
 
 def pixel_weights(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int, pixel_ids: Tensor,
@@ -147,12 +178,14 @@ def pixel_weights(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     return weights, torch.where(any_sel, norm, torch.zeros_like(norm))
 
 
-def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Tensor, opacities: Tensor, width: int,
+def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Union[Tensor, Callable[[Tensor], Tensor]], opacities: Tensor, width: int,
                             height: int, tile_size: int, isect_offsets: Tensor, flatten_ids: Tensor,
                             pixel_ids: Tensor, backgrounds: Optional[Tensor], num_quantiles: int,
                             kind: str) -> Tuple[Tensor, Tensor]:
     """rasterize_to_pixels(..., pixel_ids, sparse_grad=True) after validation: ([P, C], [P, 1]) in the geometry's
-    dtype; the gradient of `features` [N, C] (shared by the cameras) is row-sparse."""
+    dtype; the gradient of `features` [N, C] (shared by the cameras) is row-sparse. `features` may also be a
+    callable rows [R] -> [R, C] (rasterize_pixels_of_rows: the features of the selected rows only, computed on
+    demand, e.g. by GS-Net's head; gradients flow through it)."""
     num_gs = means2d.shape[1]
     gid = select_pixels(means2d, conics, opacities, width, height, tile_size, isect_offsets, flatten_ids,
                         pixel_ids, num_quantiles, kind)
@@ -160,13 +193,16 @@ def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Tensor, o
     valid = gid >= 0
     rows = torch.where(valid, gid % num_gs, torch.zeros_like(gid))
     touched, inverse = torch.unique(rows[valid], sorted=True, return_inverse=True)
-    channels = features.shape[-1]
     if touched.numel() == 0:
+        channels = features(touched).shape[-1] if callable(features) else features.shape[-1]
         out = means2d.new_zeros(pixel_ids.numel(), channels)
     else:
         slot = torch.zeros_like(rows)
         slot[valid] = inverse
-        table = gather_rows(features, touched, means2d.dtype)  # [R, C]: fp32 accumulation of any table
+        if callable(features):  # features computed for the touched rows only (GS-Net's head)
+            table = features(touched).to(means2d.dtype)
+        else:
+            table = gather_rows(features, touched, means2d.dtype)  # [R, C]: fp32 accumulation of any table
         out = F.embedding_bag(slot, table, per_sample_weights=weights.to(table.dtype), mode="sum")
     empty = ~valid[:, 0]
     if backgrounds is not None:

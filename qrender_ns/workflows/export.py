@@ -20,6 +20,8 @@ from nerfstudio.models.splatfacto import RGB2SH
 
 from qrender_ns.data.gaussian_ply import GaussianPly, GaussianPlyError, gaussians_to_frame, write_gaussian_ply
 from qrender_ns.eval import load_pipeline
+from qrender_ns.features.selection import feature_chunks
+from qrender_ns.method.model import FEATURE_PARAM
 from qrender_ns.workflows.options import Export
 
 
@@ -38,9 +40,14 @@ def model_gaussians(model, transform, scale, frame: str = "data", features: bool
     was_training = model.training
     model.eval()
     try:
-        p = {k: v.detach().float().cpu() for k, v in model.gauss_params.items()}
+        p = {k: v.detach().float().cpu() for k, v in model.gauss_params.items() if k != FEATURE_PARAM}
         dc = p["features_dc"] if model.config.sh_degree > 0 else RGB2SH(torch.sigmoid(p["features_dc"]))  # as ns-export
-        feats = model.gaussian_features.detach().float().cpu().numpy().astype(features_dtype) if features else None
+        feats = None
+        if features:  # block by block into the output array: no float32 [N, D] copy of a half-precision table
+            for start, rows in feature_chunks(model):
+                if feats is None:
+                    feats = np.empty((p["means"].shape[0], rows.shape[1]), dtype=features_dtype)
+                feats[start:start + rows.shape[0]] = rows.cpu().numpy()
     finally:
         model.train(was_training)
     g = GaussianPly(means=p["means"].numpy(), sh_dc=dc.numpy(), sh_rest=p["features_rest"].numpy(),
