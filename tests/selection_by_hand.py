@@ -5,6 +5,20 @@ import numpy as np
 import torch
 
 KNN = 32  # the default of qrender_ns.features.selection and of every verb's --selection-knn
+_NEIGHBOURS: dict = {}  # the last brute-force search: a test asks many texts of the same Gaussians
+
+
+def _nearest(xyz: np.ndarray, k: int) -> np.ndarray:
+    """[G, k] indices of each point's k nearest points (itself included), by brute force over all pairs."""
+    key = (xyz.shape, k, hash(xyz.tobytes()))
+    if key not in _NEIGHBOURS:
+        out = np.empty((len(xyz), k), dtype=np.int64)
+        for start in range(0, len(xyz), 256):  # 256 x G distances at a time
+            d2 = ((xyz[start:start + 256, None, :] - xyz[None, :, :]) ** 2).sum(-1)
+            out[start:start + 256] = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        _NEIGHBOURS.clear()
+        _NEIGHBOURS[key] = out
+    return _NEIGHBOURS[key]
 
 
 def wins_by_hand(model, text: str, knn: int = KNN) -> np.ndarray:
@@ -24,12 +38,7 @@ def wins_by_hand(model, text: str, knn: int = KNN) -> np.ndarray:
     own = np.abs(feats).max(1) > 0
     if knn:
         unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-300) * weight[:, None]
-        k = min(knn, len(xyz))
-        smooth = np.zeros_like(feats)
-        for start in range(0, len(xyz), 1024):
-            d2 = ((xyz[start:start + 1024, None, :] - xyz[None, :, :]) ** 2).sum(-1)
-            nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
-            smooth[start:start + 1024] = unit[nearest].sum(1)
-        feats = smooth
+        nearest = _nearest(xyz, min(knn, len(xyz)))
+        feats = unit[nearest].sum(1)
     cos = feats @ (emb / np.linalg.norm(emb, axis=1, keepdims=True)).T
     return (cos[:, 0] > cos[:, 1:].max(1)) & (np.abs(feats).max(1) > 0) & own
