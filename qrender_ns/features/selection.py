@@ -108,8 +108,11 @@ def selection_features(model, knn: int) -> Tuple[Tensor, Tensor]:
         own = features.abs().amax(-1) > 0
         if not knn:
             return features, own
-        key = (int(knn), features.shape[0], model.means.data_ptr(), model.means._version, features.data_ptr(),
-               features._version)
+        # keyed on the stored parameters, not on `features` (a fresh upcast / masked copy at every call)
+        params = getattr(model, "gauss_params", None)
+        table = params[FEATURE_PARAM] if params is not None and FEATURE_PARAM in params else features
+        key = (int(knn), features.shape[0], model.means.data_ptr(), model.means._version, table.data_ptr(),
+               table._version, bool(getattr(model, "training", False)))
         cached = getattr(model, "_selection_features_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1], own
@@ -136,6 +139,7 @@ def wins_mask(features: Tensor, query: Tensor, competitors: Tensor, chunk: int =
 
 
 CHUNK_ROWS = 262_144
+FEATURE_PARAM = "clip_features"  # the table head's parameter (method/model.py; this layer cannot import it)
 
 
 def feature_chunks(model, chunk: int = CHUNK_ROWS) -> Iterator[Tuple[int, Tensor]]:

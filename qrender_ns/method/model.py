@@ -38,20 +38,22 @@ from qrender_ns.data.depth import BATCH_KEY as DEPTH_KEY
 from qrender_ns.features.losses import infonce_loss, paper_contrastive_loss, sample_mask_pixels
 from qrender_ns.features.metrics import mean_class_iou
 from qrender_ns.features.relevancy import relevancy, relevancy_from_cosines
+from qrender_ns.features.selection import FEATURE_PARAM as SELECTION_FEATURE_PARAM
 from qrender_ns.gsnet.backproject import backproject_views
 from qrender_ns.gsnet.gsnet import GSNetConfig
 from qrender_ns.gsnet.integration import GSNetFeatures, build_gsnet
-from qrender_ns.method.viewer import QueryPanel
 from qrender_ns.method.sparse_adam import feature_table, rows_follow_densification, touched_rows
-from qrender_ns.render import gsplat_shim, kernels, rasterize_pixels_of_rows, rasterize_query_scores, rasterize_to_pixels
+from qrender_ns.method.viewer import QueryPanel
+from qrender_ns.render import (gsplat_shim, kernels, rasterize_pixels_of_rows, rasterize_query_scores,
+                               rasterize_to_pixels)
+from qrender_ns.render.projection import project_and_bin, viewmat_from_c2w
 from qrender_ns.render.rows import compact_view, gather_rows
 from qrender_ns.render.validate import check_num_quantiles
-from qrender_ns.render.projection import project_and_bin, viewmat_from_c2w
 from qrender_ns.teachers.cache import TeacherCache
 from qrender_ns.teachers.text import load_text_encoder
 from qrender_ns.utils.compat import torch_problem
 
-FEATURE_PARAM = "clip_features"
+FEATURE_PARAM = SELECTION_FEATURE_PARAM  # the table head's parameter name (one definition: features/selection.py)
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
 WEIGHT_STATE = "qsplat_feature_weight"  # key of the accumulated supervision weight in splatfacto's strategy_state
 FEATURE_CHUNK_ROWS = 262_144  # rows per block of gaussian_feature_chunks (512 MiB of 512-D float32)
