@@ -318,11 +318,17 @@ def test_feature_weight_is_the_supervision_each_gaussian_received(trained):
         model.render_rgb(camera)  # projects the view (model.info)
     model.train()  # the raw table (training's features), as the loss renders it
     pixels = torch.arange(0, int(model.info["width"]) * int(model.info["height"]), 7)
+    stored = model.gauss_params["clip_features"]  # bf16 by default: the gradient below is taken in float32
+    model.gauss_params["clip_features"] = torch.nn.Parameter(stored.detach().float())
     table = model.gauss_params["clip_features"]
-    with torch.enable_grad():
-        rendered = model.render_features(None, model.config.num_quantiles, pixel_ids=pixels)["features"]
-        (grad,) = torch.autograd.grad(rendered[:, 0].sum(), table)
-    weights = model.pixel_weights(pixels)
+    try:
+        with torch.enable_grad():
+            rendered = model.render_features(None, model.config.num_quantiles, pixel_ids=pixels)["features"]
+            (grad,) = torch.autograd.grad(rendered[:, 0].sum(), table)
+        grad = grad.to_dense() if grad.is_sparse else grad  # the row-sparse training gradient
+        weights = model.pixel_weights(pixels)
+    finally:
+        model.gauss_params["clip_features"] = stored
     model.train(was_training)
     assert weights.shape == (model.num_points,) and weights.sum() > 0
     assert torch.allclose(weights, grad[:, 0], atol=1e-5, rtol=1e-4)

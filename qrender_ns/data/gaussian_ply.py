@@ -186,7 +186,7 @@ class GaussianPly:
 
     def finite_mask(self) -> np.ndarray:
         ok = np.ones(self.n, dtype=bool)
-        for a in (self.means, self.sh_dc, self.sh_rest.reshape(self.n, -1), self.opacity_logits[:, None],
+        for a in (self.means, self.sh_dc, self.sh_rest.reshape(self.n, int(np.prod(self.sh_rest.shape[1:]))), self.opacity_logits[:, None],
                   self.log_scales, self.quats_wxyz):
             ok &= np.isfinite(a).all(axis=1)
         return ok

@@ -77,7 +77,10 @@ def run_query(cfg: Query) -> dict:
     safe = "".join(c if c.isalnum() else "_" for c in cfg.text)
     ply_path = cfg.output or run_dir / "query" / f"{safe}.ply"
     transform, scale = dataparser_transform_of(pipeline)
-    if cfg.output_format == "gaussians":  # the selected Gaussians as a 3DGS PLY, data frame (as qsplat export)
+    if not bool(selected.any()):  # a PLY of nothing is no 3DGS PLY: say so, and still render the relevancy
+        print(f"[q-splat] query {cfg.text!r} selects no Gaussian of this run ({cfg.selection} rule): no PLY written")
+        ply_path = None
+    elif cfg.output_format == "gaussians":  # the selected Gaussians as a 3DGS PLY, data frame (as qsplat export)
         g = model_gaussians(model, transform, scale, "data", features=cfg.with_features)
         g = finite_only(g.select(selected.cpu().numpy()), "qsplat query")
         write_ply_or_exit(ply_path, g, "sidecar" if cfg.with_features else None)
@@ -85,6 +88,8 @@ def run_query(cfg: Query) -> dict:
         means = points_to_data_frame(model.means[selected].detach().cpu().numpy(), transform, scale)
         write_selection_ply(ply_path, means, colors[selected].cpu().numpy(), scores[selected].cpu().numpy())
 
+    png_dir = (cfg.output or run_dir / "query" / f"{safe}.ply").parent
+    png_dir.mkdir(parents=True, exist_ok=True)
     png_paths = []
     eval_data = pipeline.datamanager.fixed_indices_eval_dataloader
     model.set_query(cfg.text)
@@ -94,7 +99,7 @@ def run_query(cfg: Query) -> dict:
         camera, _ = eval_data[index]
         with model.scores_only():  # the relevancy output is a query-space render
             outputs = model.get_outputs_for_camera(camera)
-        png = ply_path.parent / f"{safe}_relevancy_eval{index}.png"
+        png = png_dir / f"{safe}_relevancy_eval{index}.png"
         image = (_relevancy_panel(outputs["rgb"], outputs["relevancy"]) * 255).astype(np.uint8)
         tmp = png.with_suffix(".tmp.png")
         Image.fromarray(image).save(tmp)
@@ -103,7 +108,8 @@ def run_query(cfg: Query) -> dict:
     summary = dict(text=cfg.text, checkpoint=str(checkpoint_path), num_gaussians=int(scores.numel()),
                    num_selected=int(selected.sum()), selection=cfg.selection,
                    threshold=cfg.threshold if cfg.selection == "absolute" else None,
-                   selection_knn=cfg.selection_knn if cfg.selection == "wins" else None, ply=str(ply_path),
+                   selection_knn=cfg.selection_knn if cfg.selection == "wins" else None,
+                   ply=str(ply_path) if ply_path else None,
                    output_format=cfg.output_format,
                    relevancy_pngs=png_paths)
     print(json.dumps(summary, indent=2))
