@@ -5,17 +5,23 @@ feature, the state before) and the default `--selection-knn 32`.
 ScanNet-layout rooms (bench_selection.py's training: 12 images, 300 CPU steps, synthetic teacher): eval-scannet's
 3D selection precision / recall / IoU per class and mean, and its per-Gaussian argmax mIoU (unchanged by the
 selection). Nerfstudio-layout rooms (128x96, 2 eval views): eval-lerf-ovs's 2D protocol and the opengaussian-3d
-protocol with both settings. Writes benchmarks/results/selection_features.json.
+protocol with both settings, and the same protocol with `--oracle-selection` (each category's ground-truth
+Gaussians: the protocol's ceiling), so each room's gap 2D - 3D splits into (2D - oracle), what the protocol itself
+imposes, and (oracle - ours), what the selection loses. Merges its keys into
+benchmarks/results/selection_features.json (the file's other keys are kept).
 
-    PYTHONPATH=. python benchmarks/bench_selection_features.py --seeds 11 12 13 14 --lerf-seeds 11 12 --work /tmp/sel3d
+    PYTHONPATH=. python benchmarks/bench_selection_features.py --seeds 11 12 13 14 --lerf-seeds 11 12 13 14 \
+        --work /tmp/sel3d_v2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +36,14 @@ from qrender_ns.eval import write_text  # noqa: E402  (atomic)
 KNNS = (0, 32)
 
 
+def _load(path: Path) -> dict:
+    return {**json.loads(path.read_text()), "_loadavg": os.getloadavg()}
+
+
 def evaluate_scannet(config: Path, out: Path, knn: int) -> dict:
     _run([_bin("qsplat"), "eval-scannet", "--load-config", config, "--classes", "scene", "--output", out,
           "--selection", "wins", "--selection-knn", knn, "--no-timing", "--no-supervision-diagnostic"])
-    return json.loads((out / "scannet3d_scene.json").read_text())
+    return _load(out / "scannet3d_scene.json")
 
 
 def train_lerf_room(seed: int, work: Path, steps: int, images: int, warmup: int) -> Path:
@@ -51,15 +61,39 @@ def train_lerf_room(seed: int, work: Path, steps: int, images: int, warmup: int)
     return sorted((room / "outputs").glob("*/q-splat/run/config.yml"))[0]
 
 
+def _lerf(config: Path, folder: Path, name: str, *options) -> dict:
+    _run([_bin("qsplat"), "eval-lerf-ovs", "--load-config", config, "--output", folder, "--no-save-png", *options])
+    return _load(folder / name)
+
+
 def evaluate_lerf(config: Path, room: Path) -> dict:
-    _run([_bin("qsplat"), "eval-lerf-ovs", "--load-config", config, "--output", room / "eval2d", "--no-save-png"])
-    out = {"2d": json.loads((room / "eval2d" / "lerf_ovs_2d.json").read_text())}
+    out = {"2d": _lerf(config, room / "eval2d", "lerf_ovs_2d.json")}
     for knn in KNNS:
-        folder = room / f"eval3d_knn{knn}"
-        _run([_bin("qsplat"), "eval-lerf-ovs", "--load-config", config, "--protocol", "opengaussian-3d",
-              "--selection-knn", knn, "--output", folder, "--no-save-png"])
-        out[f"3d_knn{knn}"] = json.loads((folder / "lerf_ovs_3d.json").read_text())
+        out[f"3d_knn{knn}"] = _lerf(config, room / f"eval3d_knn{knn}", "lerf_ovs_3d.json", "--protocol", "opengaussian-3d",
+                                    "--selection-knn", knn)
+    out["3d_oracle"] = _lerf(config, room / "eval3d_oracle", "lerf_ovs_3d_oracle.json", "--protocol", "opengaussian-3d",
+                             "--oracle-selection")
     return out
+
+
+def lerf_row(seed: int, res: dict) -> dict:
+    row = {"seed": seed, "miou_2d": res["2d"]["miou"],
+           **{f"miou_3d_knn{knn}": res[f"3d_knn{knn}"]["miou"] for knn in KNNS},
+           "miou_3d_oracle": res["3d_oracle"]["miou"],
+           **{f"acc25_3d_knn{knn}": res[f"3d_knn{knn}"]["macc"] for knn in KNNS},
+           "acc25_3d_oracle": res["3d_oracle"]["macc"]}
+    # the gap 2D - 3D(ours) = (2D - oracle): the protocol's own (silhouettes include the occluded parts the 2D masks
+    # leave out, threshold 0.7, render filters) + (oracle - ours): what our selection loses
+    row["gap_protocol_2d_minus_oracle"] = row["miou_2d"] - row["miou_3d_oracle"]
+    for knn in KNNS:
+        row[f"gap_2d_minus_3d_knn{knn}"] = row["miou_2d"] - row[f"miou_3d_knn{knn}"]
+        row[f"gap_selection_oracle_minus_knn{knn}"] = row["miou_3d_oracle"] - row[f"miou_3d_knn{knn}"]
+    keys = ("category", "frame", "iou", "selected_gaussians", "rendered_gaussians")
+    row["per_query_3d"] = {name: [{k: q.get(k) for k in keys} for q in res[f"3d_{name}"]["per_query"]]
+                           for name in (*(f"knn{knn}" for knn in KNNS), "oracle")}
+    row["per_query_2d"] = [{k: q.get(k) for k in ("category", "frame", "iou")} for q in res["2d"]["per_query"]]
+    row["loadavg_after_evals"] = res["3d_oracle"]["_loadavg"]
+    return row
 
 
 def _sel(result: dict) -> dict:
@@ -73,19 +107,22 @@ def _sel(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14])
-    parser.add_argument("--lerf-seeds", type=int, nargs="*", default=[11, 12])
+    parser.add_argument("--lerf-seeds", type=int, nargs="*", default=[11, 12, 13, 14])
     parser.add_argument("--work", type=Path, default=Path("/tmp/sel3d"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_features.json")
     args = parser.parse_args()
+    start, load_start = time.time(), os.getloadavg()
     rooms = []
     for seed in args.seeds:
+        t0 = time.time()
         config = train_room(seed, args.work, args.steps, args.images, args.warmup)
         runs = {knn: evaluate_scannet(config, args.work / f"room{seed}" / f"eval_knn{knn}", knn) for knn in KNNS}
         rooms.append({"seed": seed, "scene_miou_argmax_3d": runs[0]["miou"],
-                      **{f"knn{knn}": _sel(r) for knn, r in runs.items()}})
+                      **{f"knn{knn}": _sel(r) for knn, r in runs.items()},
+                      "seconds_this_pass": time.time() - t0, "loadavg_after": os.getloadavg()})
     mean = {f"knn{knn}": {m: float(np.nanmean([r[f"knn{knn}"][m] for r in rooms])) for m in ("precision", "recall", "iou")}
             for knn in KNNS}
     classes = sorted({n for r in rooms for n in r["knn0"]["per_class"]})
@@ -94,23 +131,33 @@ def main() -> None:
                                    for m in ("precision", "recall", "iou")} for knn in KNNS} for n in classes}
     lerf = []
     for seed in args.lerf_seeds:
+        t0 = time.time()
         config = train_lerf_room(seed, args.work, args.steps, args.images, args.warmup)
-        res = evaluate_lerf(config, args.work / f"ns{seed}")
-        lerf.append({"seed": seed, "miou_2d": res["2d"]["miou"],
-                     **{f"miou_3d_knn{knn}": res[f"3d_knn{knn}"]["miou"] for knn in KNNS},
-                     **{f"acc25_3d_knn{knn}": res[f"3d_knn{knn}"]["macc"] for knn in KNNS},
-                     "per_query_3d": {f"knn{knn}": [{k: q.get(k) for k in ("category", "frame", "iou", "selected_gaussians")}
-                                                    for q in res[f"3d_knn{knn}"]["per_query"]] for knn in KNNS}})
-    lerf_mean = {k: float(np.mean([r[k] for r in lerf])) for k in
-                 ("miou_2d", *(f"miou_3d_knn{knn}" for knn in KNNS), *(f"acc25_3d_knn{knn}" for knn in KNNS))} if lerf else {}
-    result = {"rooms": rooms, "mean_over_rooms": mean, "per_class_mean_over_rooms": per_class,
+        lerf.append({**lerf_row(seed, evaluate_lerf(config, args.work / f"ns{seed}")), "seconds_this_pass": time.time() - t0})
+    lerf_mean = {k: float(np.mean([r[k] for r in lerf])) for k in lerf[0]
+                 if k.startswith(("miou_", "acc25_", "gap_"))} if lerf else {}
+    command = " ".join(["benchmarks/bench_selection_features.py", *sys.argv[1:]])
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    load_end = os.getloadavg()
+    result = {"status": f"measured with `{command}` on commit {commit} (+ uncommitted changes if any: see git log)",
+              "uptime_during_runs": f"load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} "
+                                    f"at the start, {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end, "
+                                    f"on {os.cpu_count()} cores; {time.time() - start:.0f} s wall",
+              "rooms": rooms, "mean_over_rooms": mean, "per_class_mean_over_rooms": per_class,
               "lerf_ovs": {"rooms": lerf, "mean": lerf_mean},
+              "run": {"command": command, "seconds": time.time() - start, "loadavg_start": load_start,
+                      "loadavg_end": load_end, "cpus": os.cpu_count(), "commit": commit},
               "settings": {"steps": args.steps, "images": args.images, "feature_warmup_steps": args.warmup,
                            "layout": "scannet (lerf: nerfstudio 128x96, 2 eval views)", "teacher": "synthetic",
                            "classes": "scene", "knn": list(KNNS),
                            "knn_0": "the 'wins' rule on each Gaussian's own feature (before)",
-                           "knn_32": "features smoothed over the 32 nearest Gaussians weighted by supervision (after)"}}
-    write_text(args.out, json.dumps(result, indent=2))
+                           "knn_32": "features smoothed over the 32 nearest Gaussians weighted by supervision (after)",
+                           "oracle": "eval-lerf-ovs --oracle-selection: each category's ground-truth Gaussians (a "
+                                     "diagnosis: the opengaussian-3d protocol's ceiling)"}}
+    merged = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    merged.update(result)  # keys this script does not write (earlier validation-room work) are kept
+    write_text(args.out, json.dumps(merged, indent=2))
     print(json.dumps({"mean_over_rooms": mean, "lerf_ovs": lerf_mean}, indent=2))
 
 

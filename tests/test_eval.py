@@ -469,6 +469,49 @@ def test_opengaussian_3d_filters_jpg_masks_unknown(run, tmp_path):
     print(f"[test_eval] opengaussian-3d filters / jpg / unknown checks in {time.perf_counter() - start:.1f} s")
 
 
+def test_opengaussian_3d_oracle_selection(run, tmp_path):
+    """--oracle-selection (a diagnosis): each category selects the Gaussians of its ground-truth class (gt/points.ply
+    transferred to the world-frame centres as eval-scannet does), the rest of the protocol unchanged; written to its
+    own file and marked as the oracle; a scene without that ground truth is refused in one sentence."""
+    from qrender_ns.eval import dataparser_frame, to_world
+    from qrender_ns.eval.lerf_ovs import _Scene3D, main, oracle_gaussian_classes
+
+    pipeline, model = run["pipeline"], run["pipeline"].model
+    base = dict(load_config=run["config_path"], protocol="opengaussian-3d", save_png=False, output=tmp_path)
+    ours = run_eval_lerf_ovs(EvalLerfOvs(**base), pipeline=pipeline)
+    oracle = run_eval_lerf_ovs(EvalLerfOvs(oracle_selection=True, **base), pipeline=pipeline)
+    print(f"\n[test_eval] opengaussian-3d mIoU: ours {ours['miou']:.3f}, oracle selection {oracle['miou']:.3f} "
+          f"(per query {[(r['category'], round(r['iou'], 3)) for r in oracle['per_query']]})")
+    points = load_labels(run["root"] / "gt" / "points.ply", "scene", run["root"], "scene")
+    transform, scale = dataparser_frame(pipeline)
+    gt = transfer_labels(to_world(model.means.detach().numpy(), transform, scale), points.xyz, points.labels,
+                         k=5, max_distance=0.1).labels
+    scene = _Scene3D(pipeline, EvalLerfOvs(oracle_selection=True, **base))
+    for r in oracle["per_query"]:  # every labelled category of the tiny scene is one of its generated classes
+        expected = gt == points.class_names.index(r["category"]) + 1
+        np.testing.assert_array_equal(scene.selection(r["category"]), expected)
+        assert r["selected_gaussians"] == int(expected.sum()) > 0, r["category"]
+        if r["rendered"]:
+            assert r["rendered_gaussians"] <= r["after_scale_filter"] <= r["visible_selected"] <= r["selected_gaussians"]
+    # the same queries, views, filters and threshold: only the selection differs
+    assert [(r["frame"], r["category"]) for r in oracle["per_query"]] == [(r["frame"], r["category"]) for r in ours["per_query"]]
+    assert oracle["miou"] == pytest.approx(np.mean([r["iou"] for r in oracle["per_query"]]))
+    assert oracle["oracle_selection"] and oracle["params"]["oracle_selection"] and not ours["params"]["oracle_selection"]
+    assert oracle["params"]["render_filters"] and oracle["params"]["silhouette_threshold"] == ours["params"]["silhouette_threshold"]
+    assert "oracle" in oracle["method"] and "diagnosis" in oracle["method"]
+    # its own files: the protocol's result beside it is not overwritten
+    assert json.loads((tmp_path / "lerf_ovs_3d.json").read_text())["miou"] == pytest.approx(ours["miou"])
+    assert json.loads((tmp_path / "lerf_ovs_3d_oracle.json").read_text())["oracle_selection"]
+    assert "ORACLE selection (a diagnosis, not a result)" in (tmp_path / "lerf_ovs_3d_oracle.md").read_text()
+    report = make_report([tmp_path], tmp_path / "report.md")
+    assert f"| oracle selection on q-splat (ours)'s Gaussians (diagnosis) | {oracle['scene']} |" in report
+    # no ground truth: one sentence, no traceback
+    with pytest.raises(LabelError, match=r"needs a generated scene's ground truth \(gt/points.ply and gt/scene.json"):
+        oracle_gaussian_classes(pipeline, tmp_path / "not_generated")
+    with pytest.raises(SystemExit, match="--oracle-selection is a diagnosis of --protocol opengaussian-3d"):
+        main(EvalLerfOvs(load_config=run["config_path"], oracle_selection=True))
+
+
 def _wins_by_hand(model, text: str) -> np.ndarray:
     return wins_by_hand(model, text)  # tests/selection_by_hand.py: kNN smoothing by supervision weight, then wins
 

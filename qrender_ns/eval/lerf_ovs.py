@@ -17,7 +17,8 @@ rendered alone as a silhouette (their accumulated opacity), thresholded at 0.7 a
 masks; mIoU and mAcc = Acc@0.25 (share of queries with IoU > 0.25; a query with no prediction, or of a category
 the teacher cannot embed, has IoU 0). Before rendering, OpenGaussian's per-view filters (scale, >= 100, kNN
 outliers, >= 10; opengaussian_render_filter); GT = the per-category .jpg masks (> 10) where <labels>/gt/<frame>/
-has them. Numbers from the two protocols are not comparable.
+has them. Numbers from the two protocols are not comparable. `--oracle-selection` (a diagnosis) replaces the text
+selection by the Gaussians of the category's ground-truth class (generated scenes): the protocol's ceiling.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import cv2
 import numpy as np
 import torch
 
-from qrender_ns.eval import dataparser_frame, fmt, load_pipeline, scene_root_of, write_json, write_text
-from qrender_ns.eval.options import LABEL_GLOB, EvalLerfOvs
+from qrender_ns.eval import dataparser_frame, fmt, load_pipeline, scene_root_of, to_world, write_json, write_text
+from qrender_ns.eval.options import LABEL_GLOB, EvalLerfOvs, EvalScannet
+from qrender_ns.eval.scannet3d import load_labels, transfer_labels
 from qrender_ns.features.selection import SelectionRule, select_by_rule
 from qrender_ns.render import rasterize_to_pixels
 
@@ -375,6 +377,31 @@ def _unknown_row(frame: FrameLabels, category: str, gt: QueryGT) -> Dict:
             "gt_pixels": int(gt.mask.sum()), "pred_pixels": 0, "max_silhouette": 0.0}
 
 
+ORACLE_SUFFIX = "_oracle"  # lerf_ovs_3d_oracle.json: an oracle diagnosis never overwrites the protocol's result
+
+
+def oracle_gaussian_classes(pipeline, scene_root: Path) -> Tuple[np.ndarray, List[str]]:
+    """([G] ground-truth class of each Gaussian: 0 = none, i + 1 = names[i]; names): a generated scene's labelled
+    points (gt/points.ply, classes of gt/scene.json) transferred to the Gaussians' world-frame centres as
+    eval-scannet does (majority of the EvalScannet.knn nearest points within EvalScannet.max_distance)."""
+    points_file, scene_json = Path(scene_root) / "gt" / "points.ply", Path(scene_root) / "gt" / "scene.json"
+    if not (points_file.is_file() and scene_json.is_file()):
+        raise LabelError(f"--oracle-selection needs a generated scene's ground truth (gt/points.ply and gt/scene.json "
+                         f"under {scene_root}), which this scene does not have")
+    points = load_labels(points_file, "scene", Path(scene_root), "scene")
+    transform, scale = dataparser_frame(pipeline)
+    with torch.no_grad():
+        means_world = to_world(pipeline.model.means.detach().cpu().numpy(), transform, scale)
+    transfer = transfer_labels(means_world, points.xyz, points.labels, k=EvalScannet.knn,
+                               max_distance=EvalScannet.max_distance)
+    return transfer.labels, list(points.class_names)
+
+
+def oracle_rule_text() -> str:
+    return (f"ORACLE (a diagnosis, not a result): the Gaussians whose ground-truth class is the category (gt/points.ply, "
+            f"{EvalScannet.knn} nearest labelled points within {EvalScannet.max_distance} world units)")
+
+
 class _Scene3D:
     """OpenGaussian's 3D protocol on one run: text selections (computed once per category), the per-view render
     filters and the silhouettes."""
@@ -384,6 +411,9 @@ class _Scene3D:
         self.rule = SelectionRule(cfg.selection, cfg.select_threshold, cfg.selection_knn)
         self.rule.check()
         self.selections: Dict[str, np.ndarray] = {}
+        self.oracle: Optional[Tuple[np.ndarray, List[str]]] = None
+        if cfg.oracle_selection:
+            self.oracle = oracle_gaussian_classes(pipeline, scene_root_of(pipeline))
         if cfg.render_filters:
             if not (math.isfinite(cfg.filter_max_scale) and cfg.filter_max_scale > 0):
                 raise ValueError(f"--filter-max-scale must be a positive number of world units, got {cfg.filter_max_scale}")
@@ -392,6 +422,12 @@ class _Scene3D:
                 self.means = self.model.means.detach().float().cpu().numpy()
 
     def selection(self, category: str) -> np.ndarray:
+        if category not in self.selections and self.oracle is not None:
+            labels, names = self.oracle  # a category no ground-truth class has selects nothing (IoU 0)
+            chosen = labels == (names.index(category) + 1) if category in names else np.zeros(len(labels), bool)
+            with torch.no_grad():
+                opacity = torch.sigmoid(self.model.opacities.detach()).reshape(-1).cpu().numpy()
+            self.selections[category] = chosen & (opacity > self.cfg.select_min_opacity)  # as select_gaussians
         if category not in self.selections:
             chosen = select_gaussians(self.model, self.cfg.prompt_template.format(category), self.rule,
                                       self.cfg.select_min_opacity)
@@ -445,6 +481,8 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     start = time.perf_counter()
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"--prompt-template {cfg.prompt_template!r} must contain '{{}}'")
+    if cfg.oracle_selection and cfg.protocol != "opengaussian-3d":
+        raise ValueError("--oracle-selection is a diagnosis of --protocol opengaussian-3d (it replaces the 3D selection)")
     if pipeline is None:
         pipeline, checkpoint_path = load_pipeline(cfg.load_config)
     model = pipeline.model
@@ -455,6 +493,7 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     protocol = PROTOCOLS[cfg.protocol]
+    stem = protocol + (ORACLE_SUFFIX if cfg.oracle_selection else "")  # output file names
     frames = read_label_dir(label_dir, cfg.label_glob)
     index = image_index(pipeline)
     vocabulary = _closed_vocabulary(model)
@@ -462,7 +501,7 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
         raise ValueError("the synthetic teacher's text encoder is exact-string: use --prompt-template '{}'")
     run_dir = Path(cfg.load_config).parent
     out_dir = Path(cfg.output) if cfg.output is not None else run_dir / "eval"
-    png_dir = out_dir / protocol
+    png_dir = out_dir / stem
 
     counts = dict(label_files=len(frames), frames_evaluated=0, frames_unmatched=0, frames_matched_by_stem=0,
                   frames_resized=0, frames_without_queries=0, objects=0, polygons_clipped=0, empty_masks=0,
@@ -568,7 +607,12 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     result = {
         "protocol": protocol,
         "protocol_option": cfg.protocol,
-        "method": cfg.method_name,
+        "method": (f"oracle selection on {cfg.method_name}'s Gaussians (diagnosis)" if cfg.oracle_selection
+                   else cfg.method_name),
+        **({"oracle_selection": True,
+            "diagnosis": "ORACLE 3D selection: each category selected the Gaussians of its ground-truth class, not its "
+                         "text query; the protocol's ceiling for a perfect 3D selection, not a result"}
+           if cfg.oracle_selection else {}),
         "scene": scene_root.name,
         "scene_root": str(scene_root),
         "label_dir": str(label_dir),
@@ -587,7 +631,11 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
                    "text_encoder": getattr(model.text_encoder, "name", type(model.text_encoder).__name__),
                    "num_quantiles": model.config.num_quantiles, "label_glob": cfg.label_glob,
                    **({"selection": cfg.selection, "select_threshold": cfg.select_threshold, "selection_knn": cfg.selection_knn,
-                       "selection_rule": scene_3d.rule.describe(), "select_min_opacity": cfg.select_min_opacity,
+                       "oracle_selection": cfg.oracle_selection,
+                       "selection_rule": oracle_rule_text() if cfg.oracle_selection else scene_3d.rule.describe(),
+                       **({"oracle_gaussians_with_class": int((scene_3d.oracle[0] > 0).sum()),
+                           "oracle_classes": scene_3d.oracle[1]} if cfg.oracle_selection else {}),
+                       "select_min_opacity": cfg.select_min_opacity,
                        "silhouette_threshold": cfg.silhouette_threshold, "render_filters": cfg.render_filters,
                        "filter_max_scale": cfg.filter_max_scale,
                        "gt_masks": str(mask_root) if mask_root is not None else None} if protocol == PROTOCOL_3D else {})},
@@ -599,8 +647,8 @@ def run_eval_lerf_ovs(cfg: EvalLerfOvs, pipeline=None, checkpoint_path=None) -> 
     }
     if not rows:
         raise LabelError(f"no query could be evaluated (counts: {counts}); see the skipped label files/categories")
-    result["json"] = str(out_dir / f"{protocol}.json")
-    result["markdown"] = str(out_dir / f"{protocol}.md")
+    result["json"] = str(out_dir / f"{stem}.json")
+    result["markdown"] = str(out_dir / f"{stem}.md")
     write_json(Path(result["json"]), result)
     write_text(Path(result["markdown"]), lerf3d_markdown(result) if protocol == PROTOCOL_3D else lerf_markdown(result))
     return result
@@ -672,9 +720,12 @@ def lerf_markdown(result: Dict) -> str:
 
 def lerf3d_markdown(result: Dict) -> str:
     c, p = result["counts"], result["params"]
+    oracle = bool(result.get("oracle_selection"))
     lines = [
-        f"# LeRF-OVS 3D selection (OpenGaussian's protocol, the paper's) — {result['scene']}",
+        f"# LeRF-OVS 3D selection (OpenGaussian's protocol, the paper's) — {result['scene']}"
+        + (" — ORACLE selection (a diagnosis, not a result)" if oracle else ""),
         "",
+        *([result["diagnosis"] + ".", ""] if oracle else []),
         "| Method | scene | mIoU | mAcc (Acc@0.25) | Acc@0.5 | queries |",
         "|---|---|---|---|---|---|",
         f"| {result['method']} | {result['scene']} | {fmt(result['miou'])} | {fmt(result['macc'])} | "
@@ -704,7 +755,9 @@ def lerf3d_markdown(result: Dict) -> str:
         f"Selection: {p.get('selection_rule', 'relevancy > ' + str(p['select_threshold']))} (negatives "
         f"{', '.join(p['negatives'])}), opacity > "
         f"{p['select_min_opacity']}; silhouette > {p['silhouette_threshold']}; text encoder {p['text_encoder']}.",
-        "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol.",
+        ("Not a result: the ceiling this protocol allows a perfect 3D selection (ground-truth Gaussians, the "
+         "protocol's filters, silhouettes and masks)." if oracle else
+         "Comparable with the paper's LeRF-OVS numbers (45.8 mIoU / 56.9 mAcc), not with LangSplat's 2D protocol."),
     ]
     return "\n".join(lines) + "\n"
 

@@ -102,6 +102,11 @@ class EvalLerfOvs:
     """opengaussian-3d: also require sigmoid(opacity) above this (OpenGaussian applies no opacity cut here)."""
     silhouette_threshold: float = 0.7
     """opengaussian-3d: silhouette (accumulated opacity of the selected Gaussians) > this is the predicted mask."""
+    oracle_selection: bool = False
+    """opengaussian-3d, a diagnosis (not a result): each category selects the Gaussians whose ground-truth class is
+    that category (a generated scene's gt/points.ply + gt/scene.json, transferred as eval-scannet does: 5 nearest
+    labelled points within 0.1 world units) instead of the text query; filters, silhouette threshold and IoU as
+    the protocol. The score is the protocol's ceiling for a perfect 3D selection. Writes lerf_ovs_3d_oracle.json."""
     render_filters: bool = True
     """opengaussian-3d: apply OpenGaussian's render filters per view (scale, >= 100 selected, kNN outliers,
     >= 10 kept); --no-render-filters renders the whole selection (a diagnosis, not the protocol)."""

@@ -146,9 +146,11 @@ def render_report(found: Dict[str, List[Dict]]) -> str:
     for r in rows3d:
         lines.append(f"| {r.get('method', '?')} | {r.get('scene', '?')} | {fmt(r.get('miou'))} | "
                      f"{fmt(r.get('macc'))} | {r.get('num_queries')} | {_filters_cell(r)} | {r['_file']} |")
-    if len(rows3d) > 1:
-        lines.append(f"| mean of {len(rows3d)} scenes | | {fmt(np.nanmean([_num(r.get('miou')) for r in rows3d]))} | "
-                     f"{fmt(np.nanmean([_num(r.get('macc')) for r in rows3d]))} | | | (mean of the rows above) |")
+    results3d = [r for r in rows3d if not r.get("oracle_selection")]  # --oracle-selection rows: diagnoses, no mean
+    if len(results3d) > 1:
+        lines.append(f"| mean of {len(results3d)} scenes | | {fmt(np.nanmean([_num(r.get('miou')) for r in results3d]))} | "
+                     f"{fmt(np.nanmean([_num(r.get('macc')) for r in results3d]))} | | | (mean of the rows above"
+                     f"{', oracle rows left out' if len(results3d) < len(rows3d) else ''}) |")
     if not rows3d:
         lines.append("| (no `qsplat eval-lerf-ovs --protocol opengaussian-3d` result found) | | | | | | |")
     lines += ["", "mAcc is OpenGaussian's Acc@0.25: the share of (frame, query) pairs whose silhouette IoU exceeds "
