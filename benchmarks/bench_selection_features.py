@@ -140,7 +140,7 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     load_end = os.getloadavg()
-    result = {"status": f"measured with `{command}` on commit {commit} (+ uncommitted changes if any: see git log)",
+    result = {"status": f"measured with `{command}` on commit {commit} (a room already trained in --work is reused)",
               "uptime_during_runs": f"load average (1/5/15 min) {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} "
                                     f"at the start, {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at the end, "
                                     f"on {os.cpu_count()} cores; {time.time() - start:.0f} s wall",
