@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -178,13 +179,31 @@ struct DirectAlphas {
   }
 };
 
-// Hot loops run through clones built for AVX2 + FMA and for baseline x86-64, picked once at
-// load time by the CPU (GCC target_clones): one build is portable and still 8-wide.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define QR_CLONES
-#endif
+// A tile list read straight from the geometry, packed a block at a time as TileCache packs a
+// whole tile (the sampled pixels' lanes walk: a tile has a few samples, so a whole-tile cache
+// would read much more of the list than the walks do).
+template <typename scalar_t>
+struct GeometryRef {
+  const scalar_t *means2d, *conics, *opacities;
+  const int32_t* ids;  // the tile's list: flatten_ids + start
+
+  // Entries [j0, j1) as TileCache::packed rows, with the opacity-free early reject.
+  void pack(int64_t j0, int64_t j1, scalar_t* packed, scalar_t* reject) const {
+    const scalar_t kRejectAny = std::log(scalar_t(255)) + scalar_t(1e-3);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t g = ids[j];
+      scalar_t* p = packed + (j - j0) * TileCache<scalar_t>::kStride;
+      p[0] = means2d[2 * g];
+      p[1] = means2d[2 * g + 1];
+      p[2] = conics[3 * g];
+      p[3] = conics[3 * g + 1];
+      p[4] = conics[3 * g + 2];
+      p[5] = opacities[g];
+      reject[j - j0] = p[5] > 1 ? std::numeric_limits<scalar_t>::infinity()
+                                : (p[5] > 0 ? kRejectAny : scalar_t(-1));
+    }
+  }
+};
 
 // ------------------------------------------------------------------- quantile selection
 // The <= K quantile Gaussians of one pixel (pass 1 of quantile blending: scalars only).
@@ -220,15 +239,20 @@ inline void select_quantiles(const Alphas& alphas, const PixelRef<scalar_t>& p, 
   s->trans_q = trans_q;
 }
 
-// kLanes adjacent pixels of one tile row walk the tile's list together, one SIMD lane each
-// (what a GPU warp does): the early reject, the alpha and its exp run 8-wide and a pixel that
-// has all its picks drops out of the mask; picks are rare (<= K of ~100 entries) and are
-// handled lane by lane. Same arithmetic as select_quantiles over TileCache::alpha, operation
-// for operation (no FMA contraction, exp_nonpositive for both), so the same Gaussians are
-// picked with the same weights as a pixel walked alone (sampled pixels, the reference tests).
+// kLanes pixels of one tile walk the tile's list together, one SIMD lane each (what a GPU warp
+// does): the early reject, the alpha and its exp run 8-wide and a pixel that has all its picks
+// drops out of the mask; picks are rare (<= K of ~100 entries) and are handled lane by lane.
+// Same arithmetic as select_quantiles over TileCache::alpha, operation for operation (no FMA
+// contraction, exp_nonpositive for both), so the same Gaussians are picked with the same
+// weights as a pixel walked alone (the reference tests).
+// Whole images: the lanes are adjacent pixels of a tile row and the entries come packed from
+// the TileCache. Sampled pixels (a tile has a few, anywhere in it): each lane has its own
+// (x, y), and with `ids` given the entries are packed block by block straight from the
+// geometry (only the prefix the lanes walk is read, once for all lanes), rejected against
+// ln(255) + margin: alpha = o exp(-sigma) < 1/255 for any o <= 1 beyond it, so no log per
+// entry (entries with o > 1 are never rejected early; the exact test decides as always).
 constexpr int kLanes = 8;
 constexpr int kWalkBlock = 32;  // entries filtered per pass A of the lanes walk
-#define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 
 template <typename M>
 inline bool any_lane(const M& mask) {
@@ -249,41 +273,49 @@ inline unsigned lane_bits(const M& mask) {
 
 #define QR_GROUP_SELECT(T, VT, VI, IT)                                                          \
   QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                         \
-      const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,     \
-      const T* bounds, Selection<T>* sel) {                                                     \
-    VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                          \
+      const T* packed, const T* reject, const GeometryRef<T>* direct, int64_t n,                \
+      const T* lane_px, const T* lane_py, int lanes, int K, const T* bounds, Selection<T>* sel) { \
+    VT px, py, trans = VT{} + T(1), trans_q = VT{} + T(1);                                      \
     VT bound = VT{} + bounds[1];                                                                \
     VI active;                                                                                  \
     int next_level[kLanes];                                                                     \
     for (int l = 0; l < kLanes; ++l) {                                                          \
-      px[l] = T(x0 + l) + T(0.5);                                                               \
+      px[l] = lane_px[l < lanes ? l : 0];                                                       \
+      py[l] = lane_py[l < lanes ? l : 0];                                                       \
       active[l] = l < lanes ? IT(-1) : IT(0);                                                   \
       next_level[l] = 1;                                                                        \
       sel[l].count = 0;                                                                         \
     }                                                                                           \
-    const T py = T(y) + T(0.5);                                                                 \
+    T block_packed[kWalkBlock * TileCache<T>::kStride], block_reject[kWalkBlock];               \
     bool done = false;                                                                          \
     for (int64_t j0 = 0; j0 < n && !done; j0 += kWalkBlock) {                                   \
+      const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
+      const T* bp = packed + j0 * TileCache<T>::kStride; /* entry j at bp + (j - j0) * stride */ \
+      const T* br = reject + j0;                                                                \
+      if (direct) {                                                                             \
+        direct->pack(j0, j1, block_packed, block_reject);                                       \
+        bp = block_packed;                                                                      \
+        br = block_reject;                                                                      \
+      }                                                                                         \
       /* Pass A, branch free: the block's entries that some active lane does not reject, */     \
       /* with their sigmas (most entries are rejected, and a branch per entry mispredicts). */  \
-      const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
       int32_t keep[kWalkBlock];                                                                 \
       VT keep_sigma[kWalkBlock];                                                                \
       int m = 0;                                                                                \
       for (int64_t j = j0; j < j1; ++j) {                                                       \
-        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const T* g = bp + (j - j0) * TileCache<T>::kStride;                                     \
         const VT dx = g[0] - px;                                                                \
-        const T dy = g[1] - py;                                                                 \
+        const VT dy = g[1] - py;                                                                \
         keep[m] = static_cast<int32_t>(j);                                                      \
         keep_sigma[m] = T(0.5) * (g[2] * dx * dx + g[4] * dy * dy) + g[3] * dx * dy;            \
-        m += any_lane(active & ~(keep_sigma[m] > reject[j]));                                   \
+        m += any_lane(active & ~(keep_sigma[m] > br[j - j0]));                                  \
       }                                                                                         \
       /* Pass B: the kept entries in order, as one pixel's walk would see them. */              \
       for (int i = 0; i < m; ++i) {                                                             \
         const int64_t j = keep[i];                                                              \
-        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const T* g = bp + (j - j0) * TileCache<T>::kStride;                                     \
         const VT sigma = keep_sigma[i];                                                         \
-        const VI pass = active & ~(sigma > reject[j]);                                          \
+        const VI pass = active & ~(sigma > br[j - j0]);                                         \
         if (!any_lane(pass)) continue;                                                          \
         const VT raw = g[5] * exp_nonpositive<VT, VI, T, IT>(-sigma);                           \
         const VT alpha = raw > T(kAlphaMax) ? VT{} + T(kAlphaMax) : raw;                        \
@@ -323,12 +355,12 @@ QR_GROUP_SELECT(float, FloatLanes, FloatMask, int32_t)
 QR_GROUP_SELECT(double, DoubleLanes, DoubleMask, int64_t)
 
 // A pixel whose selection the lanes walk already made; alpha() serves the dense paths.
-template <typename scalar_t>
+template <typename scalar_t, typename Base = TileCache<scalar_t>>
 struct Preselected {
-  const TileCache<scalar_t>& cache;
+  const Base& base;
   const Selection<scalar_t>& selection;
   PixelAlpha<scalar_t> alpha(int64_t j, scalar_t px, scalar_t py) const {
-    return cache.alpha(j, px, py);
+    return base.alpha(j, px, py);
   }
 };
 
@@ -339,8 +371,8 @@ inline const Selection<scalar_t>& selection_of(const Alphas& alphas, const Pixel
   return *scratch;
 }
 
-template <typename scalar_t>
-inline const Selection<scalar_t>& selection_of(const Preselected<scalar_t>& alphas,
+template <typename scalar_t, typename Base>
+inline const Selection<scalar_t>& selection_of(const Preselected<scalar_t, Base>& alphas,
                                                const PixelRef<scalar_t>&, int,
                                                Selection<scalar_t>*) {
   return alphas.selection;
@@ -608,8 +640,14 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
         if (cache_tile && l.num_quantiles > 0) {  // quantile walks: kLanes pixels at a time
           for (int64_t x0 = tx * l.tile_size; x0 < x_end; x0 += kLanes) {
             const int lanes = static_cast<int>(std::min<int64_t>(kLanes, x_end - x0));
-            select_quantiles_lanes(cache.packed.data(), cache.reject.data(), p.end - p.start, x0,
-                                   y, lanes, l.num_quantiles, bounds.data(), lane_sel.data());
+            scalar_t lane_px[kLanes], lane_py[kLanes];
+            for (int k = 0; k < lanes; ++k) {
+              lane_px[k] = scalar_t(x0 + k) + scalar_t(0.5);
+              lane_py[k] = scalar_t(y) + scalar_t(0.5);
+            }
+            select_quantiles_lanes(cache.packed.data(), cache.reject.data(), nullptr,
+                                   p.end - p.start, lane_px, lane_py, lanes, l.num_quantiles,
+                                   bounds.data(), lane_sel.data());
             for (int k = 0; k < lanes; ++k) {
               p.row = (cam * l.height + y) * l.width + x0 + k;
               p.px = scalar_t(x0 + k) + scalar_t(0.5);
@@ -631,12 +669,80 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
   }
 }
 
-// Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples).
+// The samples in (camera, tile, row, column) order, cut into groups of <= kLanes samples of one
+// tile: [begin, end) ranges of `order`. The samples of a group walk their tile's list together.
+struct SampleGroups {
+  std::vector<int64_t> order, begin, end;
+};
+
+inline SampleGroups group_samples_by_tile(const Layout& l, const int64_t* pixel_ids,
+                                          int64_t num_pixels) {
+  const int64_t hw = l.height * l.width;
+  std::vector<std::pair<int64_t, int64_t>> keyed(num_pixels);
+  std::vector<int64_t> tile_of(num_pixels);
+  for (int64_t s = 0; s < num_pixels; ++s) {
+    const int64_t pid = pixel_ids[s], cam = pid / hw, y = (pid % hw) / l.width, x = pid % l.width;
+    tile_of[s] = (cam * l.tiles_h + y / l.tile_size) * l.tiles_w + x / l.tile_size;
+    keyed[s] = {(tile_of[s] * l.tile_size + y % l.tile_size) * l.tile_size + x % l.tile_size, s};
+  }
+  std::sort(keyed.begin(), keyed.end());
+  SampleGroups g;
+  g.order.resize(num_pixels);
+  for (int64_t i = 0; i < num_pixels; ++i) g.order[i] = keyed[i].second;
+  for (int64_t i = 0; i < num_pixels;) {
+    int64_t j = i + 1;
+    while (j < num_pixels && j - i < kLanes && tile_of[g.order[j]] == tile_of[g.order[i]]) ++j;
+    g.begin.push_back(i);
+    g.end.push_back(j);
+    i = j;
+  }
+  return g;
+}
+
+// Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples). With `preselect`
+// (quantile forward) the samples of a tile are grouped and their quantile walks run as lanes
+// (select_quantiles_lanes over the geometry): visit gets the selection made (Preselected).
 template <typename scalar_t, typename Visit>
 void for_each_sampled_pixel(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
                             const scalar_t* opacities, const int32_t* offsets,
                             const int32_t* flatten_ids, const int64_t* pixel_ids,
-                            int64_t num_pixels, Visit&& visit) {
+                            int64_t num_pixels, bool preselect, Visit&& visit) {
+  if (preselect && l.num_quantiles > 0) {
+    const SampleGroups groups = group_samples_by_tile(l, pixel_ids, num_pixels);
+    const int64_t num_groups = static_cast<int64_t>(groups.begin.size());
+#pragma omp parallel num_threads(num_threads_for(num_groups / 16 + 1))
+    {
+      std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
+      std::vector<Selection<scalar_t>> lane_sel(kLanes);
+      std::vector<scalar_t> bounds(l.num_quantiles + 1);
+      for (int k = 1; k <= l.num_quantiles; ++k)
+        bounds[k] = quantile_boundary<scalar_t>(k, l.num_quantiles);
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t gi = 0; gi < num_groups; ++gi) {
+        const int64_t b = groups.begin[gi];
+        const int lanes = static_cast<int>(groups.end[gi] - b);
+        PixelRef<scalar_t> ps[kLanes];
+        scalar_t lane_px[kLanes], lane_py[kLanes];
+        for (int k = 0; k < lanes; ++k) {
+          const int64_t s = groups.order[b + k];
+          ps[k] = sampled_pixel<scalar_t>(l, offsets, pixel_ids[s], s);
+          lane_px[k] = ps[k].px;
+          lane_py[k] = ps[k].py;
+        }
+        const GeometryRef<scalar_t> geometry{means2d, conics, opacities, flatten_ids + ps[0].start};
+        select_quantiles_lanes(static_cast<const scalar_t*>(nullptr),
+                               static_cast<const scalar_t*>(nullptr), &geometry,
+                               ps[0].end - ps[0].start, lane_px, lane_py, lanes, l.num_quantiles,
+                               bounds.data(), lane_sel.data());
+        const DirectAlphas<scalar_t> alphas{means2d, conics, opacities, flatten_ids, ps[0].start};
+        for (int k = 0; k < lanes; ++k)
+          visit(ps[k], Preselected<scalar_t, DirectAlphas<scalar_t>>{alphas, lane_sel[k]},
+                acc.data());
+      }
+      store_fence();
+    }
+    return;
+  }
 #pragma omp parallel num_threads(num_threads_for(num_pixels / 64 + 1))
   {
     std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
@@ -958,7 +1064,7 @@ std::vector<at::Tensor> forward_any(QRENDER_FORWARD_ARGS,
     if (pixel_ids.has_value())
       for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                        in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
-                                       pixel_ids->size(0), visit);
+                                       pixel_ids->size(0), true, visit);
     else
       for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                      in.flatten_ids, true, visit);
@@ -997,7 +1103,7 @@ std::vector<at::Tensor> backward_any(QRENDER_BACKWARD_ARGS,
     if (pixel_ids.has_value())
       for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                        in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
-                                       pixel_ids->size(0), visit);
+                                       pixel_ids->size(0), false, visit);
     else  // the quantile backward reads its few selected Gaussians directly
       for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                      in.flatten_ids, num_quantiles == 0, visit);
