@@ -179,29 +179,48 @@ struct DirectAlphas {
   }
 };
 
-// A tile list read straight from the geometry, packed a block at a time as TileCache packs a
-// whole tile (the sampled pixels' lanes walk: a tile has a few samples, so a whole-tile cache
-// would read much more of the list than the walks do).
+// A tile's list packed from the geometry as far as the walks over it have gone (the sampled pixels' lanes walks:
+// a tile has a few samples, which seldom walk its whole list, so packing all of it as TileCache does would read
+// much more of the [N] geometry than the walks need). Lane groups of one tile share it: a later group reads what
+// an earlier one packed and packs only beyond. Rows as TileCache::packed, with an opacity-free early reject:
+// alpha = o exp(-sigma) < 1/255 for any o <= 1 once sigma > ln(255) + margin, so no log per entry (o > 1 is never
+// rejected early; the exact test decides as always).
 template <typename scalar_t>
-struct GeometryRef {
+struct LazyTileCache {
   const scalar_t *means2d, *conics, *opacities;
-  const int32_t* ids;  // the tile's list: flatten_ids + start
+  const int32_t* ids = nullptr;  // the tile's list: flatten_ids + start
+  int64_t filled = 0;
+  std::vector<scalar_t> packed, reject;
 
-  // Entries [j0, j1) as TileCache::packed rows, with the opacity-free early reject.
-  void pack(int64_t j0, int64_t j1, scalar_t* packed, scalar_t* reject) const {
+  void reset(const scalar_t* m, const scalar_t* c, const scalar_t* o, const int32_t* list, int64_t n) {
+    means2d = m;
+    conics = c;
+    opacities = o;
+    ids = list;
+    filled = 0;
+    if (static_cast<int64_t>(reject.size()) < n) {
+      packed.resize(n * TileCache<scalar_t>::kStride);
+      reject.resize(n);
+    }
+  }
+
+  // Entries [j0, j1) packed (rows of TileCache::kStride) and their rejects; j0 <= filled.
+  const scalar_t* block(int64_t j0, int64_t j1, const scalar_t** reject_out) {
     const scalar_t kRejectAny = std::log(scalar_t(255)) + scalar_t(1e-3);
-    for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t j = filled; j < j1; ++j) {
       const int32_t g = ids[j];
-      scalar_t* p = packed + (j - j0) * TileCache<scalar_t>::kStride;
+      scalar_t* p = packed.data() + j * TileCache<scalar_t>::kStride;
       p[0] = means2d[2 * g];
       p[1] = means2d[2 * g + 1];
       p[2] = conics[3 * g];
       p[3] = conics[3 * g + 1];
       p[4] = conics[3 * g + 2];
       p[5] = opacities[g];
-      reject[j - j0] = p[5] > 1 ? std::numeric_limits<scalar_t>::infinity()
-                                : (p[5] > 0 ? kRejectAny : scalar_t(-1));
+      reject[j] = p[5] > 1 ? std::numeric_limits<scalar_t>::infinity() : (p[5] > 0 ? kRejectAny : scalar_t(-1));
     }
+    filled = std::max(filled, j1);
+    *reject_out = reject.data() + j0;
+    return packed.data() + j0 * TileCache<scalar_t>::kStride;
   }
 };
 
@@ -273,7 +292,7 @@ inline unsigned lane_bits(const M& mask) {
 
 #define QR_GROUP_SELECT(T, VT, VI, IT)                                                          \
   QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                         \
-      const T* packed, const T* reject, const GeometryRef<T>* direct, int64_t n,                \
+      const T* packed, const T* reject, LazyTileCache<T>* lazy, int64_t n,                      \
       const T* lane_px, const T* lane_py, int lanes, int K, const T* bounds, Selection<T>* sel) { \
     VT px, py, trans = VT{} + T(1), trans_q = VT{} + T(1);                                      \
     VT bound = VT{} + bounds[1];                                                                \
@@ -286,17 +305,12 @@ inline unsigned lane_bits(const M& mask) {
       next_level[l] = 1;                                                                        \
       sel[l].count = 0;                                                                         \
     }                                                                                           \
-    T block_packed[kWalkBlock * TileCache<T>::kStride], block_reject[kWalkBlock];               \
     bool done = false;                                                                          \
     for (int64_t j0 = 0; j0 < n && !done; j0 += kWalkBlock) {                                   \
       const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
-      const T* bp = packed + j0 * TileCache<T>::kStride; /* entry j at bp + (j - j0) * stride */ \
       const T* br = reject + j0;                                                                \
-      if (direct) {                                                                             \
-        direct->pack(j0, j1, block_packed, block_reject);                                       \
-        bp = block_packed;                                                                      \
-        br = block_reject;                                                                      \
-      }                                                                                         \
+      const T* bp = lazy ? lazy->block(j0, j1, &br) /* entry j at bp + (j - j0) * stride */    \
+                         : packed + j0 * TileCache<T>::kStride;                                 \
       /* Pass A, branch free: the block's entries that some active lane does not reject, */     \
       /* with their sigmas (most entries are rejected, and a branch per entry mispredicts). */  \
       int32_t keep[kWalkBlock];                                                                 \
@@ -670,9 +684,11 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
 }
 
 // The samples in (camera, tile, row, column) order, cut into groups of <= kLanes samples of one
-// tile: [begin, end) ranges of `order`. The samples of a group walk their tile's list together.
+// tile: [begin, end) ranges of `order`. The samples of a group walk their tile's list together, the
+// groups of a tile one after the other over one lazily packed copy of its list.
 struct SampleGroups {
   std::vector<int64_t> order, begin, end;
+  std::vector<int64_t> tile_begin;  // the groups of one tile: [tile_begin[t], tile_begin[t + 1])
 };
 
 inline SampleGroups group_samples_by_tile(const Layout& l, const int64_t* pixel_ids,
@@ -690,18 +706,21 @@ inline SampleGroups group_samples_by_tile(const Layout& l, const int64_t* pixel_
   g.order.resize(num_pixels);
   for (int64_t i = 0; i < num_pixels; ++i) g.order[i] = keyed[i].second;
   for (int64_t i = 0; i < num_pixels;) {
+    if (i == 0 || tile_of[g.order[i]] != tile_of[g.order[i - 1]])
+      g.tile_begin.push_back(static_cast<int64_t>(g.begin.size()));
     int64_t j = i + 1;
     while (j < num_pixels && j - i < kLanes && tile_of[g.order[j]] == tile_of[g.order[i]]) ++j;
     g.begin.push_back(i);
     g.end.push_back(j);
     i = j;
   }
+  g.tile_begin.push_back(static_cast<int64_t>(g.begin.size()));
   return g;
 }
 
 // Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples). With `preselect`
 // (quantile forward) the samples of a tile are grouped and their quantile walks run as lanes
-// (select_quantiles_lanes over the geometry): visit gets the selection made (Preselected).
+// (select_quantiles_lanes over the tile's LazyTileCache): visit gets the selection made (Preselected).
 template <typename scalar_t, typename Visit>
 void for_each_sampled_pixel(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
                             const scalar_t* opacities, const int32_t* offsets,
@@ -709,35 +728,40 @@ void for_each_sampled_pixel(const Layout& l, const scalar_t* means2d, const scal
                             int64_t num_pixels, bool preselect, Visit&& visit) {
   if (preselect && l.num_quantiles > 0) {
     const SampleGroups groups = group_samples_by_tile(l, pixel_ids, num_pixels);
-    const int64_t num_groups = static_cast<int64_t>(groups.begin.size());
-#pragma omp parallel num_threads(num_threads_for(num_groups / 16 + 1))
+    const int64_t num_tiles = static_cast<int64_t>(groups.tile_begin.size()) - 1;
+#pragma omp parallel num_threads(num_threads_for(num_tiles / 8 + 1))
     {
       std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
       std::vector<Selection<scalar_t>> lane_sel(kLanes);
       std::vector<scalar_t> bounds(l.num_quantiles + 1);
       for (int k = 1; k <= l.num_quantiles; ++k)
         bounds[k] = quantile_boundary<scalar_t>(k, l.num_quantiles);
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t gi = 0; gi < num_groups; ++gi) {
-        const int64_t b = groups.begin[gi];
-        const int lanes = static_cast<int>(groups.end[gi] - b);
-        PixelRef<scalar_t> ps[kLanes];
-        scalar_t lane_px[kLanes], lane_py[kLanes];
-        for (int k = 0; k < lanes; ++k) {
-          const int64_t s = groups.order[b + k];
-          ps[k] = sampled_pixel<scalar_t>(l, offsets, pixel_ids[s], s);
-          lane_px[k] = ps[k].px;
-          lane_py[k] = ps[k].py;
+      LazyTileCache<scalar_t> cache;
+#pragma omp for schedule(dynamic, 2)
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        bool fresh = true;
+        for (int64_t gi = groups.tile_begin[t]; gi < groups.tile_begin[t + 1]; ++gi) {
+          const int64_t b = groups.begin[gi];
+          const int lanes = static_cast<int>(groups.end[gi] - b);
+          PixelRef<scalar_t> ps[kLanes];
+          scalar_t lane_px[kLanes], lane_py[kLanes];
+          for (int k = 0; k < lanes; ++k) {
+            const int64_t s = groups.order[b + k];
+            ps[k] = sampled_pixel<scalar_t>(l, offsets, pixel_ids[s], s);
+            lane_px[k] = ps[k].px;
+            lane_py[k] = ps[k].py;
+          }
+          if (fresh)  // the tile's first group: its list, packed as far as its walks go
+            cache.reset(means2d, conics, opacities, flatten_ids + ps[0].start, ps[0].end - ps[0].start);
+          fresh = false;
+          select_quantiles_lanes(static_cast<const scalar_t*>(nullptr),
+                                 static_cast<const scalar_t*>(nullptr), &cache, ps[0].end - ps[0].start,
+                                 lane_px, lane_py, lanes, l.num_quantiles, bounds.data(), lane_sel.data());
+          const DirectAlphas<scalar_t> alphas{means2d, conics, opacities, flatten_ids, ps[0].start};
+          for (int k = 0; k < lanes; ++k)
+            visit(ps[k], Preselected<scalar_t, DirectAlphas<scalar_t>>{alphas, lane_sel[k]},
+                  acc.data());
         }
-        const GeometryRef<scalar_t> geometry{means2d, conics, opacities, flatten_ids + ps[0].start};
-        select_quantiles_lanes(static_cast<const scalar_t*>(nullptr),
-                               static_cast<const scalar_t*>(nullptr), &geometry,
-                               ps[0].end - ps[0].start, lane_px, lane_py, lanes, l.num_quantiles,
-                               bounds.data(), lane_sel.data());
-        const DirectAlphas<scalar_t> alphas{means2d, conics, opacities, flatten_ids, ps[0].start};
-        for (int k = 0; k < lanes; ++k)
-          visit(ps[k], Preselected<scalar_t, DirectAlphas<scalar_t>>{alphas, lane_sel[k]},
-                acc.data());
       }
       store_fence();
     }
