@@ -22,6 +22,15 @@
 // Loops whose results must equal a reference's bit for bit: no a * b + c contracted to an FMA.
 #define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 
+#ifndef __CUDACC__
+// Asks for the cache lines of [p, p + bytes) ahead of use: the row-sparse loops read rows of gigabyte tables in
+// an order the hardware prefetcher cannot guess, so the next row's lines are requested while this one computes.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
+#endif
+
 namespace qrender {
 
 constexpr float kAlphaMax = 0.999f;

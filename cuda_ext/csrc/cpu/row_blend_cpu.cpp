@@ -16,11 +16,26 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "../common.h"
 #include "bf16.h"
 
 namespace qrender {
 namespace {
+
+// madvise(MADV_HUGEPAGE) on the whole 4 KiB pages of a fresh buffer (as qrender_ns/utils/memory.py does for the
+// table): tens of MB a step otherwise fault in page by page.
+void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef __linux__
+  if (bytes < (int64_t(2) << 20)) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (start + 4095) & ~uintptr_t(4095), last = (start + bytes) & ~uintptr_t(4095);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 #define QR_ROW_OPS(NAME, T, LOAD)                                                           \
   QR_CLONES void axpy_##NAME(float* __restrict acc, float w, const T* __restrict r, int64_t c) { \
@@ -52,8 +67,9 @@ QR_ROW_OPS(f16, c10::Half, load_f16)
 struct TableRows {
   at::ScalarType dtype;
   const void* base;
-  int64_t channels;
+  int64_t channels, row_bytes;
 
+  void prefetch(int64_t row) const { prefetch_bytes(static_cast<const char*>(base) + row * row_bytes, row_bytes); }
   void axpy(float* acc, float w, int64_t row) const {
     const int64_t off = row * channels;
     switch (dtype) {
@@ -78,7 +94,7 @@ TableRows table_rows(const at::Tensor& table) {
   const auto t = table.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
               "row_blend: the table must be float32, bfloat16 or float16");
-  return {t, table.data_ptr(), table.size(1)};
+  return {t, table.data_ptr(), table.size(1), table.size(1) * table.element_size()};
 }
 
 void check_picks(const at::Tensor& touched, const at::Tensor& slot, const at::Tensor& weights) {
@@ -104,9 +120,13 @@ at::Tensor row_blend_forward_cpu(const at::Tensor& table, const at::Tensor& touc
   at::Tensor out = at::zeros({P, C}, table.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
+    for (int64_t p = begin; p < end; ++p) {
+      if (p + 1 < end)  // the next pixel's rows, while this one blends
+        for (int64_t k = 0; k < K; ++k)
+          if (s[(p + 1) * K + k] >= 0) rows.prefetch(ids[s[(p + 1) * K + k]]);
       for (int64_t k = 0; k < K; ++k)
         if (s[p * K + k] >= 0) rows.axpy(o + p * C, w[p * K + k], ids[s[p * K + k]]);
+    }
   });
   return out;
 }
@@ -138,6 +158,7 @@ std::vector<at::Tensor> row_blend_backward_cpu(const at::Tensor& table, const at
       if (s[i] >= 0) picks[next[s[i]]++] = i;
   }
   at::Tensor grad_rows = at::empty({R, C}, table.options());
+  advise_huge_pages(grad_rows.data_ptr(), grad_rows.nbytes());  // fresh pages every step: fault them in 2 MiB
   const auto dtype = rows.dtype;
   void* gr = grad_rows.data_ptr();
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
@@ -163,9 +184,13 @@ std::vector<at::Tensor> row_blend_backward_cpu(const at::Tensor& table, const at
     grad_w = at::zeros({P, K}, weights.options());
     float* gw = grad_w.data_ptr<float>();
     at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
+      for (int64_t p = begin; p < end; ++p) {
+        if (p + 1 < end)
+          for (int64_t k = 0; k < K; ++k)
+            if (s[(p + 1) * K + k] >= 0) rows.prefetch(ids[s[(p + 1) * K + k]]);
         for (int64_t k = 0; k < K; ++k)
           if (s[p * K + k] >= 0) gw[p * K + k] = rows.dot(g + p * C, ids[s[p * K + k]]);
+      }
     });
   }
   return {grad_rows, grad_w};

@@ -175,8 +175,13 @@ void row_sparse_adam_cpu(at::Tensor param, const at::Tensor& rows, const at::Ten
   for (int64_t i = 0; i < r; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "row_sparse_adam: row id out of range");
   at::parallel_for(0, r, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> g(c), m(c), v(rowwise ? 1 : c), p(c);
+    const int64_t p_row = c * param.element_size(), m_row = c * exp_avg.element_size();
     for (int64_t j = begin; j < end; ++j) {
       const int64_t row = ids[j];
+      if (j + 1 < end) {  // the next row's table and moment lines, while this one computes
+        prefetch_bytes(static_cast<const char*>(p_base) + ids[j + 1] * p_row, p_row);
+        prefetch_bytes(static_cast<const char*>(m_base) + ids[j + 1] * m_row, m_row);
+      }
       const int32_t step = ++steps[row];
       const double bias1 = 1 - std::pow(beta1, step);
       const float step_size = static_cast<float>(lr / bias1);
