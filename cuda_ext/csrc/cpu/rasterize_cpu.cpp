@@ -133,20 +133,25 @@ struct TileCache {
   std::vector<scalar_t> packed, reject;
   static constexpr int kStride = 6;
 
+  // Gaussian g's row: [x, y, a, b, c, o].
+  static void pack(scalar_t* p, const scalar_t* means2d, const scalar_t* conics, const scalar_t* opacities,
+                   int32_t g) {
+    p[0] = means2d[2 * g];
+    p[1] = means2d[2 * g + 1];
+    p[2] = conics[3 * g];
+    p[3] = conics[3 * g + 1];
+    p[4] = conics[3 * g + 2];
+    p[5] = opacities[g];
+  }
+
   void fill(const scalar_t* means2d, const scalar_t* conics, const scalar_t* opacities,
             const int32_t* flatten_ids, int64_t start, int64_t end) {
     const int64_t n = end - start;
     packed.resize(n * kStride);
     reject.resize(n);
     for (int64_t j = 0; j < n; ++j) {
-      const int32_t g = flatten_ids[start + j];
       scalar_t* p = packed.data() + j * kStride;
-      p[0] = means2d[2 * g];
-      p[1] = means2d[2 * g + 1];
-      p[2] = conics[3 * g];
-      p[3] = conics[3 * g + 1];
-      p[4] = conics[3 * g + 2];
-      p[5] = opacities[g];
+      pack(p, means2d, conics, opacities, flatten_ids[start + j]);
       reject[j] = p[5] > 0 ? std::log(scalar_t(255) * p[5]) + scalar_t(1e-3) : scalar_t(-1);
     }
   }
@@ -208,14 +213,8 @@ struct LazyTileCache {
   const scalar_t* block(int64_t j0, int64_t j1, const scalar_t** reject_out) {
     const scalar_t kRejectAny = std::log(scalar_t(255)) + scalar_t(1e-3);
     for (int64_t j = filled; j < j1; ++j) {
-      const int32_t g = ids[j];
       scalar_t* p = packed.data() + j * TileCache<scalar_t>::kStride;
-      p[0] = means2d[2 * g];
-      p[1] = means2d[2 * g + 1];
-      p[2] = conics[3 * g];
-      p[3] = conics[3 * g + 1];
-      p[4] = conics[3 * g + 2];
-      p[5] = opacities[g];
+      TileCache<scalar_t>::pack(p, means2d, conics, opacities, ids[j]);
       reject[j] = p[5] > 1 ? std::numeric_limits<scalar_t>::infinity() : (p[5] > 0 ? kRejectAny : scalar_t(-1));
     }
     filled = std::max(filled, j1);
