@@ -77,7 +77,9 @@ def child(num_gs: int, repeats: int) -> dict:
         weights, norm = clock("weights", lambda: R.pixel_weights(means2d, conics, opac, WIDTH, HEIGHT, pix, gid))
 
         def blend():
-            valid = gid >= 0
+            if hasattr(R, "blend_selected"):  # the product's blend (the fused C++ one on the CPU since 2026-12-07)
+                return R.blend_selected(table, gid, weights, num_gs, means2d.dtype, kind)
+            valid = gid >= 0  # the blend before it (as rows.py had it inline)
             rows = torch.where(valid, gid % num_gs, torch.zeros_like(gid))
             touched, inverse = torch.unique(rows[valid], sorted=True, return_inverse=True)
             slot = torch.zeros_like(rows)
@@ -90,6 +92,7 @@ def child(num_gs: int, repeats: int) -> dict:
         clock("backward", loss.backward)
         clock("optimizer_step", opt.step)
         clock("supervised_flag", lambda: supervised.__setitem__(touched_rows(table.grad), True))
+        num_touched = int(touched_rows(table.grad).numel())
         clock("zero_grad", lambda: opt.zero_grad(set_to_none=True))
         stats.setdefault("total", []).append(time.perf_counter() - t_all)
         # entries of the sampled pixels' tile lists (an upper bound on what the walk reads)
@@ -100,7 +103,7 @@ def child(num_gs: int, repeats: int) -> dict:
     result = {"num_gaussians": num_gs, "intersections": int(ids.numel()),
               "mean_tile_list_at_samples": walked[-1] / pixels.numel(),
               "shared_projection_s": t_proj, "shared_binning_s": t_bin,
-              "touched_rows": int(touched_rows(table.grad).numel()) if table.grad is not None else None,
+              "touched_rows": num_touched,
               "stages_s_min": {k: min(v[1:]) for k, v in stats.items()},
               "stages_s_median": {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in stats.items()},
               "load": os.getloadavg()}

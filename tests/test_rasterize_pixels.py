@@ -196,9 +196,10 @@ def test_query_scores_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_quantiles", [1, 3, 8, 32])
 def test_whole_image_lanes_pick_exactly_what_one_pixel_picks(dtype, num_quantiles):
-    # Whole images walk 8 pixels at once (SIMD lanes), sampled pixels walk alone: the same
-    # Gaussians must be picked with bit-identical weights (tiles of 16 and of 4 pixels, rows that
-    # end in a partial group of lanes, many Gaussians per pixel).
+    # Whole images walk 8 adjacent pixels at once (SIMD lanes over the tile cache); sampled pixels
+    # walk as lanes of up to 8 samples of one tile, packing the list from the geometry as they go:
+    # the same Gaussians must be picked with bit-identical weights (tiles of 16 and of 4 pixels,
+    # rows that end in a partial group of lanes, many Gaussians per pixel).
     for tile_size, width in ((16, 45), (4, 23)):
         scene = make_scene(num_cams=2, num_gs=400, width=width, height=19, channels=16, tile_size=tile_size,
                            dtype=dtype, seed=num_quantiles, opacity_range=(0.02, 0.9))
@@ -208,3 +209,27 @@ def test_whole_image_lanes_pick_exactly_what_one_pixel_picks(dtype, num_quantile
         assert torch.equal(f, _rows(full_f, pid)) and torch.equal(a, _rows(full_a, pid))
         ref_f, _ = rasterize_to_pixels(*scene.args(), num_quantiles=num_quantiles, backend="torch")
         torch.testing.assert_close(full_f, ref_f, atol=2e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_quantiles", [1, 5, 16])
+def test_sampled_lanes_in_any_order_pick_what_the_whole_image_picks(dtype, num_quantiles):
+    # Samples in random order, repeated, 1 to ~20 per tile (groups of 8 lanes, partial groups, lanes
+    # on different rows of a tile), opacities of exactly 0 and 1 (the opacity-free early reject):
+    # bit-identical to the whole-image render at those pixels, and to the reference within rounding.
+    scene = make_scene(num_cams=2, num_gs=300, width=23, height=19, channels=8, tile_size=4, dtype=dtype,
+                       seed=40 + num_quantiles, opacity_range=(0.0, 1.0))
+    scene.opacities[:, ::7] = 0.0
+    scene.opacities[:, 3::11] = 1.0
+    gen = torch.Generator().manual_seed(num_quantiles)
+    pid = torch.randint(0, 2 * scene.height * scene.width, (500,), generator=gen)
+    pid = torch.cat([pid, pid[:40], torch.arange(0, 2 * scene.height * scene.width, 37)])
+    pid = pid[torch.randperm(pid.numel(), generator=gen)]
+    full_f, full_a = rasterize_to_pixels(*scene.args(), num_quantiles=num_quantiles, backend="cpu")
+    f, a = rasterize_to_pixels(*scene.args(), num_quantiles=num_quantiles, backend="cpu", pixel_ids=pid)
+    assert torch.equal(f, _rows(full_f, pid)) and torch.equal(a, _rows(full_a, pid))
+    ref_f, ref_a = rasterize_to_pixels(*scene.args(), num_quantiles=num_quantiles, backend="torch", pixel_ids=pid)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(f, ref_f, **tol)
+    torch.testing.assert_close(a, ref_a, **tol)
+    assert (a > 0).float().mean() > 0.5

@@ -339,3 +339,39 @@ def test_sorted_rows_skip_coalesce_only_when_rows_are_unique_and_sorted():
     table.grad = torch.sparse_coo_tensor(torch.tensor([[4, 1, 4]]), values, (9, 2))
     RowSparseAdam([table], lr=0.1, moments="float32").step()  # repeated rows: summed by coalesce, as before
     assert (table.detach()[[1, 4]] != 0).all() and (table.detach()[[0, 2, 3, 5, 6, 7, 8]] == 0).all()
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_cpu_blend_equals_gather_and_embedding_bag(table_dtype):
+    """The C++ blend of the touched rows (rows read in the table's dtype) against the torch path it replaces on the
+    CPU: values, the table's row-sparse gradient (in the table's dtype) and the weights' gradient."""
+    import torch.nn.functional as F
+
+    from qrender_ns.render.rows import _BlendRowsCpu, gather_rows
+
+    gen = torch.Generator().manual_seed(5)
+    table = (torch.randn(300, 40, generator=gen) * 0.3).to(table_dtype)
+    touched = torch.randperm(300, generator=gen)[:70].sort().values
+    slot = torch.randint(0, 70, (90, 6), generator=gen)
+    slot[torch.rand(90, 6, generator=gen) < 0.2] = -1  # pixels that picked fewer than K
+    weights = torch.rand(90, 6, generator=gen)
+    grad_out = torch.randn(90, 40, generator=gen)
+
+    def run(fused):
+        t, w = table.clone().requires_grad_(), weights.clone().requires_grad_()
+        if fused:
+            out = _BlendRowsCpu.apply(t, touched, slot, w)
+        else:
+            rows = gather_rows(t, touched, torch.float32)
+            out = F.embedding_bag(slot.clamp(min=0), rows, per_sample_weights=w * (slot >= 0), mode="sum")
+        (out * grad_out).sum().backward()
+        return out, t.grad, w.grad
+
+    out, g_table, g_w = run(True)
+    ref_out, ref_table, ref_w = run(False)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w, ref_w, atol=1e-5, rtol=1e-5)
+    assert g_table.is_sparse and g_table.dtype == table_dtype
+    assert torch.equal(g_table._indices()[0], touched)
+    half_ulp = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[table_dtype]
+    torch.testing.assert_close(g_table.to_dense().float(), ref_table.to_dense().float(), atol=1e-5, rtol=half_ulp)

@@ -19,6 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[rows . units^T, |rows|] of rows [..., C] and units [Q, C], in one pass over the rows");
   m.def("row_sparse_adam_cpu", &qrender::row_sparse_adam_cpu,
         "Adam step of the touched rows only (qrender_ns/method/sparse_adam.py), in place");
+  m.def("row_blend_forward_cpu", &qrender::row_blend_forward_cpu,
+        "sum_k w[p, k] table[touched[slot[p, k]]] in float32, rows read in the table's dtype");
+  m.def("row_blend_backward_cpu", &qrender::row_blend_backward_cpu,
+        "(gradient of the touched rows in the table's dtype, gradient of the weights)");
   m.def("release_recycled_maps", &qrender::release_recycled_maps,
         "Return the CPU kernel's idle output maps to the OS; returns the bytes released");
   m.def("recycled_idle_bytes", &qrender::recycled_idle_bytes);

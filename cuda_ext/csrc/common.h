@@ -12,6 +12,25 @@
 #define QR_HOST_DEVICE inline
 #endif
 
+// Hot CPU loops run through clones built for AVX2 + FMA and for baseline x86-64, picked once at
+// load time by the CPU (GCC target_clones): one build is portable and still 8-wide.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define QR_CLONES
+#endif
+// Loops whose results must equal a reference's bit for bit: no a * b + c contracted to an FMA.
+#define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+
+#ifndef __CUDACC__
+// Asks for the cache lines of [p, p + bytes) ahead of use: the row-sparse loops read rows of gigabyte tables in
+// an order the hardware prefetcher cannot guess, so the next row's lines are requested while this one computes.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
+#endif
+
 namespace qrender {
 
 constexpr float kAlphaMax = 0.999f;

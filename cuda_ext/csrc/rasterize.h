@@ -51,6 +51,12 @@ at::Tensor project_rows_cpu(const at::Tensor &rows, const at::Tensor &units);
 void row_sparse_adam_cpu(at::Tensor param, const at::Tensor &rows, const at::Tensor &grad, at::Tensor exp_avg,
                          at::Tensor exp_avg_sq, at::Tensor row_step, double lr, double beta1, double beta2,
                          double eps, bool stochastic, int64_t seed);
+// The fused blend of a row-sparse sampled-pixel render and its backward (cpu/row_blend_cpu.cpp).
+at::Tensor row_blend_forward_cpu(const at::Tensor &table, const at::Tensor &touched, const at::Tensor &slot,
+                                 const at::Tensor &weights);
+std::vector<at::Tensor> row_blend_backward_cpu(const at::Tensor &table, const at::Tensor &touched,
+                                               const at::Tensor &slot, const at::Tensor &weights,
+                                               const at::Tensor &grad_out, bool need_weights);
 
 #ifdef WITH_CUDA
 QRENDER_DECLARE(cuda)

@@ -52,6 +52,7 @@ from qrender_ns.render.validate import check_num_quantiles
 from qrender_ns.teachers.cache import TeacherCache
 from qrender_ns.teachers.text import load_text_encoder
 from qrender_ns.utils.compat import torch_problem
+from qrender_ns.utils.memory import huge_page_empty
 
 FEATURE_PARAM = SELECTION_FEATURE_PARAM  # the table head's parameter name (one definition: features/selection.py)
 SUPERVISED_STATE = "qsplat_feature_supervised"  # key of the flags in splatfacto's strategy_state
@@ -455,7 +456,8 @@ class QSplatModel(SplatfactoModel):
         table = self.gauss_params.get(FEATURE_PARAM) if FEATURE_PARAM in self.gauss_params else None
         want = getattr(torch, self.config.feature_precision)
         if table is not None and table.dtype != want:  # splatfacto rebuilds it in float32 to load into
-            self.gauss_params[FEATURE_PARAM] = Parameter(table.detach().to(want), requires_grad=table.requires_grad)
+            stored = huge_page_empty(table.shape, want, table.device).copy_(table.detach())  # utils/memory.py
+            self.gauss_params[FEATURE_PARAM] = Parameter(stored, requires_grad=table.requires_grad)
         self._freeze_geometry()  # splatfacto's load made new Parameters
         return result
 

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qrender_ns.utils.memory import huge_page_empty, huge_page_zeros
+
 MOMENTS = ("auto", "float32", "bfloat16", "bfloat16-rowwise")
 HALF = (torch.float16, torch.bfloat16)
 
@@ -38,7 +40,7 @@ def feature_table(num_rows: int, channels: int, dtype="bfloat16", scale: float =
     """The table head's initial table, N(0, scale^2), stored in `dtype` (drawn in float32 chunk by chunk, so no
     [N, C] float32 copy exists on the way)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    table = torch.empty(num_rows, channels, dtype=dtype)
+    table = huge_page_empty((num_rows, channels), dtype)  # random rows every step: utils/memory.py
     chunk = 1 << 16
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
@@ -107,11 +109,11 @@ class RowSparseAdam(torch.optim.Optimizer):
         rows, channels = param.shape[0], param.shape[1:]
         m_dtype = torch.float32 if mode == "float32" else torch.bfloat16
         if "exp_avg" not in state:
-            state["row_step"] = torch.zeros(rows, dtype=torch.int32, device=param.device)
-            state["exp_avg"] = torch.zeros(rows, *channels, dtype=m_dtype, device=param.device)
+            state["row_step"] = huge_page_zeros((rows,), torch.int32, param.device)
+            state["exp_avg"] = huge_page_zeros((rows, *channels), m_dtype, param.device)
             v_shape = (rows,) if mode == "bfloat16-rowwise" else (rows, *channels)
             v_dtype = torch.float32 if mode in ("float32", "bfloat16-rowwise") else torch.bfloat16
-            state["exp_avg_sq"] = torch.zeros(v_shape, dtype=v_dtype, device=param.device)
+            state["exp_avg_sq"] = huge_page_zeros(v_shape, v_dtype, param.device)
         for key in ("row_step", "exp_avg", "exp_avg_sq"):
             if state[key].shape[0] != rows:
                 raise RuntimeError(f"RowSparseAdam state {key!r} has {state[key].shape[0]} rows for a parameter of "
@@ -197,7 +199,8 @@ class RowSparseAdam(torch.optim.Optimizer):
         take = source.clamp(min=0)
         moved = {}
         for key in ("row_step", "exp_avg", "exp_avg_sq"):
-            value = state[key][take]
+            value = huge_page_empty((take.numel(), *state[key].shape[1:]), state[key].dtype, state[key].device)
+            torch.index_select(state[key], 0, take, out=value)
             value[fresh] = 0
             moved[key] = value
         self.state[new] = moved

@@ -44,7 +44,7 @@ def _source_dir() -> Path:
 def _sources(with_cuda: bool):
     src = _source_dir()
     files = [src / "bindings.cpp", src / "cpu" / "rasterize_cpu.cpp", src / "cpu" / "map_pool.cpp",
-             src / "cpu" / "sparse_adam_cpu.cpp"]
+             src / "cpu" / "sparse_adam_cpu.cpp", src / "cpu" / "row_blend_cpu.cpp"]
     if with_cuda:
         files.append(src / "cuda" / "rasterize_cuda.cu")
     return files

@@ -9,8 +9,11 @@ features: F(p) = sum_j w_pj f_j / A_p (docs/quantile_rendering.md). So a sampled
 2. the weights w_pj / A_p of the selected ones, recomputed here in torch from the geometry with the kernels'
    formulas (differentiable in means2d / conics / opacities, so a non-detached geometry gets its gradient by
    autograd, clamped alphas passing none, as in the kernels);
-3. the blend of the gathered rows: the touched rows R = unique(selected) are read from the table (any float
-   dtype, upcast to the geometry's dtype: fp32 accumulation of a half-precision table), and F = W @ rows.
+3. the blend of the touched rows R = unique(selected), read from the table (any float dtype, upcast to the
+   geometry's dtype: fp32 accumulation of a half-precision table): F = W @ rows. On the CPU with a float32 geometry
+   the blend and its backward are one C++ pass each (`_BlendRowsCpu`: the rows are read in the table's dtype, no
+   [R, C] float32 copy of them or of their gradient); elsewhere the rows are gathered and upcast (`gather_rows`)
+   and blended by an embedding bag.
 
 The gradient of the table is a sparse COO tensor with the R touched rows (coalesced, in the table's dtype):
 nothing of size [N, C] is written in a step. Values and gradients equal the dense path's
@@ -44,6 +47,36 @@ class _GatherRows(torch.autograd.Function):
         sparse = torch.sparse_coo_tensor(rows[None], grad.to(ctx.table_dtype), ctx.shape, is_coalesced=True,
                                          check_invariants=False)
         return sparse, None, None
+
+
+class _BlendRowsCpu(torch.autograd.Function):
+    """out [P, C] float32 = sum_k weights[p, k] table[touched[slot[p, k]]] (slot -1: no pick), fused in C++
+    (cuda_ext/csrc/cpu/row_blend_cpu.cpp): the rows are read in the table's dtype, so neither the touched rows
+    nor their gradient exist as [R, C] float32 copies. The table's gradient is row-sparse as gather_rows'."""
+
+    @staticmethod
+    def forward(ctx, table, touched, slot, weights):
+        ext = _backend.load_extension(with_cuda=False)
+        ctx.save_for_backward(table, touched, slot, weights)
+        return ext.row_blend_forward_cpu(table.detach(), touched, slot, weights.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, touched, slot, weights = ctx.saved_tensors
+        ext = _backend.load_extension(with_cuda=False)
+        grad_rows, grad_w = ext.row_blend_backward_cpu(table.detach(), touched, slot, weights.detach(),
+                                                       grad.contiguous(), ctx.needs_input_grad[3])
+        sparse = None
+        if ctx.needs_input_grad[0]:
+            sparse = torch.sparse_coo_tensor(touched[None], grad_rows, table.shape, is_coalesced=True,
+                                             check_invariants=False)
+        return sparse, None, None, grad_w if ctx.needs_input_grad[3] else None
+
+
+def _fused_blend_applies(table, dtype: torch.dtype) -> bool:
+    """The C++ blend serves float32 accumulation of a CPU table stored in float32 / bfloat16 / float16."""
+    return (isinstance(table, Tensor) and table.device.type == "cpu" and dtype == torch.float32 and table.dim() == 2
+            and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and table.is_contiguous())
 
 
 def gather_rows(table: Tensor, rows: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -104,11 +137,12 @@ def select_pixels(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
                                     flatten_ids, pixel_ids, num_quantiles)
     ones = _ones(num_gs, means2d.dtype, means2d.device)
     ids = flatten_ids.int().contiguous()
-    # tile-major order: the samples of one tile walk the same list one after the other (the CPU loop hands out
-    # consecutive samples), so its entries are read from the [N] geometry once and then from the cache; without
-    # it every sample pays the random reads of its own walk, whose length grows with the tile lists (with N)
-    order = tile_major_order(pixel_ids, width, height, tile_size)
-    walked = pixel_ids[order]
+    # tile-major order: the samples of one tile walk the same list one after the other, so its entries are read
+    # from the [N] geometry once and then from the cache; without it every sample pays the random reads of its own
+    # walk, whose length grows with the tile lists (with N). The CPU kernel groups the samples of a tile itself
+    # (they walk together as SIMD lanes).
+    order = None if kind == "cpu" else tile_major_order(pixel_ids, width, height, tile_size)
+    walked = pixel_ids if order is None else pixel_ids[order]
     if kind == "triton":
         from qrender_ns.render.triton.launch import select_pixels_triton
 
@@ -123,6 +157,8 @@ def select_pixels(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     valid = slots[None] < count.long()[:, None]
     gid = ids[torch.where(valid, sel.long(), torch.zeros_like(sel, dtype=torch.long))].long()  # [P, K] reads only
     gid = torch.where(valid, gid, torch.full_like(gid, -1))
+    if order is None:
+        return gid
     out = torch.empty_like(gid)
     out[order] = gid
     return out
@@ -178,6 +214,30 @@ def pixel_weights(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int
     return weights, torch.where(any_sel, norm, torch.zeros_like(norm))
 
 
+def blend_selected(features: Union[Tensor, Callable[[Tensor], Tensor]], gid: Tensor, weights: Tensor, num_gs: int,
+                   dtype: torch.dtype, kind: str) -> Tensor:
+    """F [P, C] (in `dtype`) = sum_k weights[p, k] features[gid[p, k] % num_gs] over the selected Gaussians `gid`
+    [P, K] (-1 padded): the touched rows R = unique(selected) are read once (the fused C++ blend on the CPU, else
+    gathered, upcast and blended by an embedding bag); the table's gradient is row-sparse over R."""
+    valid = gid >= 0
+    rows = torch.where(valid, gid % num_gs, torch.zeros_like(gid))
+    touched, inverse = torch.unique(rows[valid], sorted=True, return_inverse=True)
+    if touched.numel() == 0:
+        channels = features(touched).shape[-1] if callable(features) else features.shape[-1]
+        return weights.new_zeros(gid.shape[0], channels, dtype=dtype)
+    if kind == "cpu" and not callable(features) and _fused_blend_applies(features, dtype):
+        slot = torch.full_like(rows, -1)
+        slot[valid] = inverse
+        return _BlendRowsCpu.apply(features, touched, slot, weights.to(dtype).contiguous())
+    slot = torch.zeros_like(rows)
+    slot[valid] = inverse
+    if callable(features):  # features computed for the touched rows only (GS-Net's head)
+        table = features(touched).to(dtype)
+    else:
+        table = gather_rows(features, touched, dtype)  # [R, C]: fp32 accumulation of any table
+    return F.embedding_bag(slot, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
 def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Union[Tensor, Callable[[Tensor], Tensor]], opacities: Tensor, width: int,
                             height: int, tile_size: int, isect_offsets: Tensor, flatten_ids: Tensor,
                             pixel_ids: Tensor, backgrounds: Optional[Tensor], num_quantiles: int,
@@ -190,20 +250,8 @@ def rasterize_pixels_sparse(means2d: Tensor, conics: Tensor, features: Union[Ten
     gid = select_pixels(means2d, conics, opacities, width, height, tile_size, isect_offsets, flatten_ids,
                         pixel_ids, num_quantiles, kind)
     weights, norm = pixel_weights(means2d, conics, opacities, width, height, pixel_ids, gid)
+    out = blend_selected(features, gid, weights, num_gs, means2d.dtype, kind)
     valid = gid >= 0
-    rows = torch.where(valid, gid % num_gs, torch.zeros_like(gid))
-    touched, inverse = torch.unique(rows[valid], sorted=True, return_inverse=True)
-    if touched.numel() == 0:
-        channels = features(touched).shape[-1] if callable(features) else features.shape[-1]
-        out = means2d.new_zeros(pixel_ids.numel(), channels)
-    else:
-        slot = torch.zeros_like(rows)
-        slot[valid] = inverse
-        if callable(features):  # features computed for the touched rows only (GS-Net's head)
-            table = features(touched).to(means2d.dtype)
-        else:
-            table = gather_rows(features, touched, means2d.dtype)  # [R, C]: fp32 accumulation of any table
-        out = F.embedding_bag(slot, table, per_sample_weights=weights.to(table.dtype), mode="sum")
     empty = ~valid[:, 0]
     if backgrounds is not None:
         cams = pixel_ids // (height * width)

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -132,20 +133,25 @@ struct TileCache {
   std::vector<scalar_t> packed, reject;
   static constexpr int kStride = 6;
 
+  // Gaussian g's row: [x, y, a, b, c, o].
+  static void pack(scalar_t* p, const scalar_t* means2d, const scalar_t* conics, const scalar_t* opacities,
+                   int32_t g) {
+    p[0] = means2d[2 * g];
+    p[1] = means2d[2 * g + 1];
+    p[2] = conics[3 * g];
+    p[3] = conics[3 * g + 1];
+    p[4] = conics[3 * g + 2];
+    p[5] = opacities[g];
+  }
+
   void fill(const scalar_t* means2d, const scalar_t* conics, const scalar_t* opacities,
             const int32_t* flatten_ids, int64_t start, int64_t end) {
     const int64_t n = end - start;
     packed.resize(n * kStride);
     reject.resize(n);
     for (int64_t j = 0; j < n; ++j) {
-      const int32_t g = flatten_ids[start + j];
       scalar_t* p = packed.data() + j * kStride;
-      p[0] = means2d[2 * g];
-      p[1] = means2d[2 * g + 1];
-      p[2] = conics[3 * g];
-      p[3] = conics[3 * g + 1];
-      p[4] = conics[3 * g + 2];
-      p[5] = opacities[g];
+      pack(p, means2d, conics, opacities, flatten_ids[start + j]);
       reject[j] = p[5] > 0 ? std::log(scalar_t(255) * p[5]) + scalar_t(1e-3) : scalar_t(-1);
     }
   }
@@ -178,13 +184,44 @@ struct DirectAlphas {
   }
 };
 
-// Hot loops run through clones built for AVX2 + FMA and for baseline x86-64, picked once at
-// load time by the CPU (GCC target_clones): one build is portable and still 8-wide.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define QR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define QR_CLONES
-#endif
+// A tile's list packed from the geometry as far as the walks over it have gone (the sampled pixels' lanes walks:
+// a tile has a few samples, which seldom walk its whole list, so packing all of it as TileCache does would read
+// much more of the [N] geometry than the walks need). Lane groups of one tile share it: a later group reads what
+// an earlier one packed and packs only beyond. Rows as TileCache::packed, with an opacity-free early reject:
+// alpha = o exp(-sigma) < 1/255 for any o <= 1 once sigma > ln(255) + margin, so no log per entry (o > 1 is never
+// rejected early; the exact test decides as always).
+template <typename scalar_t>
+struct LazyTileCache {
+  const scalar_t *means2d, *conics, *opacities;
+  const int32_t* ids = nullptr;  // the tile's list: flatten_ids + start
+  int64_t filled = 0;
+  std::vector<scalar_t> packed, reject;
+
+  void reset(const scalar_t* m, const scalar_t* c, const scalar_t* o, const int32_t* list, int64_t n) {
+    means2d = m;
+    conics = c;
+    opacities = o;
+    ids = list;
+    filled = 0;
+    if (static_cast<int64_t>(reject.size()) < n) {
+      packed.resize(n * TileCache<scalar_t>::kStride);
+      reject.resize(n);
+    }
+  }
+
+  // Entries [j0, j1) packed (rows of TileCache::kStride) and their rejects; j0 <= filled.
+  const scalar_t* block(int64_t j0, int64_t j1, const scalar_t** reject_out) {
+    const scalar_t kRejectAny = std::log(scalar_t(255)) + scalar_t(1e-3);
+    for (int64_t j = filled; j < j1; ++j) {
+      scalar_t* p = packed.data() + j * TileCache<scalar_t>::kStride;
+      TileCache<scalar_t>::pack(p, means2d, conics, opacities, ids[j]);
+      reject[j] = p[5] > 1 ? std::numeric_limits<scalar_t>::infinity() : (p[5] > 0 ? kRejectAny : scalar_t(-1));
+    }
+    filled = std::max(filled, j1);
+    *reject_out = reject.data() + j0;
+    return packed.data() + j0 * TileCache<scalar_t>::kStride;
+  }
+};
 
 // ------------------------------------------------------------------- quantile selection
 // The <= K quantile Gaussians of one pixel (pass 1 of quantile blending: scalars only).
@@ -220,15 +257,20 @@ inline void select_quantiles(const Alphas& alphas, const PixelRef<scalar_t>& p, 
   s->trans_q = trans_q;
 }
 
-// kLanes adjacent pixels of one tile row walk the tile's list together, one SIMD lane each
-// (what a GPU warp does): the early reject, the alpha and its exp run 8-wide and a pixel that
-// has all its picks drops out of the mask; picks are rare (<= K of ~100 entries) and are
-// handled lane by lane. Same arithmetic as select_quantiles over TileCache::alpha, operation
-// for operation (no FMA contraction, exp_nonpositive for both), so the same Gaussians are
-// picked with the same weights as a pixel walked alone (sampled pixels, the reference tests).
+// kLanes pixels of one tile walk the tile's list together, one SIMD lane each (what a GPU warp
+// does): the early reject, the alpha and its exp run 8-wide and a pixel that has all its picks
+// drops out of the mask; picks are rare (<= K of ~100 entries) and are handled lane by lane.
+// Same arithmetic as select_quantiles over TileCache::alpha, operation for operation (no FMA
+// contraction, exp_nonpositive for both), so the same Gaussians are picked with the same
+// weights as a pixel walked alone (the reference tests).
+// Whole images: the lanes are adjacent pixels of a tile row and the entries come packed from
+// the TileCache. Sampled pixels (a tile has a few, anywhere in it): each lane has its own
+// (x, y), and with `ids` given the entries are packed block by block straight from the
+// geometry (only the prefix the lanes walk is read, once for all lanes), rejected against
+// ln(255) + margin: alpha = o exp(-sigma) < 1/255 for any o <= 1 beyond it, so no log per
+// entry (entries with o > 1 are never rejected early; the exact test decides as always).
 constexpr int kLanes = 8;
 constexpr int kWalkBlock = 32;  // entries filtered per pass A of the lanes walk
-#define QR_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 
 template <typename M>
 inline bool any_lane(const M& mask) {
@@ -249,41 +291,44 @@ inline unsigned lane_bits(const M& mask) {
 
 #define QR_GROUP_SELECT(T, VT, VI, IT)                                                          \
   QR_CLONES QR_NO_CONTRACT void select_quantiles_lanes(                                         \
-      const T* packed, const T* reject, int64_t n, int64_t x0, int64_t y, int lanes, int K,     \
-      const T* bounds, Selection<T>* sel) {                                                     \
-    VT px, trans = VT{} + T(1), trans_q = VT{} + T(1);                                          \
+      const T* packed, const T* reject, LazyTileCache<T>* lazy, int64_t n,                      \
+      const T* lane_px, const T* lane_py, int lanes, int K, const T* bounds, Selection<T>* sel) { \
+    VT px, py, trans = VT{} + T(1), trans_q = VT{} + T(1);                                      \
     VT bound = VT{} + bounds[1];                                                                \
     VI active;                                                                                  \
     int next_level[kLanes];                                                                     \
     for (int l = 0; l < kLanes; ++l) {                                                          \
-      px[l] = T(x0 + l) + T(0.5);                                                               \
+      px[l] = lane_px[l < lanes ? l : 0];                                                       \
+      py[l] = lane_py[l < lanes ? l : 0];                                                       \
       active[l] = l < lanes ? IT(-1) : IT(0);                                                   \
       next_level[l] = 1;                                                                        \
       sel[l].count = 0;                                                                         \
     }                                                                                           \
-    const T py = T(y) + T(0.5);                                                                 \
     bool done = false;                                                                          \
     for (int64_t j0 = 0; j0 < n && !done; j0 += kWalkBlock) {                                   \
+      const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
+      const T* br = reject + j0;                                                                \
+      const T* bp = lazy ? lazy->block(j0, j1, &br) /* entry j at bp + (j - j0) * stride */    \
+                         : packed + j0 * TileCache<T>::kStride;                                 \
       /* Pass A, branch free: the block's entries that some active lane does not reject, */     \
       /* with their sigmas (most entries are rejected, and a branch per entry mispredicts). */  \
-      const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
       int32_t keep[kWalkBlock];                                                                 \
       VT keep_sigma[kWalkBlock];                                                                \
       int m = 0;                                                                                \
       for (int64_t j = j0; j < j1; ++j) {                                                       \
-        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const T* g = bp + (j - j0) * TileCache<T>::kStride;                                     \
         const VT dx = g[0] - px;                                                                \
-        const T dy = g[1] - py;                                                                 \
+        const VT dy = g[1] - py;                                                                \
         keep[m] = static_cast<int32_t>(j);                                                      \
         keep_sigma[m] = T(0.5) * (g[2] * dx * dx + g[4] * dy * dy) + g[3] * dx * dy;            \
-        m += any_lane(active & ~(keep_sigma[m] > reject[j]));                                   \
+        m += any_lane(active & ~(keep_sigma[m] > br[j - j0]));                                  \
       }                                                                                         \
       /* Pass B: the kept entries in order, as one pixel's walk would see them. */              \
       for (int i = 0; i < m; ++i) {                                                             \
         const int64_t j = keep[i];                                                              \
-        const T* g = packed + j * TileCache<T>::kStride;                                        \
+        const T* g = bp + (j - j0) * TileCache<T>::kStride;                                     \
         const VT sigma = keep_sigma[i];                                                         \
-        const VI pass = active & ~(sigma > reject[j]);                                          \
+        const VI pass = active & ~(sigma > br[j - j0]);                                         \
         if (!any_lane(pass)) continue;                                                          \
         const VT raw = g[5] * exp_nonpositive<VT, VI, T, IT>(-sigma);                           \
         const VT alpha = raw > T(kAlphaMax) ? VT{} + T(kAlphaMax) : raw;                        \
@@ -323,12 +368,12 @@ QR_GROUP_SELECT(float, FloatLanes, FloatMask, int32_t)
 QR_GROUP_SELECT(double, DoubleLanes, DoubleMask, int64_t)
 
 // A pixel whose selection the lanes walk already made; alpha() serves the dense paths.
-template <typename scalar_t>
+template <typename scalar_t, typename Base = TileCache<scalar_t>>
 struct Preselected {
-  const TileCache<scalar_t>& cache;
+  const Base& base;
   const Selection<scalar_t>& selection;
   PixelAlpha<scalar_t> alpha(int64_t j, scalar_t px, scalar_t py) const {
-    return cache.alpha(j, px, py);
+    return base.alpha(j, px, py);
   }
 };
 
@@ -339,8 +384,8 @@ inline const Selection<scalar_t>& selection_of(const Alphas& alphas, const Pixel
   return *scratch;
 }
 
-template <typename scalar_t>
-inline const Selection<scalar_t>& selection_of(const Preselected<scalar_t>& alphas,
+template <typename scalar_t, typename Base>
+inline const Selection<scalar_t>& selection_of(const Preselected<scalar_t, Base>& alphas,
                                                const PixelRef<scalar_t>&, int,
                                                Selection<scalar_t>*) {
   return alphas.selection;
@@ -608,8 +653,14 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
         if (cache_tile && l.num_quantiles > 0) {  // quantile walks: kLanes pixels at a time
           for (int64_t x0 = tx * l.tile_size; x0 < x_end; x0 += kLanes) {
             const int lanes = static_cast<int>(std::min<int64_t>(kLanes, x_end - x0));
-            select_quantiles_lanes(cache.packed.data(), cache.reject.data(), p.end - p.start, x0,
-                                   y, lanes, l.num_quantiles, bounds.data(), lane_sel.data());
+            scalar_t lane_px[kLanes], lane_py[kLanes];
+            for (int k = 0; k < lanes; ++k) {
+              lane_px[k] = scalar_t(x0 + k) + scalar_t(0.5);
+              lane_py[k] = scalar_t(y) + scalar_t(0.5);
+            }
+            select_quantiles_lanes(cache.packed.data(), cache.reject.data(), nullptr,
+                                   p.end - p.start, lane_px, lane_py, lanes, l.num_quantiles,
+                                   bounds.data(), lane_sel.data());
             for (int k = 0; k < lanes; ++k) {
               p.row = (cam * l.height + y) * l.width + x0 + k;
               p.px = scalar_t(x0 + k) + scalar_t(0.5);
@@ -631,12 +682,90 @@ void for_each_image_pixel(const Layout& l, const scalar_t* means2d, const scalar
   }
 }
 
-// Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples).
+// The samples in (camera, tile, row, column) order, cut into groups of <= kLanes samples of one
+// tile: [begin, end) ranges of `order`. The samples of a group walk their tile's list together, the
+// groups of a tile one after the other over one lazily packed copy of its list.
+struct SampleGroups {
+  std::vector<int64_t> order, begin, end;
+  std::vector<int64_t> tile_begin;  // the groups of one tile: [tile_begin[t], tile_begin[t + 1])
+};
+
+inline SampleGroups group_samples_by_tile(const Layout& l, const int64_t* pixel_ids,
+                                          int64_t num_pixels) {
+  const int64_t hw = l.height * l.width;
+  std::vector<std::pair<int64_t, int64_t>> keyed(num_pixels);
+  std::vector<int64_t> tile_of(num_pixels);
+  for (int64_t s = 0; s < num_pixels; ++s) {
+    const int64_t pid = pixel_ids[s], cam = pid / hw, y = (pid % hw) / l.width, x = pid % l.width;
+    tile_of[s] = (cam * l.tiles_h + y / l.tile_size) * l.tiles_w + x / l.tile_size;
+    keyed[s] = {(tile_of[s] * l.tile_size + y % l.tile_size) * l.tile_size + x % l.tile_size, s};
+  }
+  std::sort(keyed.begin(), keyed.end());
+  SampleGroups g;
+  g.order.resize(num_pixels);
+  for (int64_t i = 0; i < num_pixels; ++i) g.order[i] = keyed[i].second;
+  for (int64_t i = 0; i < num_pixels;) {
+    if (i == 0 || tile_of[g.order[i]] != tile_of[g.order[i - 1]])
+      g.tile_begin.push_back(static_cast<int64_t>(g.begin.size()));
+    int64_t j = i + 1;
+    while (j < num_pixels && j - i < kLanes && tile_of[g.order[j]] == tile_of[g.order[i]]) ++j;
+    g.begin.push_back(i);
+    g.end.push_back(j);
+    i = j;
+  }
+  g.tile_begin.push_back(static_cast<int64_t>(g.begin.size()));
+  return g;
+}
+
+// Calls visit(PixelRef, alphas) for every sampled pixel (OpenMP over samples). With `preselect`
+// (quantile forward) the samples of a tile are grouped and their quantile walks run as lanes
+// (select_quantiles_lanes over the tile's LazyTileCache): visit gets the selection made (Preselected).
 template <typename scalar_t, typename Visit>
 void for_each_sampled_pixel(const Layout& l, const scalar_t* means2d, const scalar_t* conics,
                             const scalar_t* opacities, const int32_t* offsets,
                             const int32_t* flatten_ids, const int64_t* pixel_ids,
-                            int64_t num_pixels, Visit&& visit) {
+                            int64_t num_pixels, bool preselect, Visit&& visit) {
+  if (preselect && l.num_quantiles > 0) {
+    const SampleGroups groups = group_samples_by_tile(l, pixel_ids, num_pixels);
+    const int64_t num_tiles = static_cast<int64_t>(groups.tile_begin.size()) - 1;
+#pragma omp parallel num_threads(num_threads_for(num_tiles / 8 + 1))
+    {
+      std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
+      std::vector<Selection<scalar_t>> lane_sel(kLanes);
+      std::vector<scalar_t> bounds(l.num_quantiles + 1);
+      for (int k = 1; k <= l.num_quantiles; ++k)
+        bounds[k] = quantile_boundary<scalar_t>(k, l.num_quantiles);
+      LazyTileCache<scalar_t> cache;
+#pragma omp for schedule(dynamic, 2)
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        bool fresh = true;
+        for (int64_t gi = groups.tile_begin[t]; gi < groups.tile_begin[t + 1]; ++gi) {
+          const int64_t b = groups.begin[gi];
+          const int lanes = static_cast<int>(groups.end[gi] - b);
+          PixelRef<scalar_t> ps[kLanes];
+          scalar_t lane_px[kLanes], lane_py[kLanes];
+          for (int k = 0; k < lanes; ++k) {
+            const int64_t s = groups.order[b + k];
+            ps[k] = sampled_pixel<scalar_t>(l, offsets, pixel_ids[s], s);
+            lane_px[k] = ps[k].px;
+            lane_py[k] = ps[k].py;
+          }
+          if (fresh)  // the tile's first group: its list, packed as far as its walks go
+            cache.reset(means2d, conics, opacities, flatten_ids + ps[0].start, ps[0].end - ps[0].start);
+          fresh = false;
+          select_quantiles_lanes(static_cast<const scalar_t*>(nullptr),
+                                 static_cast<const scalar_t*>(nullptr), &cache, ps[0].end - ps[0].start,
+                                 lane_px, lane_py, lanes, l.num_quantiles, bounds.data(), lane_sel.data());
+          const DirectAlphas<scalar_t> alphas{means2d, conics, opacities, flatten_ids, ps[0].start};
+          for (int k = 0; k < lanes; ++k)
+            visit(ps[k], Preselected<scalar_t, DirectAlphas<scalar_t>>{alphas, lane_sel[k]},
+                  acc.data());
+        }
+      }
+      store_fence();
+    }
+    return;
+  }
 #pragma omp parallel num_threads(num_threads_for(num_pixels / 64 + 1))
   {
     std::vector<scalar_t> acc(std::max<int64_t>(l.channels, 1));
@@ -958,7 +1087,7 @@ std::vector<at::Tensor> forward_any(QRENDER_FORWARD_ARGS,
     if (pixel_ids.has_value())
       for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                        in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
-                                       pixel_ids->size(0), visit);
+                                       pixel_ids->size(0), true, visit);
     else
       for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                      in.flatten_ids, true, visit);
@@ -997,7 +1126,7 @@ std::vector<at::Tensor> backward_any(QRENDER_BACKWARD_ARGS,
     if (pixel_ids.has_value())
       for_each_sampled_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                        in.flatten_ids, pixel_ids->data_ptr<int64_t>(),
-                                       pixel_ids->size(0), visit);
+                                       pixel_ids->size(0), false, visit);
     else  // the quantile backward reads its few selected Gaussians directly
       for_each_image_pixel<scalar_t>(l, in.means2d, in.conics, in.opacities, in.offsets,
                                      in.flatten_ids, num_quantiles == 0, visit);

@@ -10,26 +10,89 @@
 #include <cstring>
 #include <vector>
 
+#include "../common.h"
+#include "bf16.h"
+
 namespace qrender {
+
+// The per-row loops, vectorised (AVX2 clones where the CPU has them) and bit-for-bit what the scalar loops
+// computed: no FMA contraction (the torch step, tests/test_sparse_features.py, rounds every product), the
+// bfloat16 round to nearest written out as c10::BFloat16 does it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+QR_CLONES void widen_bf16(float* __restrict out, const uint16_t* __restrict in, int64_t c) {
+  for (int64_t i = 0; i < c; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+    std::memcpy(out + i, &bits, 4);
+  }
+}
+
+// Round to nearest even; NaN -> 0x7fc0 (c10::BFloat16's).
+QR_CLONES void narrow_bf16_rne(uint16_t* __restrict out, const float* __restrict in, int64_t c) {
+  for (int64_t i = 0; i < c; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, in + i, 4);
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    out[i] = static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
+  }
+}
+#pragma GCC diagnostic pop
+
 namespace {
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// Stochastic rounding: + 16 random low bits, truncate (unbiased); inf / NaN as round to nearest. The noise is a
+// hash of (key, channel) (lowbias32), so a row's rounding depends on the step's seed and the row only.
+QR_CLONES void narrow_bf16_stochastic(uint16_t* __restrict out, const float* __restrict in, int64_t c,
+                                      uint32_t key) {
+  for (int64_t i = 0; i < c; ++i) {
+    uint32_t h = key ^ (static_cast<uint32_t>(i) * 0x9e3779b1u);
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    uint32_t bits;
+    std::memcpy(&bits, in + i, 4);
+    const bool special = (bits & 0x7f800000u) == 0x7f800000u;
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t random = (bits + (h & 0xffffu)) >> 16;
+    out[i] = static_cast<uint16_t>(special ? (nan ? 0x7fc0u : bits >> 16) : random);
+  }
 }
 
-inline uint16_t float_to_bf16_rne(float f) {
-  return c10::BFloat16(f).x;
+// sum g^2 in double (exact products; four partial sums)
+QR_CLONES double sum_squares(const float* __restrict g, int64_t c) {
+  double a[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= c; i += 4)
+    for (int k = 0; k < 4; ++k) a[k] += static_cast<double>(g[i + k]) * g[i + k];
+  for (; i < c; ++i) a[0] += static_cast<double>(g[i]) * g[i];
+  return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
-inline uint16_t float_to_bf16_stochastic(float f, uint32_t noise) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return c10::BFloat16(f).x;  // inf / nan
-  return static_cast<uint16_t>((bits + (noise & 0xffffu)) >> 16);
+QR_CLONES QR_NO_CONTRACT void adam_rowwise(float* __restrict p, float* __restrict m, const float* __restrict g,
+                                           int64_t c, float b1, float one_b1, float neg_step, float denom) {
+  for (int64_t k = 0; k < c; ++k) {
+    m[k] = m[k] * b1 + one_b1 * g[k];
+    p[k] = p[k] + neg_step * m[k] / denom;
+  }
 }
+
+QR_CLONES QR_NO_CONTRACT void adam_elementwise(float* __restrict p, float* __restrict m, float* __restrict v,
+                                               const float* __restrict g, int64_t c, float b1, float one_b1,
+                                               float b2, float one_b2, float neg_step, float bias2_sqrt,
+                                               float eps) {
+  for (int64_t k = 0; k < c; ++k) {
+    m[k] = m[k] * b1 + one_b1 * g[k];
+    v[k] = v[k] * b2 + one_b2 * g[k] * g[k];
+    const float denom = std::sqrt(v[k]) / bias2_sqrt + eps;
+    p[k] = p[k] + neg_step * m[k] / denom;
+  }
+}
+#pragma GCC diagnostic pop
 
 inline uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -42,14 +105,12 @@ void load_row(const at::ScalarType t, const void* base, int64_t row, int64_t c, 
   switch (t) {
     case at::kFloat: {
       const float* p = static_cast<const float*>(base) + row * c;
-      for (int64_t i = 0; i < c; ++i) out[i] = p[i];
+      std::memcpy(out, p, c * sizeof(float));
       break;
     }
-    case at::kBFloat16: {
-      const uint16_t* p = static_cast<const uint16_t*>(base) + row * c;
-      for (int64_t i = 0; i < c; ++i) out[i] = bf16_to_float(p[i]);
+    case at::kBFloat16:
+      widen_bf16(out, static_cast<const uint16_t*>(base) + row * c, c);
       break;
-    }
     case at::kHalf: {
       const c10::Half* p = static_cast<const c10::Half*>(base) + row * c;
       for (int64_t i = 0; i < c; ++i) out[i] = static_cast<float>(p[i]);
@@ -63,23 +124,16 @@ void load_row(const at::ScalarType t, const void* base, int64_t row, int64_t c, 
 void store_row(const at::ScalarType t, void* base, int64_t row, int64_t c, const float* in, bool stochastic,
                uint64_t seed) {
   switch (t) {
-    case at::kFloat: {
-      float* p = static_cast<float*>(base) + row * c;
-      for (int64_t i = 0; i < c; ++i) p[i] = in[i];
+    case at::kFloat:
+      std::memcpy(static_cast<float*>(base) + row * c, in, c * sizeof(float));
       break;
-    }
     case at::kBFloat16: {
       uint16_t* p = static_cast<uint16_t*>(base) + row * c;
-      if (stochastic) {
-        uint64_t state = splitmix64(seed ^ (static_cast<uint64_t>(row) * 0xd1b54a32d192ed03ull));
-        for (int64_t i = 0; i < c; i += 2) {
-          state = splitmix64(state);
-          p[i] = float_to_bf16_stochastic(in[i], static_cast<uint32_t>(state));
-          if (i + 1 < c) p[i + 1] = float_to_bf16_stochastic(in[i + 1], static_cast<uint32_t>(state >> 32));
-        }
-      } else {
-        for (int64_t i = 0; i < c; ++i) p[i] = float_to_bf16_rne(in[i]);
-      }
+      if (stochastic)
+        narrow_bf16_stochastic(p, in, c, static_cast<uint32_t>(
+            splitmix64(seed ^ (static_cast<uint64_t>(row) * 0xd1b54a32d192ed03ull))));
+      else
+        narrow_bf16_rne(p, in, c);
       break;
     }
     case at::kHalf: {
@@ -121,8 +175,13 @@ void row_sparse_adam_cpu(at::Tensor param, const at::Tensor& rows, const at::Ten
   for (int64_t i = 0; i < r; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "row_sparse_adam: row id out of range");
   at::parallel_for(0, r, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> g(c), m(c), v(rowwise ? 1 : c), p(c);
+    const int64_t p_row = c * param.element_size(), m_row = c * exp_avg.element_size();
     for (int64_t j = begin; j < end; ++j) {
       const int64_t row = ids[j];
+      if (j + 1 < end) {  // the next row's table and moment lines, while this one computes
+        prefetch_bytes(static_cast<const char*>(p_base) + ids[j + 1] * p_row, p_row);
+        prefetch_bytes(static_cast<const char*>(m_base) + ids[j + 1] * m_row, m_row);
+      }
       const int32_t step = ++steps[row];
       const double bias1 = 1 - std::pow(beta1, step);
       const float step_size = static_cast<float>(lr / bias1);
@@ -132,22 +191,13 @@ void row_sparse_adam_cpu(at::Tensor param, const at::Tensor& rows, const at::Ten
       load_row(pt, p_base, row, c, p.data());
       if (rowwise) {
         float* vr = static_cast<float*>(v_base) + row;
-        double sq = 0;
-        for (int64_t k = 0; k < c; ++k) sq += static_cast<double>(g[k]) * g[k];
-        *vr = *vr * b2 + one_b2 * static_cast<float>(sq / c);
+        *vr = *vr * b2 + one_b2 * static_cast<float>(sum_squares(g.data(), c) / c);
         const float denom = std::sqrt(*vr) / bias2_sqrt + eps_f;
-        for (int64_t k = 0; k < c; ++k) {
-          m[k] = m[k] * b1 + one_b1 * g[k];
-          p[k] = p[k] + (-step_size) * m[k] / denom;
-        }
+        adam_rowwise(p.data(), m.data(), g.data(), c, b1, one_b1, -step_size, denom);
       } else {
         load_row(vt, v_base, row, c, v.data());
-        for (int64_t k = 0; k < c; ++k) {
-          m[k] = m[k] * b1 + one_b1 * g[k];
-          v[k] = v[k] * b2 + one_b2 * g[k] * g[k];
-          const float denom = std::sqrt(v[k]) / bias2_sqrt + eps_f;
-          p[k] = p[k] + (-step_size) * m[k] / denom;
-        }
+        adam_elementwise(p.data(), m.data(), v.data(), g.data(), c, b1, one_b1, b2, one_b2, -step_size,
+                         bias2_sqrt, eps_f);
         store_row(vt, v_base, row, c, v.data(), false, 0);
       }
       store_row(mt, m_base, row, c, m.data(), false, 0);
