@@ -15,7 +15,7 @@ ext: venv
 
 # Exit code 5 ("no tests collected") is a failure like any other non-zero code.
 test: ext
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q --durations=15 -m "not slow" tests
 
 test-all: ext minkowski
 	$(PY) -m pytest -q tests
