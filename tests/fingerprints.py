@@ -12,7 +12,6 @@ point-cloud statistics within a fraction of a level) — far below what any real
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, List

@@ -3,7 +3,6 @@ scene-level back-projection (3D mIoU, never-reached Gaussians), `qsplat backproj
 `--pipeline.model.feature-head backproject` in a short nerfstudio run."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

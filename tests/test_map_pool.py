@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from qrender_ns.render import rasterize_to_pixels, release_cpu_maps

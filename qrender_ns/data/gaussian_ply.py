@@ -234,7 +234,7 @@ def write_gaussian_ply(path: PathLike, g: GaussianPly, features: Optional[str] =
     bad = _nonfinite_report(_columns(g))
     if bad:
         raise GaussianPlyError(f"{path}: refusing to write {bad}; drop them first (g.select(g.finite_mask()))")
-    n, k = g.n, g.sh_rest.shape[1]
+    n = g.n
     feats = None if g.features is None else np.asarray(g.features)
     in_props = feats is not None and features == "properties"
     names = property_names(g.sh_degree, feats.shape[1] if in_props else 0)
