@@ -27,6 +27,33 @@ def quantile_boundaries(num_quantiles: int, dtype: torch.dtype, device=None) -> 
     return 1 - k / (num_quantiles + 1)
 
 
+def list_alphas(flat_means: Tensor, flat_conics: Tensor, flat_opac: Tensor, ids: Tensor, px: Tensor, py: Tensor):
+    """The kernels' alphas of the Gaussians `ids` [P, L] (flat ids, -1: none) at the pixel centres px, py [P, 1],
+    front to back: (alpha [P, L] with the skipped ones at 0, keep [P, L] (used: sigma >= 0 and alpha >= 1/255),
+    the transmittance after [P, L] and before [P, L] each entry)."""
+    valid = ids >= 0
+    gid = ids.clamp(min=0)
+    dx = flat_means[gid, 0] - px
+    dy = flat_means[gid, 1] - py
+    conic = flat_conics[gid]
+    sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
+    alpha = torch.clamp(flat_opac[gid] * torch.exp(-sigma), max=ALPHA_MAX)
+    keep = valid & (sigma >= 0) & (alpha >= ALPHA_MIN)
+    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+    trans_incl = torch.cumprod(1 - alpha, dim=-1)
+    trans_excl = torch.cat([torch.ones_like(trans_incl[:, :1]), trans_incl[:, :-1]], dim=-1)
+    return alpha, keep, trans_incl, trans_excl
+
+
+def quantile_picks(keep: Tensor, trans_incl: Tensor, trans_excl: Tensor, num_quantiles: int) -> Tensor:
+    """The quantile Gaussians [P, L] (bool): the used entries at which the transmittance crosses one of the K
+    levels (each crossing picks the entry that crosses it; docs/quantile_rendering.md)."""
+    bounds = quantile_boundaries(num_quantiles, trans_incl.dtype, trans_incl.device)
+    level_incl = (trans_incl[..., None] < bounds).sum(-1)
+    level_excl = (trans_excl[..., None] < bounds).sum(-1)
+    return keep & (level_incl > level_excl) & (level_excl < num_quantiles)
+
+
 def _tile_lists(isect_offsets: Tensor, flatten_ids: Tensor) -> Tensor:
     """[V*th*tw, L] flatten ids of each tile's Gaussians, front to back, -1 padded."""
     starts = isect_offsets.reshape(-1).long()
@@ -84,18 +111,10 @@ def rasterize_to_pixels_reference(
 
     def blend(chunk):
         ids = lists[pixel_tile[chunk]]  # [P, L]
-        valid = ids >= 0
         gid = ids.clamp(min=0)
         fid = gid if feat_per_cam else gid % num_gs
-        dx = flat_means[gid, 0] - px[chunk]
-        dy = flat_means[gid, 1] - py[chunk]
-        conic = flat_conics[gid]
-        sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
-        alpha = torch.clamp(flat_opac[gid] * torch.exp(-sigma), max=ALPHA_MAX)
-        keep = valid & (sigma >= 0) & (alpha >= ALPHA_MIN)
-        alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-        trans_incl = torch.cumprod(1 - alpha, dim=-1)
-        trans_excl = torch.cat([torch.ones_like(trans_incl[:, :1]), trans_incl[:, :-1]], dim=-1)
+        alpha, keep, trans_incl, trans_excl = list_alphas(flat_means, flat_conics, flat_opac, ids, px[chunk],
+                                                          py[chunk])
         bg = backgrounds[cams[chunk]] if backgrounds is not None else None  # [P, C]
 
         if num_quantiles is None:
@@ -107,10 +126,7 @@ def rasterize_to_pixels_reference(
                 feat = feat + t_final[:, None] * bg
             out_alpha = 1 - t_final
         else:
-            bounds = quantile_boundaries(num_quantiles, alpha.dtype, alpha.device)
-            level_incl = (trans_incl[..., None] < bounds).sum(-1)
-            level_excl = (trans_excl[..., None] < bounds).sum(-1)
-            selected = keep & (level_incl > level_excl) & (level_excl < num_quantiles)
+            selected = quantile_picks(keep, trans_incl, trans_excl, num_quantiles)
             alpha_q = torch.where(selected, alpha, torch.zeros_like(alpha))
             tq_incl = torch.cumprod(1 - alpha_q, dim=-1)
             tq_excl = torch.cat([torch.ones_like(tq_incl[:, :1]), tq_incl[:, :-1]], dim=-1)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qrender_ns.render import _backend
-from qrender_ns.render.reference import ALPHA_MAX, ALPHA_MIN, quantile_boundaries, _tile_lists
+from qrender_ns.render.reference import ALPHA_MAX, _tile_lists, list_alphas, quantile_picks
 
 
 class _GatherRows(torch.autograd.Function):
@@ -95,23 +95,12 @@ def _selection_reference(means2d, conics, opacities, width, height, tile_size, i
     ys = (pixel_ids % (height * width)) // width
     xs = pixel_ids % width
     ids = lists[(cams * tiles_h + ys // tile_size) * tiles_w + xs // tile_size]
-    valid = ids >= 0
-    gid = ids.clamp(min=0)
     flat_means, flat_conics = means2d.reshape(-1, 2), conics.reshape(-1, 3)
     flat_opac = opacities.reshape(-1) if opacities.dim() == 2 else opacities.repeat(num_cams)
-    dx = flat_means[gid, 0] - (xs[:, None] + 0.5).to(means2d.dtype)
-    dy = flat_means[gid, 1] - (ys[:, None] + 0.5).to(means2d.dtype)
-    conic = flat_conics[gid]
-    sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
-    alpha = torch.clamp(flat_opac[gid] * torch.exp(-sigma), max=ALPHA_MAX)
-    keep = valid & (sigma >= 0) & (alpha >= ALPHA_MIN)
-    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-    trans_incl = torch.cumprod(1 - alpha, dim=-1)
-    trans_excl = torch.cat([torch.ones_like(trans_incl[:, :1]), trans_incl[:, :-1]], dim=-1)
-    bounds = quantile_boundaries(num_quantiles, alpha.dtype, alpha.device)
-    level_incl = (trans_incl[..., None] < bounds).sum(-1)
-    level_excl = (trans_excl[..., None] < bounds).sum(-1)
-    selected = keep & (level_incl > level_excl) & (level_excl < num_quantiles)
+    _, keep, trans_incl, trans_excl = list_alphas(flat_means, flat_conics, flat_opac, ids,
+                                                  (xs[:, None] + 0.5).to(means2d.dtype),
+                                                  (ys[:, None] + 0.5).to(means2d.dtype))
+    selected = quantile_picks(keep, trans_incl, trans_excl, num_quantiles)
     order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[:, :num_quantiles]  # selected first
     picked = torch.gather(ids, 1, order)
     chosen = torch.gather(selected, 1, order)
