@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qrender_ns.method import checkpoint
-from qrender_ns.utils.fsio import atomic_write_bytes, write_error_sentence
+from qrender_ns.utils.fsio import atomic_write_bytes, exit_on_write_error
 
 __all__ = ["load_pipeline", "write_json", "write_text", "scene_root_of", "to_world", "feature_timing"]
 
@@ -42,14 +42,9 @@ def load_pipeline(config_path: Path):
 def _atomic_write(path: Path, data: bytes) -> None:
     """atomic_write_bytes; a read-only folder or full disk is a sentence (--output)."""
     path = Path(path)
-    try:
+    with exit_on_write_error(path, "pass a writable --output folder"):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
-    except OSError as e:
-        sentence = write_error_sentence(path, e, "pass a writable --output folder")
-        if sentence is None:
-            raise
-        raise SystemExit(f"[q-splat] {sentence}") from None
 
 
 def _json_default(value: Any):

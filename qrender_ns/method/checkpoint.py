@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from qrender_ns.utils.fsio import atomic_write, probe_writable, write_error_sentence
+from qrender_ns.utils.fsio import atomic_write, exit_on_write_error, probe_writable
 
 
 def numpy_scalar_globals() -> list:
@@ -64,13 +64,8 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 def atomic_torch_save_or_exit(obj, path: Path) -> None:
     """atomic_torch_save; a full disk or read-only folder becomes a sentence (the older checkpoints are intact)."""
-    try:
+    with exit_on_write_error(path, "the previous checkpoints are intact; resume with --load-dir"):
         atomic_torch_save(obj, path)
-    except OSError as e:
-        sentence = write_error_sentence(path, e, "the previous checkpoints are intact; resume with --load-dir")
-        if sentence is None:
-            raise
-        raise SystemExit(f"[q-splat] {sentence}") from None
 
 
 def remove_stale_partials(checkpoint_dir: Path) -> None:

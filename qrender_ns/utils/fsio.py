@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -29,6 +30,19 @@ def write_error_sentence(path: PathLike, err: OSError, fix: str = "") -> Optiona
     return f"cannot write {path}: {why}" + (f"; {fix}" if fix else "")
 
 
+@contextlib.contextmanager
+def exit_on_write_error(path: PathLike, fix: str = ""):
+    """Within: a read-only place or a full disk while writing `path` ends the command with one sentence
+    (SystemExit, no traceback); any other OSError propagates."""
+    try:
+        yield
+    except OSError as e:
+        sentence = write_error_sentence(path, e, fix)
+        if sentence is None:
+            raise
+        raise SystemExit(f"[q-splat] {sentence}") from None
+
+
 def probe_writable(folder: Path) -> None:
     """Create `folder` (and parents), write, fsync and remove a probe file in it; OSError if any step fails."""
     probe = folder / f".qsplat-probe-{uuid.uuid4().hex[:8]}"
@@ -43,13 +57,8 @@ def probe_writable(folder: Path) -> None:
 def check_writable_dir(folder: PathLike, fix: str = "") -> None:
     """Create `folder` (and parents) and write + remove a probe file in it; SystemExit with a sentence if not."""
     folder = Path(folder)
-    try:
+    with exit_on_write_error(folder / ".qsplat-probe", fix):
         probe_writable(folder)
-    except OSError as e:
-        sentence = write_error_sentence(folder / ".qsplat-probe", e, fix)
-        if sentence is None:
-            raise
-        raise SystemExit(f"[q-splat] {sentence}") from None
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], tmp_path: Optional[PathLike] = None,
