@@ -25,13 +25,11 @@ every setting in its manifest; its class_names are empty (no vocabulary): querie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from qrender_ns.teachers.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from qrender_ns.teachers.masks import (DEFAULT_SAM2_CONFIG, GRANULARITY_RANK, ClipMaskTeacher, PathLike, Sam2Segmenter,
+from qrender_ns.teachers.masks import (GRANULARITY_RANK, ClipMaskTeacher, PathLike, Sam2ClipModels, Sam2Segmenter,
                                        largest_first)
 from qrender_ns.teachers.settings import AUTOMATIC, DEFAULT_MASK_LEVEL, MASK_LEVELS
 
@@ -40,16 +38,11 @@ VERSION = 1  # bump when what compute() produces changes: caches made by an olde
 
 
 @dataclass
-class Sam2AutoClipConfig:
+class Sam2AutoClipConfig(Sam2ClipModels):
     """Models and settings of the sam2-auto-clip teacher. The generator's defaults are LangSplat's
     (preprocess.py: 32 points per side, predicted IoU > 0.7, stability >= 0.85, box NMS 0.7, regions and holes
     under 100 px removed) except crop_n_layers (LangSplat 1: five SAM passes per image; here 0, one pass)."""
 
-    clip_model: str = DEFAULT_MODEL
-    clip_pretrained: Optional[str] = DEFAULT_PRETRAINED
-    clip_checkpoint: Optional[PathLike] = None
-    sam2_config: str = DEFAULT_SAM2_CONFIG
-    sam2_checkpoint: Optional[PathLike] = None
     mask_level: str = DEFAULT_MASK_LEVEL
     points_per_side: int = 32
     points_per_batch: int = 64
@@ -59,27 +52,12 @@ class Sam2AutoClipConfig:
     crop_n_layers: int = 0
     min_mask_region_area: int = 100
     """SAM2's post-processing: holes and islands smaller than this are removed (0: off; needs cv2)."""
-    min_mask_pixels: int = 64
-    crop_padding: float = 0.1
-    batch_size: int = 32
-    """CLIP crops per forward pass."""
-    device: str = "auto"
-    # --- tests and benchmarks only -----------------------------------------------------------------------
-    random_init: bool = False
-    clip_model_cfg: Optional[dict] = None
-    sam2_overrides: Tuple[str, ...] = ()
-    seed: int = 0
 
     def __post_init__(self):
         if self.mask_level not in MASK_LEVELS:
             raise ValueError(f"mask level must be one of {', '.join(MASK_LEVELS)}, got {self.mask_level!r}")
         if self.points_per_side < 1:
             raise ValueError(f"points_per_side must be >= 1, got {self.points_per_side}")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
     def generator_settings(self) -> dict:
         """SAM2AutomaticMaskGenerator's keyword arguments."""

@@ -67,16 +67,42 @@ PathLike = Union[str, Path]
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GroundedSam2ClipConfig:
-    """Models and settings of the grounded-sam2-clip teacher (the CLI's `ExtractFeatures` fills it)."""
+@dataclass(kw_only=True)
+class Sam2ClipModels:
+    """The models and CLIP-crop settings every SAM2 + CLIP teacher shares (grounded-sam2-clip, sam2-auto-clip);
+    keyword-only, so each teacher's own fields may come first."""
 
-    prompts: Tuple[str, ...]
     clip_model: str = DEFAULT_MODEL
     clip_pretrained: Optional[str] = DEFAULT_PRETRAINED
     clip_checkpoint: Optional[PathLike] = None
     sam2_config: str = DEFAULT_SAM2_CONFIG
     sam2_checkpoint: Optional[PathLike] = None
+    min_mask_pixels: int = 64
+    crop_padding: float = 0.1
+    """CLIP crop = the mask's box grown by this fraction of its size on each side."""
+    batch_size: int = 32
+    """CLIP crops per forward pass (and, for grounded-sam2-clip, SAM2 boxes per decoder call)."""
+    device: str = "auto"
+    # --- tests and benchmarks only -----------------------------------------------------------------------
+    random_init: bool = False
+    """Randomly initialised CLIP and SAM2 (seeded, no checkpoint): only for tests and benchmarks."""
+    clip_model_cfg: Optional[dict] = None
+    """A custom open_clip architecture registered as clip_model (tests: a tiny CLIP)."""
+    sam2_overrides: Tuple[str, ...] = ()
+    """Extra hydra overrides for the SAM2 config (tests: "++model.image_size=256")."""
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class GroundedSam2ClipConfig(Sam2ClipModels):
+    """Models and settings of the grounded-sam2-clip teacher (the CLI's `ExtractFeatures` fills it)."""
+
+    prompts: Tuple[str, ...]
     detector: str = DEFAULT_DETECTOR
     """GroundingDINO: a local folder (config.json + weights + processor files) or a HF id (looked up under
     $QSPLAT_WEIGHTS_DIR/<id> and in the HF cache)."""
@@ -90,20 +116,6 @@ class GroundedSam2ClipConfig:
     auto_stability_score_thresh: float = 0.95
     auto_min_new_fraction: float = 0.5
     """An automatic mask is kept when at least this fraction of it is not covered by a prompted mask."""
-    min_mask_pixels: int = 64
-    crop_padding: float = 0.1
-    """CLIP crop = the mask's box grown by this fraction of its size on each side."""
-    batch_size: int = 32
-    """CLIP crops per forward pass (and SAM2 boxes per decoder call)."""
-    device: str = "auto"
-    # --- tests and benchmarks only -----------------------------------------------------------------------
-    random_init: bool = False
-    """Randomly initialised CLIP and SAM2 (seeded, no checkpoint): only for tests and benchmarks."""
-    clip_model_cfg: Optional[dict] = None
-    """A custom open_clip architecture registered as clip_model (tests: a tiny CLIP)."""
-    sam2_overrides: Tuple[str, ...] = ()
-    """Extra hydra overrides for the SAM2 config (tests: "++model.image_size=256")."""
-    seed: int = 0
 
     def __post_init__(self):
         self.prompts = tuple(p.strip() for p in self.prompts if p and p.strip())
@@ -111,11 +123,6 @@ class GroundedSam2ClipConfig:
             raise ValueError("the grounded-sam2-clip teacher needs at least one prompt (--prompts 'chair,table')")
         if len(set(self.prompts)) != len(self.prompts):
             raise ValueError(f"duplicate prompts: {list(self.prompts)}")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -307,9 +307,9 @@ inline unsigned lane_bits(const M& mask) {
     bool done = false;                                                                          \
     for (int64_t j0 = 0; j0 < n && !done; j0 += kWalkBlock) {                                   \
       const int64_t j1 = std::min<int64_t>(n, j0 + kWalkBlock);                                 \
-      const T* br = reject + j0;                                                                \
-      const T* bp = lazy ? lazy->block(j0, j1, &br) /* entry j at bp + (j - j0) * stride */    \
-                         : packed + j0 * TileCache<T>::kStride;                                 \
+      const T* br; /* entry j at bp + (j - j0) * stride, its reject at br[j - j0] */            \
+      const T* bp = lazy ? lazy->block(j0, j1, &br) : packed + j0 * TileCache<T>::kStride;      \
+      if (!lazy) br = reject + j0;                                                              \
       /* Pass A, branch free: the block's entries that some active lane does not reject, */     \
       /* with their sigmas (most entries are rejected, and a branch per entry mispredicts). */  \
       int32_t keep[kWalkBlock];                                                                 \
